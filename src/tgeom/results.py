@@ -1,0 +1,89 @@
+"""Results on disk: ``results.json`` written atomically, with the identity of what produced it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tgeom.errors import TgeomError
+
+
+def tgeom_version() -> str:
+    from tgeom import __version__
+
+    return __version__
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, arrays, dataclasses and paths into plain JSON values (NaN -> None)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype | torch.device):
+        return str(obj)
+    return obj
+
+
+def prepare_out_dir(out: str | Path) -> Path:
+    """Create ``out`` (and parents) or raise a one-line error when it cannot be written."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TgeomError(f"cannot create output folder {path}: {exc.strerror}; pass a writable --out.")
+    if not os.access(path, os.W_OK):
+        raise TgeomError(f"output folder {path} is not writable; pass a writable --out.")
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(out: str | Path, command: str, payload: dict[str, Any]) -> Path:
+    """Write ``out/results.json``: ``payload`` plus the command and the tgeom version."""
+    out_dir = prepare_out_dir(out)
+    document = {"tgeom_version": tgeom_version(), "command": command, **to_jsonable(payload)}
+    target = out_dir / "results.json"
+    atomic_write_text(target, json.dumps(document, indent=1, allow_nan=False) + "\n")
+    return target
+
+
+def read_results(out: str | Path) -> dict[str, Any]:
+    """Read ``out/results.json`` (``out`` may also be the file itself)."""
+    path = Path(out)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise TgeomError(f"no results.json at {path}; run the command with --out first.")
+    return json.loads(path.read_text(encoding="utf-8"))
