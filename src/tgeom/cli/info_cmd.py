@@ -1,0 +1,3 @@
+"""CLI commands (placeholder until implemented)."""
+
+from __future__ import annotations
