@@ -51,7 +51,9 @@ def prepare_out_dir(out: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TgeomError(f"cannot create output folder {path}: {exc.strerror}; pass a writable --out.")
+        raise TgeomError(
+            f"cannot create output folder {path}: {exc.strerror}; pass a writable --out."
+        ) from None
     if not os.access(path, os.W_OK):
         raise TgeomError(f"output folder {path} is not writable; pass a writable --out.")
     return path

@@ -1,0 +1,7 @@
+"""Batched forward passes yielding hidden states, attentions and per-head values."""
+
+from __future__ import annotations
+
+from tgeom.capture.capture import Captured, capture, iter_captures
+
+__all__ = ["Captured", "capture", "iter_captures"]

@@ -22,7 +22,15 @@ app = typer.Typer(
 )
 
 # Command modules register themselves on `app` when imported.
-from tgeom.cli import corpus_cmd, geometry_cmd, identify_cmd, info_cmd, weights_cmd  # noqa: E402, F401
+from tgeom.cli import (  # noqa: E402, F401
+    corpus_cmd,
+    geometry_cmd,
+    identify_cmd,
+    info_cmd,
+    report_cmd,
+    weights_cmd,
+    weights_compare_cmd,
+)
 
 
 def main() -> None:

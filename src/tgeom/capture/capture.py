@@ -1,0 +1,113 @@
+"""Hidden states, attention probabilities and per-head values from real forward passes.
+
+``hidden[0]`` is the input of the first block (the embedding output) and ``hidden[l]`` the output
+of block ``l``: the residual stream *before* the final norm for every architecture (SPEC section
+0). They are taken with hooks on the blocks rather than from ``output_hidden_states``, because
+Hugging Face applies the final norm to the last entry for some models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tgeom.models.load import LoadedModel
+from tgeom.models.reference import values as head_values
+from tgeom.runtime import Runtime
+
+
+@dataclass
+class Captured:
+    """What one batch of forward passes produced (float32, on the model's device).
+
+    ``hidden [L+1, B, T, d]``; ``attentions [L, B, H, T, T] | None``;
+    ``values [L, B, H, T, d_head] | None`` (``x W_V + b_V`` with ``x`` the attention input,
+    KV heads expanded to query heads).
+    """
+
+    hidden: Tensor
+    attentions: Tensor | None = None
+    values: Tensor | None = None
+
+
+def _first_tensor(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output[0]
+
+
+@torch.no_grad()
+def capture(
+    lm: LoadedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    attentions: bool = False,
+    values: bool = False,
+) -> Captured:
+    """Run ``lm`` on ``input_ids [B, T]`` (int64) and capture the residual stream.
+
+    ``attention_mask [B, T]`` is 1 for real tokens (right padding).
+    """
+    device = lm.device
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    blocks = list(lm.blocks())
+    hidden: list[Tensor | None] = [None] * (len(blocks) + 1)
+
+    def block_input(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden[0] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def block_output(index: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            hidden[index + 1] = _first_tensor(output).detach()
+
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(block_input, with_kwargs=True)]
+    handles += [block.register_forward_hook(block_output(i)) for i, block in enumerate(blocks)]
+    try:
+        output = lm.hf(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=attentions,
+            use_cache=False,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    stacked = torch.stack([h for h in hidden if h is not None])
+    probs = torch.stack(list(output.attentions)) if attentions else None
+    return Captured(
+        hidden=stacked,
+        attentions=probs,
+        values=_values(lm, stacked) if values else None,
+    )
+
+
+def _values(lm: LoadedModel, hidden: Tensor) -> Tensor:
+    """Per-head value vectors of every layer, ``[L, B, H, T, d_head]``."""
+    cw = lm.weights()
+    pre_norm = cw.summary.norm_placement == "pre"
+    out = []
+    for layer, lw in enumerate(cw.layers):
+        x = lw.ln_attn(hidden[layer]) if pre_norm else hidden[layer]
+        out.append(head_values(lw, x))
+    return torch.stack(out)
+
+
+def iter_captures(
+    lm: LoadedModel,
+    token_ids: Tensor,
+    runtime: Runtime,
+    attention_mask: Tensor | None = None,
+    **capture_kwargs: Any,
+) -> Iterator[tuple[int, Captured]]:
+    """Yield ``(start, Captured)`` for each batch ``token_ids[start : start + batch_size]``."""
+    for start in range(0, token_ids.shape[0], runtime.batch_size):
+        stop = start + runtime.batch_size
+        mask = attention_mask[start:stop] if attention_mask is not None else None
+        yield start, capture(lm, token_ids[start:stop], mask, **capture_kwargs)

@@ -1,0 +1,100 @@
+"""GPT-2: learned positions, pre-LN, fused Conv1D ``c_attn`` laid out ``[d, q | k | v]``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from tgeom.models.adapters.common import activation, base_model, detached, is_tied, unembedding
+from tgeom.models.weights import ArchitectureSummary, CanonicalWeights, LayerWeights, Norm
+
+FAMILY = "gpt2"
+MODEL_TYPES = ("gpt2",)
+
+
+def blocks(hf: Any) -> nn.ModuleList:
+    return base_model(hf).h
+
+
+def summarize(hf: Any) -> ArchitectureSummary:
+    c = hf.config
+    W_E = base_model(hf).wte.weight
+    W_U, _, has_head = unembedding(hf, W_E)
+    return ArchitectureSummary(
+        family=FAMILY,
+        model_type=c.model_type,
+        n_layers=c.n_layer,
+        n_heads=c.n_head,
+        n_kv_heads=c.n_head,
+        d_model=c.n_embd,
+        d_head=c.n_embd // c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd,
+        vocab_size=W_E.shape[0],
+        n_ctx=c.n_positions,
+        position_scheme="learned",
+        tied_embeddings=is_tied(W_E, W_U),
+        norm="layernorm",
+        norm_placement="pre",
+        gated_mlp=False,
+        parallel_residual=False,
+        is_causal=True,
+        activation=c.activation_function,
+        has_lm_head=has_head,
+    )
+
+
+def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
+    c = hf.config
+    base = base_model(hf)
+    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
+    eps = c.layer_norm_epsilon
+    layers = []
+    for index, block in enumerate(base.h):
+        qkv_w = block.attn.c_attn.weight.detach()  # [d, 3d], Conv1D stores [in, out]
+        qkv_b = block.attn.c_attn.bias.detach()  # [3d]
+        w_q, w_k, w_v = (w.reshape(d, H, dh).permute(1, 0, 2) for w in qkv_w.split(d, dim=1))
+        b_q, b_k, b_v = (b.reshape(H, dh) for b in qkv_b.split(d))
+        layers.append(
+            LayerWeights(
+                W_Q=w_q * _inverse_layer_scale(c, index),
+                W_K=w_k,
+                W_V=w_v,
+                W_O=block.attn.c_proj.weight.detach().reshape(H, dh, d),
+                b_Q=b_q * _inverse_layer_scale(c, index),
+                b_K=b_k,
+                b_V=b_v,
+                b_O=block.attn.c_proj.bias.detach(),
+                W_in=block.mlp.c_fc.weight.detach(),
+                b_in=detached(block.mlp.c_fc.bias),
+                W_gate=None,
+                W_out=block.mlp.c_proj.weight.detach(),
+                b_out=detached(block.mlp.c_proj.bias),
+                ln_attn=Norm(
+                    "layernorm", block.ln_1.weight.detach(), block.ln_1.bias.detach(), eps
+                ),
+                ln_mlp=Norm("layernorm", block.ln_2.weight.detach(), block.ln_2.bias.detach(), eps),
+            )
+        )
+    W_E = base.wte.weight.detach()
+    W_U, b_U, _ = unembedding(hf, W_E)
+    return CanonicalWeights(
+        summary=summary,
+        W_E=W_E,
+        W_U=W_U.detach(),
+        b_U=b_U,
+        W_pos=base.wpe.weight.detach(),
+        W_type=None,
+        embed_norm=None,
+        final_norm=Norm("layernorm", base.ln_f.weight.detach(), base.ln_f.bias.detach(), eps),
+        rotary=None,
+        activation=activation(c.activation_function),
+        attn_scale=1.0 / math.sqrt(dh) if c.scale_attn_weights else 1.0,
+        layers=layers,
+    )
+
+
+def _inverse_layer_scale(config: Any, index: int) -> float:
+    """GPT-2's optional ``scale_attn_by_inverse_layer_idx``, folded into the query side."""
+    return 1.0 / (index + 1) if getattr(config, "scale_attn_by_inverse_layer_idx", False) else 1.0

@@ -1,0 +1,117 @@
+"""Llama family (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, gated SiLU MLP, grouped KV heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from tgeom.models.adapters.common import activation, base_model, detached, is_tied, unembedding
+from tgeom.models.weights import (
+    ArchitectureSummary,
+    CanonicalWeights,
+    LayerWeights,
+    Norm,
+    Rotary,
+    expand_kv,
+    split_heads_in,
+    split_heads_out,
+    zeros_bias,
+)
+
+FAMILY = "llama"
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def blocks(hf: Any) -> nn.ModuleList:
+    return base_model(hf).layers
+
+
+def summarize(hf: Any) -> ArchitectureSummary:
+    c = hf.config
+    W_E = base_model(hf).embed_tokens.weight
+    W_U, _, has_head = unembedding(hf, W_E)
+    n_heads = c.num_attention_heads
+    return ArchitectureSummary(
+        family=FAMILY,
+        model_type=c.model_type,
+        n_layers=c.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
+        d_model=c.hidden_size,
+        d_head=getattr(c, "head_dim", None) or c.hidden_size // n_heads,
+        d_mlp=c.intermediate_size,
+        vocab_size=W_E.shape[0],
+        n_ctx=c.max_position_embeddings,
+        position_scheme="rotary",
+        tied_embeddings=is_tied(W_E, W_U),
+        norm="rmsnorm",
+        norm_placement="pre",
+        gated_mlp=True,
+        parallel_residual=False,
+        is_causal=True,
+        activation=c.hidden_act,
+        has_lm_head=has_head,
+    )
+
+
+def _rmsnorm(module: Any) -> Norm:
+    eps = getattr(module, "variance_epsilon", None) or module.eps
+    return Norm("rmsnorm", module.weight.detach(), None, float(eps))
+
+
+def _head_bias(linear: Any, n_heads: int, d_head: int) -> Tensor:
+    if linear.bias is None:
+        return zeros_bias(n_heads, d_head, linear.weight)
+    return linear.bias.detach().reshape(-1, d_head)
+
+
+def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
+    base = base_model(hf)
+    H, K, dh = summary.n_heads, summary.n_kv_heads, summary.d_head
+    layers = []
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if hasattr(attn, "q_norm"):
+            raise NotImplementedError("per-head q/k norms (Qwen3) are not in canonical form yet")
+        o_bias = attn.o_proj.bias
+        layers.append(
+            LayerWeights(
+                W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
+                W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
+                W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
+                W_O=split_heads_out(attn.o_proj.weight.detach(), H),
+                b_Q=_head_bias(attn.q_proj, H, dh),
+                b_K=expand_kv(_head_bias(attn.k_proj, K, dh), H),
+                b_V=expand_kv(_head_bias(attn.v_proj, K, dh), H),
+                b_O=(
+                    o_bias.detach()
+                    if o_bias is not None
+                    else attn.o_proj.weight.new_zeros(summary.d_model)
+                ),
+                W_in=mlp.up_proj.weight.detach().T,
+                b_in=detached(mlp.up_proj.bias),
+                W_gate=mlp.gate_proj.weight.detach().T,
+                W_out=mlp.down_proj.weight.detach().T,
+                b_out=detached(mlp.down_proj.bias),
+                ln_attn=_rmsnorm(layer.input_layernorm),
+                ln_mlp=_rmsnorm(layer.post_attention_layernorm),
+            )
+        )
+    W_E = base.embed_tokens.weight.detach()
+    W_U, b_U, _ = unembedding(hf, W_E)
+    rope = base.rotary_emb
+    return CanonicalWeights(
+        summary=summary,
+        W_E=W_E,
+        W_U=W_U.detach(),
+        b_U=b_U,
+        W_pos=None,
+        W_type=None,
+        embed_norm=None,
+        final_norm=_rmsnorm(base.norm),
+        rotary=Rotary(rope.inv_freq.detach().clone(), float(rope.attention_scaling)),
+        activation=activation(hf.config.hidden_act),
+        attn_scale=dh**-0.5,
+        layers=layers,
+    )

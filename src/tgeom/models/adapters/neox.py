@@ -1,0 +1,104 @@
+"""GPT-NeoX / Pythia: parallel residual (optional), partial rotary, per-head interleaved QKV.
+
+``query_key_value`` produces, for each head, ``[q (dh) | k (dh) | v (dh)]`` consecutively.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from tgeom.models.adapters.common import activation, base_model, detached, is_tied, unembedding
+from tgeom.models.weights import (
+    ArchitectureSummary,
+    CanonicalWeights,
+    LayerWeights,
+    Norm,
+    Rotary,
+    split_heads_out,
+)
+
+FAMILY = "gpt_neox"
+MODEL_TYPES = ("gpt_neox",)
+
+
+def blocks(hf: Any) -> nn.ModuleList:
+    return base_model(hf).layers
+
+
+def summarize(hf: Any) -> ArchitectureSummary:
+    c = hf.config
+    W_E = base_model(hf).embed_in.weight
+    W_U, _, has_head = unembedding(hf, W_E)
+    return ArchitectureSummary(
+        family=FAMILY,
+        model_type=c.model_type,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_attention_heads,
+        d_model=c.hidden_size,
+        d_head=c.hidden_size // c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        vocab_size=W_E.shape[0],
+        n_ctx=c.max_position_embeddings,
+        position_scheme="rotary",
+        tied_embeddings=is_tied(W_E, W_U),
+        norm="layernorm",
+        norm_placement="pre",
+        gated_mlp=False,
+        parallel_residual=bool(c.use_parallel_residual),
+        is_causal=True,
+        activation=c.hidden_act,
+        has_lm_head=has_head,
+    )
+
+
+def _layernorm(module: Any) -> Norm:
+    return Norm("layernorm", module.weight.detach(), module.bias.detach(), float(module.eps))
+
+
+def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
+    base = base_model(hf)
+    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
+    layers = []
+    for layer in base.layers:
+        attn, mlp = layer.attention, layer.mlp
+        w = attn.query_key_value.weight.detach().reshape(H, 3, dh, d).transpose(2, 3)
+        b = attn.query_key_value.bias.detach().reshape(H, 3, dh)
+        layers.append(
+            LayerWeights(
+                W_Q=w[:, 0],
+                W_K=w[:, 1],
+                W_V=w[:, 2],
+                W_O=split_heads_out(attn.dense.weight.detach(), H),
+                b_Q=b[:, 0],
+                b_K=b[:, 1],
+                b_V=b[:, 2],
+                b_O=attn.dense.bias.detach(),
+                W_in=mlp.dense_h_to_4h.weight.detach().T,
+                b_in=detached(mlp.dense_h_to_4h.bias),
+                W_gate=None,
+                W_out=mlp.dense_4h_to_h.weight.detach().T,
+                b_out=detached(mlp.dense_4h_to_h.bias),
+                ln_attn=_layernorm(layer.input_layernorm),
+                ln_mlp=_layernorm(layer.post_attention_layernorm),
+            )
+        )
+    W_E = base.embed_in.weight.detach()
+    W_U, b_U, _ = unembedding(hf, W_E)
+    rope = base.rotary_emb
+    return CanonicalWeights(
+        summary=summary,
+        W_E=W_E,
+        W_U=W_U.detach(),
+        b_U=b_U,
+        W_pos=None,
+        W_type=None,
+        embed_norm=None,
+        final_norm=_layernorm(base.final_layer_norm),
+        rotary=Rotary(rope.inv_freq.detach().clone(), float(rope.attention_scaling)),
+        activation=activation(hf.config.hidden_act),
+        attn_scale=dh**-0.5,
+        layers=layers,
+    )

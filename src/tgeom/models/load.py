@@ -1,0 +1,219 @@
+"""The one way to load a model: alias | local folder | ``.gguf`` file | hub id -> LoadedModel.
+
+Local sources and aliases never touch the network. Weights are read from safetensors or GGUF
+only; a folder holding only pickle checkpoints is refused. Models come back in float32, eval
+mode, with eager attention (SDPA returns no attention probabilities). ``trust_remote_code`` is
+off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from tgeom.errors import TgeomError
+from tgeom.models.adapters import adapter_for
+from tgeom.models.gguf import convert_gguf
+from tgeom.models.offline import OFFLINE_MODELS, offline_model_path
+from tgeom.models.weights import ArchitectureSummary, CanonicalWeights
+from tgeom.runtime import default_device
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class LoadedModel:
+    """A Hugging Face model with its tokenizer, adapter and canonical view.
+
+    ``source`` is the identity string recorded in results (alias, absolute path or hub id).
+    """
+
+    hf: nn.Module
+    tokenizer: Any
+    source: str
+    adapter: ModuleType
+    summary: ArchitectureSummary
+    _weights: CanonicalWeights | None = field(default=None, repr=False)
+
+    @property
+    def family(self) -> str:
+        return self.summary.family
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def weights(self) -> CanonicalWeights:
+        """Canonical weights (SPEC section 0), extracted once and checked for NaN/inf."""
+        if self._weights is None:
+            cw = self.adapter.extract(self.hf, self.summary)
+            cw.check_finite()
+            self._weights = cw
+        return self._weights
+
+    def blocks(self) -> nn.ModuleList:
+        """The residual blocks, in order; their outputs are ``hidden[1..L]``."""
+        return self.adapter.blocks(self.hf)
+
+    def special_token_ids(self) -> list[int]:
+        return sorted(set(self.tokenizer.all_special_ids))
+
+    @cached_property
+    def vocab_strings(self) -> list[str]:
+        """One display string per embedding row (decoded token; ``<id:N>`` beyond the tokenizer)."""
+        n = self.summary.vocab_size
+        known = min(n, len(self.tokenizer))
+        decoded = self.tokenizer.batch_decode([[i] for i in range(known)])
+        return list(decoded) + [f"<id:{i}>" for i in range(known, n)]
+
+    def token_strings(self, ids: Any) -> list[str]:
+        """Display strings for token ids (any iterable of ints or an int tensor)."""
+        vocab = self.vocab_strings
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        return [vocab[int(i)] for i in ids]
+
+
+def load_model(
+    source: str, *, trust_remote_code: bool = False, device: str | torch.device | None = None
+) -> LoadedModel:
+    """Load ``source`` (alias, local folder, ``.gguf`` file or hub id) for analysis."""
+    _quiet_transformers()
+    folder, local, identity = resolve_source(source)
+    config = _load_config(folder, local, trust_remote_code)
+    adapter = adapter_for(config.model_type)
+    model_class = _model_class(config)
+    try:
+        hf = model_class.from_pretrained(
+            folder,
+            config=config,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            use_safetensors=True,
+            local_files_only=local,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as exc:
+        raise TgeomError(f"cannot load the weights of {source}: {_first_line(exc)}") from None
+    hf.eval().requires_grad_(False)
+    hf.to(torch.device(device) if device is not None else default_device())
+    tokenizer = _load_tokenizer(folder, local, trust_remote_code)
+    return LoadedModel(hf, tokenizer, identity, adapter, adapter.summarize(hf))
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of ``source`` alone (cheap: no weights are loaded)."""
+    folder, local, _ = resolve_source(source)
+    return _load_tokenizer(folder, local, trust_remote_code)
+
+
+def resolve_source(source: str) -> tuple[str, bool, str]:
+    """``(folder or hub id, is_local, identity)``; converts a ``.gguf`` once to a cached folder."""
+    if source in OFFLINE_MODELS:
+        path = offline_model_path(source)
+        identity = source
+    else:
+        path = Path(source).expanduser()
+        identity = str(path.resolve()) if path.exists() else source
+        if not path.exists():
+            if _looks_like_path(source):
+                raise TgeomError(
+                    f"model path {source} does not exist; pass an existing folder or .gguf "
+                    f"file, a hub id, or an alias ({', '.join(OFFLINE_MODELS)})."
+                )
+            return source, False, source
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise TgeomError(
+                f"{path} is not a model tgeom can read: pass a Hugging Face folder with "
+                "config.json and safetensors weights, or a .gguf file."
+            )
+        return str(convert_gguf(path)), True, identity
+    _check_folder(path)
+    return str(path), True, identity
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a bad path."""
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or source.lower().endswith((".gguf", ".safetensors", *PICKLE_SUFFIXES))
+    )
+
+
+def _check_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise TgeomError(
+            f"folder {path} has no config.json; pass a Hugging Face model folder "
+            "(config.json + safetensors weights) or a .gguf file."
+        )
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        what = f"only pickle checkpoints ({', '.join(pickles)})" if pickles else "no weights"
+        raise TgeomError(
+            f"folder {path} holds {what}; tgeom loads safetensors or GGUF only (pickles can run "
+            "code): convert the checkpoint with save_pretrained(safe_serialization=True)."
+        )
+
+
+def _load_config(folder: str, local: bool, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            folder, local_files_only=local, trust_remote_code=trust_remote_code
+        )
+    except ValueError as exc:
+        message = _first_line(exc)
+        if "trust_remote_code" in message:
+            raise TgeomError(
+                f"{folder} needs custom code to load; rerun with --trust-remote-code if you "
+                "trust its author."
+            ) from None
+        raise TgeomError(f"cannot read the config of {folder}: {message}") from None
+    except OSError as exc:
+        raise TgeomError(
+            f"cannot find model '{folder}' ({_first_line(exc)}); pass a local folder, a .gguf "
+            f"file, or an alias ({', '.join(OFFLINE_MODELS)})."
+        ) from None
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _load_tokenizer(folder: str, local: bool, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            folder, local_files_only=local, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise TgeomError(f"cannot load the tokenizer of {folder}: {_first_line(exc)}") from None
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' own progress bars and info logs (tgeom shows its own progress)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

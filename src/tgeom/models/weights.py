@@ -1,0 +1,193 @@
+"""Canonical weights: every architecture's parameters in one layout (SPEC section 0).
+
+Shapes follow TransformerLens, row-vector convention (``x @ W``):
+``W_Q, W_K, W_V: [n_heads, d_model, d_head]``, ``W_O: [n_heads, d_head, d_model]``,
+``W_in, W_gate: [d_model, d_mlp]``, ``W_out: [d_mlp, d_model]``, ``W_E, W_U: [vocab, d_model]``.
+Grouped-query attention is expanded to one K/V per query head (head ``h`` reads KV group
+``h // (n_heads // n_kv_heads)``, as Hugging Face's ``repeat_kv`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from tgeom.errors import TgeomError
+
+NormKind = Literal["layernorm", "rmsnorm"]
+
+
+@dataclass(frozen=True)
+class ArchitectureSummary:
+    """What ``tgeom info`` prints: the facts an analysis needs about an architecture."""
+
+    family: str  # 'gpt2' | 'bert' | 'llama' | 'gpt_neox'
+    model_type: str  # the transformers model_type, e.g. 'roberta', 'qwen2'
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    vocab_size: int
+    n_ctx: int
+    position_scheme: str  # 'learned' | 'rotary'
+    tied_embeddings: bool
+    norm: NormKind
+    norm_placement: str  # 'pre' | 'post'
+    gated_mlp: bool
+    parallel_residual: bool
+    is_causal: bool
+    activation: str
+    has_lm_head: bool
+
+
+@dataclass
+class Norm:
+    """A LayerNorm or RMSNorm with its parameters; callable on ``[..., d]``."""
+
+    kind: NormKind
+    weight: Tensor  # [d]
+    bias: Tensor | None  # [d] or None
+    eps: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.kind == "layernorm":
+            return torch.nn.functional.layer_norm(
+                x, (x.shape[-1],), self.weight, self.bias, self.eps
+            )
+        # Hugging Face's RMSNorm normalises in float32, then scales.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * normed.to(x.dtype)
+        return out + self.bias if self.bias is not None else out
+
+
+@dataclass
+class Rotary:
+    """Rotary position embedding (RoPE), rotate-half convention, on the first ``rotary_dim``
+    coordinates of every head."""
+
+    inv_freq: Tensor  # [rotary_dim // 2]
+    attention_scaling: float = 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.shape[0]
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``positions [T]`` -> ``cos, sin [T, rotary_dim]``."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+    def apply(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x [..., T, d_head]`` at ``positions [T]``."""
+        cos, sin = self.cos_sin(positions.to(x.device))
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        half = self.rotary_dim // 2
+        rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        return torch.cat([rot * cos + rotated_half * sin, rest], dim=-1)
+
+
+@dataclass
+class LayerWeights:
+    """One block's parameters in canonical form.
+
+    ``ln_attn`` / ``ln_mlp`` are the norms before attention / MLP for pre-LN models, and the
+    norms after the attention / MLP residual additions for post-LN models (BERT).
+    """
+
+    W_Q: Tensor  # [H, d, dh]
+    W_K: Tensor  # [H, d, dh]
+    W_V: Tensor  # [H, d, dh]
+    W_O: Tensor  # [H, dh, d]
+    b_Q: Tensor  # [H, dh]
+    b_K: Tensor  # [H, dh]
+    b_V: Tensor  # [H, dh]
+    b_O: Tensor  # [d]
+    W_in: Tensor  # [d, dm]
+    b_in: Tensor | None  # [dm]
+    W_gate: Tensor | None  # [d, dm] (gated MLPs: out = act(x W_gate) * (x W_in))
+    W_out: Tensor  # [dm, d]
+    b_out: Tensor | None  # [d]
+    ln_attn: Norm
+    ln_mlp: Norm
+
+
+@dataclass
+class CanonicalWeights:
+    """The whole model in canonical form: what every analysis reads instead of HF modules."""
+
+    summary: ArchitectureSummary
+    W_E: Tensor  # [V, d] input embedding
+    W_U: Tensor  # [V, d] unembedding rows (W_E itself when tied or when there is no LM head)
+    b_U: Tensor | None  # [V]
+    W_pos: Tensor | None  # [n_ctx, d] learned positions, row t = position t
+    W_type: Tensor | None  # [n_types, d] token-type embedding (BERT); type 0 is used
+    embed_norm: Norm | None  # norm applied to the summed embeddings (BERT)
+    final_norm: Norm | None  # norm before the unembedding (None for post-LN encoders)
+    rotary: Rotary | None
+    activation: Callable[[Tensor], Tensor]
+    attn_scale: float  # multiplies q.k
+    layers: list[LayerWeights] = field(default_factory=list)
+
+    def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Every parameter tensor with a dotted name (``layers.3.W_Q``, ``final_norm.weight``)."""
+        for name in ("W_E", "W_U", "b_U", "W_pos", "W_type"):
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
+        for name in ("embed_norm", "final_norm"):
+            norm = getattr(self, name)
+            if norm is not None:
+                yield from _norm_tensors(name, norm)
+        for index, layer in enumerate(self.layers):
+            for f in fields(layer):
+                value = getattr(layer, f.name)
+                if isinstance(value, Norm):
+                    yield from _norm_tensors(f"layers.{index}.{f.name}", value)
+                elif value is not None:
+                    yield f"layers.{index}.{f.name}", value
+
+    def check_finite(self) -> None:
+        """Raise a one-line error naming the first tensor holding NaN or inf."""
+        for name, tensor in self.named_tensors():
+            if not torch.isfinite(tensor).all():
+                raise TgeomError(
+                    f"the model's weights contain NaN or inf in {name}; the checkpoint is "
+                    "corrupt or was saved after a diverged run: load another checkpoint."
+                )
+
+
+def _norm_tensors(prefix: str, norm: Norm) -> Iterator[tuple[str, Tensor]]:
+    yield f"{prefix}.weight", norm.weight
+    if norm.bias is not None:
+        yield f"{prefix}.bias", norm.bias
+
+
+def split_heads_in(weight: Tensor, n_heads: int) -> Tensor:
+    """An nn.Linear weight ``[n_heads * dh, d]`` -> ``[n_heads, d, dh]``."""
+    out_features, d = weight.shape
+    return weight.reshape(n_heads, out_features // n_heads, d).transpose(1, 2)
+
+
+def split_heads_out(weight: Tensor, n_heads: int) -> Tensor:
+    """An nn.Linear output-projection weight ``[d, n_heads * dh]`` -> ``[n_heads, dh, d]``."""
+    d, in_features = weight.shape
+    return weight.T.reshape(n_heads, in_features // n_heads, d)
+
+
+def expand_kv(tensor: Tensor, n_heads: int) -> Tensor:
+    """Repeat KV heads ``[n_kv, ...]`` to ``[n_heads, ...]`` (query head h reads h // group)."""
+    n_kv = tensor.shape[0]
+    return tensor if n_kv == n_heads else tensor.repeat_interleave(n_heads // n_kv, dim=0)
+
+
+def zeros_bias(n_heads: int, d_head: int, like: Tensor) -> Tensor:
+    return torch.zeros(n_heads, d_head, dtype=like.dtype, device=like.device)

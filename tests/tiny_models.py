@@ -1,0 +1,131 @@
+"""Tiny random models of every supported family, built from transformers configs in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+VOCAB = 96  # tokens 0..95; the tiny tokenizer maps characters to ids
+
+TINY_CONFIGS = {
+    "gpt2": (
+        "GPT2LMHeadModel",
+        transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48
+        ),
+    ),
+    "bert": (
+        "BertModel",
+        transformers.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+        ),
+    ),
+    "roberta": (
+        "RobertaForMaskedLM",
+        transformers.RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=66,
+            pad_token_id=1,
+        ),
+    ),
+    "llama": (
+        "LlamaForCausalLM",
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        transformers.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=48,
+            max_position_embeddings=64,
+        ),
+    ),
+    "neox": (
+        "GPTNeoXForCausalLM",
+        transformers.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            rotary_pct=0.5,
+            use_parallel_residual=True,
+        ),
+    ),
+    "neox_sequential": (
+        "GPTNeoXForCausalLM",
+        transformers.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            rotary_pct=0.25,
+            use_parallel_residual=False,
+        ),
+    ),
+}
+
+FAMILIES = tuple(TINY_CONFIGS)
+
+
+def build_tiny_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer over printable ASCII (ids 4..95), saved into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    chars = [chr(c) for c in range(32, 32 + VOCAB - len(specials))]
+    vocab = {**specials, **{ch: i + len(specials) for i, ch in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    fast.save_pretrained(folder)
+
+
+def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
+    """Build the tiny ``family`` model with random weights (seeded) and save it to ``folder``."""
+    class_name, config = TINY_CONFIGS[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, class_name)(config)
+    # Non-trivial norm parameters and biases so that adapters that forget them are caught.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.05 * torch.randn_like(param))
+    model.save_pretrained(folder, safe_serialization=True)
+    build_tiny_tokenizer(folder)
+    return folder
