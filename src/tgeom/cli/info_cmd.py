@@ -1,3 +1,36 @@
-"""CLI commands (placeholder until implemented)."""
+"""``tgeom info MODEL``: the architecture summary of a model."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tgeom.cli import app
+
+
+@app.command("info")
+def info(
+    model: str = typer.Argument(
+        ..., help="Alias (minilm, smollm2), local folder, .gguf or hub id."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow custom model code from the model's author."
+    ),
+) -> None:
+    """Print the architecture summary: family, layers, heads, widths, vocabulary, norms."""
+    from tgeom.models import load_model
+
+    lm = load_model(model, trust_remote_code=trust_remote_code, device="cpu")
+    summary = {"model": lm.source, **dataclasses.asdict(lm.summary)}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    table = Table(title=f"tgeom info: {lm.source}", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    Console().print(table)

@@ -104,7 +104,9 @@ def load_model(
     hf.eval().requires_grad_(False)
     hf.to(torch.device(device) if device is not None else default_device())
     tokenizer = _load_tokenizer(folder, local, trust_remote_code)
-    return LoadedModel(hf, tokenizer, identity, adapter, adapter.summarize(hf))
+    lm = LoadedModel(hf, tokenizer, identity, adapter, adapter.summarize(hf))
+    lm.weights()  # extract once now so that NaN/inf weights fail at load time, in one line
+    return lm
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:

@@ -1,0 +1,158 @@
+"""Loading: sources, the GGUF cache, safe loading, and one-line errors for bad models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tgeom.errors import TgeomError
+from tgeom.models import load_model, offline_model_path
+from tgeom.models.gguf import cached_folder
+from tiny_models import save_tiny_model
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tgeom", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tgeom: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_path_is_a_one_line_error(tmp_path):
+    with pytest.raises(TgeomError, match="does not exist"):
+        load_model(str(tmp_path / "no-such-model"))
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(TgeomError, match=r"no config\.json"):
+        load_model(str(tmp_path))
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_model_dir):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir("gpt2") / "config.json").read_text())
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    with pytest.raises(TgeomError, match=r"pickle checkpoints \(pytorch_model.bin\).*safetensors"):
+        load_model(str(folder))
+
+
+def test_unsupported_architecture_names_it_and_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(TgeomError, match=r"unsupported architecture 't5'.*gpt2.*llama"):
+        load_model(str(tmp_path))
+
+
+def test_nan_weights_are_named(tmp_path):
+    folder = save_tiny_model("gpt2", tmp_path / "nan")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    key = next(k for k in tensors if "h.1.attn.c_attn.weight" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(TgeomError, match=r"NaN or inf in layers\.1\.W_Q"):
+        load_model(str(folder))
+
+
+def test_not_a_gguf_file_is_refused(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"PK\x03\x04 definitely a zip")
+    with pytest.raises(TgeomError, match="not a GGUF file"):
+        load_model(str(bogus))
+
+
+def test_truncated_gguf_is_a_one_line_cli_error(tmp_path):
+    real = offline_model_path("smollm2")
+    truncated = tmp_path / "truncated.gguf"
+    with real.open("rb") as handle:
+        truncated.write_bytes(handle.read(2_000_000))
+    result = run_cli("info", str(truncated))
+    assert_one_line_error(result, "cannot read GGUF file", "re-download")
+    assert not cached_folder(truncated).exists()  # nothing half-written in the cache
+
+
+def test_cli_info_missing_model_exit_code_2():
+    assert_one_line_error(run_cli("info", "./missing-model-folder"), "does not exist")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "roberta", "llama", "qwen2", "neox"])
+def test_summary_of_tiny_models_matches_their_config(tiny_model, family):
+    lm = tiny_model(family)
+    s = lm.summary
+    assert (s.n_layers, s.d_model, s.vocab_size, s.d_mlp) == (2, 32, 96, 48)
+    assert s.n_heads == 4 and s.d_head == 8
+    cw = lm.weights()
+    assert cw.layers[0].W_K.shape == (4, 32, 8)  # KV heads expanded to query heads
+    expected_kv = {"llama": 2, "qwen2": 1}.get(family, 4)
+    assert s.n_kv_heads == expected_kv
+
+
+def test_cli_info_json(tiny_model_dir):
+    result = run_cli("info", str(tiny_model_dir("llama")), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["family"] == "llama" and info["n_kv_heads"] == 2 and info["norm"] == "rmsnorm"
+
+
+@pytest.mark.slow
+def test_real_model_summaries_match_spec(minilm, smollm2):
+    m, s = minilm.summary, smollm2.summary
+    assert (m.family, m.n_layers, m.n_heads, m.d_model, m.d_head, m.vocab_size) == (
+        "bert",
+        6,
+        12,
+        384,
+        32,
+        30522,
+    )
+    assert m.position_scheme == "learned" and not m.has_lm_head
+    assert (s.family, s.n_layers, s.n_heads, s.n_kv_heads, s.d_model, s.d_head) == (
+        "llama",
+        30,
+        9,
+        3,
+        576,
+        64,
+    )
+    assert s.vocab_size == 49152 and s.tied_embeddings and s.position_scheme == "rotary"
+
+
+@pytest.mark.slow
+def test_cached_gguf_loads_fast(smollm2):
+    """The first load converted the GGUF (~14 s); later loads read cached safetensors."""
+    folder = cached_folder(offline_model_path("smollm2"))
+    assert (folder / "model.safetensors").is_file()
+    start = time.perf_counter()
+    again = load_model("smollm2", device="cpu")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, elapsed
+    assert torch.equal(again.weights().W_E, smollm2.weights().W_E)
+
+
+def test_local_sources_make_no_network_call(tiny_model_dir, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    lm = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    assert lm.summary.family == "gpt2"
+    assert Path(lm.source).is_absolute()
