@@ -1,0 +1,180 @@
+"""CLI smoke tests: ``tgeom weights validate|align|finetune|stitch|diff``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tgeom.analyses.embedding.classifier import save_classifier
+from tgeom.analyses.embedding.finetune import finetune_classifier
+from tgeom.cli import app
+from tgeom.models import load_model
+from tiny_models import save_tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny tensors: one thread avoids OpenMP overhead on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args: str) -> dict:  # type: ignore[type-arg]
+    result = runner.invoke(app, ["weights", *args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tiny_model_dir, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    lm = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 2
+    ids = torch.where(
+        labels[:, None] == 0,
+        torch.randint(4, 50, (40, 10), generator=gen),
+        torch.randint(50, 96, (40, 10), generator=gen),
+    )
+    clf, _ = finetune_classifier(lm, ids, labels, ["low", "high"], steps=5, lr=1e-3, head_lr=3e-2)
+    return save_classifier(clf, lm.weights(), tmp_path_factory.mktemp("clf") / "clf")
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    """A folder corpus: sub-folder = topic."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = {"low": "abcdefghijklm " * 30, "high": "NOPQRSTUVWXYZ! " * 30}
+    for topic, text in texts.items():
+        (root / topic).mkdir()
+        for i in range(3):
+            (root / topic / f"doc{i}.txt").write_text(text[i:] + "\n", encoding="utf-8")
+    return root
+
+
+def test_align_writes_similarity_matrices_and_a_heatmap(tiny_model_dir, tmp_out) -> None:  # type: ignore[no-untyped-def]
+    a, b = str(tiny_model_dir("gpt2")), str(tiny_model_dir("llama"))
+    doc = invoke("align", a, b, "--out", str(tmp_out), "--per-layer", "16")
+    assert doc["command"] == "weights align"
+    sim = doc["alignment"]["similarity"]
+    assert set(sim) == {"ffn_key", "ffn_value", "W_Q", "W_K", "W_V", "W_O", "mean"}
+    assert len(sim["mean"]) == 2 and len(sim["mean"][0]) == 2
+    assert len(doc["alignment"]["layer_matching"]["mean"]) == 2
+    assert (tmp_out / "alignment.png").stat().st_size > 0
+
+
+def test_stitch_reports_accuracy_per_layer_against_chance(
+    tiny_model_dir, classifier_dir, tmp_out
+) -> None:  # type: ignore[no-untyped-def]
+    doc = invoke("stitch", str(tiny_model_dir("llama")), str(classifier_dir), "--out", str(tmp_out))
+    stitching = doc["stitching"]
+    (run,) = stitching["runs"]
+    assert run["layers"] == [0, 1, 2] and len(run["accuracy"]) == 3
+    assert 0.0 < stitching["chance"] < 1.0
+    assert (tmp_out / "stitching.png").stat().st_size > 0
+
+
+def test_diff_of_a_classifier_lists_head_rows(tiny_model_dir, classifier_dir, tmp_out) -> None:  # type: ignore[no-untyped-def]
+    doc = invoke(
+        "diff", str(tiny_model_dir("gpt2")), str(classifier_dir), "--out", str(tmp_out), "--k", "3"
+    )
+    rows = doc["diff"]["rows"]
+    assert [r["label"] for r in rows if r["group"] == "head"] == ["low", "high"]
+    assert any(r["group"] == "ffn_value" and r["norm"] > 0 for r in rows)
+    assert all(len(r["top_tokens"]) == 3 for r in rows)
+    assert (tmp_out / "diff_norms.png").stat().st_size > 0
+
+
+def test_finetune_then_stitch_with_itself_from_a_corpus(
+    tiny_model_dir, corpus_dir, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    model = str(tiny_model_dir("gpt2"))
+    clf_dir = tmp_path / "clf"
+    doc = invoke(
+        "finetune",
+        model,
+        "--corpus",
+        str(corpus_dir),
+        "--out",
+        str(clf_dir),
+        "--seq-len",
+        "8",
+        "--steps",
+        "4",
+        "--max-windows-per-topic",
+        "10",
+    )
+    assert sorted(doc["topics"]) == ["high", "low"]
+    assert doc["training"]["n_eval"] >= 1
+    stitched = invoke(
+        "stitch",
+        model,
+        str(clf_dir),
+        "--corpus",
+        str(corpus_dir),
+        "--out",
+        str(tmp_path / "st"),
+        "--layers",
+        "0,2",
+        "--max-windows-per-topic",
+        "5",
+    )
+    assert stitched["stitching"]["runs"][0]["layers"] == [0, 2]
+
+
+def test_validate_writes_r_k_and_sim_k(tiny_model_dir, corpus_dir, tmp_out) -> None:  # type: ignore[no-untyped-def]
+    doc = invoke(
+        "validate",
+        str(tiny_model_dir("gpt2")),
+        "--corpus",
+        str(corpus_dir),
+        "--out",
+        str(tmp_out),
+        "--k",
+        "5",
+        "--sim-k",
+        "5",
+        "--n-neurons",
+        "3",
+        "--seq-len",
+        "8",
+        "--max-windows-per-topic",
+        "2",
+    )
+    assert len(doc["r_k"]["overlap"]) == 2 and len(doc["r_k"]["shuffled"]) == 2
+    assert set(doc["sim_k"]["similarity"]) == {"ffn_key_value", "W_V_W_O", "W_Q_W_K"}
+    assert (tmp_out / "validation.png").stat().st_size > 0
+
+
+def test_align_with_different_vocabularies_exits_2_with_one_line(tiny_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    other = save_tiny_model("gpt2", tmp_path / "hostile", hostile=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tgeom",
+            "weights",
+            "align",
+            str(tiny_model_dir("gpt2")),
+            str(other),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tgeom: error:")]
+    assert len(lines) == 1 and "share a vocabulary" in lines[0] and "token 94" in lines[0]
+    assert "Traceback" not in proc.stderr
