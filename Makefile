@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tgeom-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test lint install clean bench browser
 
 install: $(STAMP)
 
@@ -26,7 +26,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 
-test: lint
+# The report test drives Debian's chromium headless; install it once if it is missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+	  || ($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

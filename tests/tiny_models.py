@@ -95,12 +95,20 @@ TINY_CONFIGS = {
 FAMILIES = tuple(TINY_CONFIGS)
 
 
-def build_tiny_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer over printable ASCII (ids 4..95), saved into ``folder``."""
+XSS_TOKENS = ("<script>alert(1)</script>", '"><img src=x onerror="window.__xss=1">')
+
+
+def build_tiny_tokenizer(folder: Path, hostile: bool = False) -> None:
+    """A character-level tokenizer over printable ASCII (ids 4..95), saved into ``folder``.
+
+    ``hostile``: the last two ids become HTML/script injection strings (for report tests).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     specials = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     chars = [chr(c) for c in range(32, 32 + VOCAB - len(specials))]
+    if hostile:
+        chars[-len(XSS_TOKENS) :] = XSS_TOKENS
     vocab = {**specials, **{ch: i + len(specials) for i, ch in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
@@ -114,8 +122,11 @@ def build_tiny_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
-    """Build the tiny ``family`` model with random weights (seeded) and save it to ``folder``."""
+def save_tiny_model(family: str, folder: Path, seed: int = 0, hostile: bool = False) -> Path:
+    """Build the tiny ``family`` model with random weights (seeded) and save it to ``folder``.
+
+    ``hostile``: the two injection tokens get large embeddings, so they top the QK/OV atlas.
+    """
     class_name, config = TINY_CONFIGS[family]
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config)
@@ -126,6 +137,8 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.05 * torch.randn_like(param))
+        if hostile:
+            model.get_input_embeddings().weight[-len(XSS_TOKENS) :] *= 8.0
     model.save_pretrained(folder, safe_serialization=True)
-    build_tiny_tokenizer(folder)
+    build_tiny_tokenizer(folder, hostile=hostile)
     return folder

@@ -1,0 +1,215 @@
+"""``tgeom report``: run the three analysis families on one model and corpus, write one page.
+
+The page (``DIR/index.html``) is self-contained; every number in it is also in
+``DIR/results.json`` and every figure also a PNG in ``DIR/figures``. Each section's output is
+cached under ``DIR/.cache`` keyed by the model, corpus and options, so a re-run with the same
+inputs only re-assembles the page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from tgeom.errors import TgeomError
+from tgeom.report import html as H
+from tgeom.results import atomic_write_text, prepare_out_dir, to_jsonable, write_results
+
+REPORT_MARKER = ".tgeom-report"
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What the report computes; sized for a 2-core CPU by default (see :meth:`for_device`)."""
+
+    seq_len: int = 64
+    windows_per_topic: int = 16
+    atlas_k: int = 5
+    atlas_vocab: int | None = 4096  # rows/cols of the atlas: the N most frequent corpus tokens
+    atlas_layers: tuple[int, ...] | None = None  # None: every layer
+    neurons_per_layer: int = 3
+    lens_text: str = "The capital of France is Paris. The quick brown fox jumps over the dog."
+    identify_sequences: int = 40
+    attribution_tokens: int = 24
+    seed: int = 0
+
+    @classmethod
+    def for_device(cls, device_type: str, **overrides: Any) -> ReportOptions:
+        if device_type == "cuda":
+            base = cls(
+                seq_len=128,
+                windows_per_topic=64,
+                atlas_k=10,
+                atlas_vocab=None,
+                identify_sequences=200,
+            )
+        else:
+            base = cls()
+        return cls(**{**asdict(base), **overrides})
+
+
+@dataclass
+class Section:
+    """One part of the page: its HTML (built from escaped parts) and its numbers."""
+
+    anchor: str
+    title: str
+    html: str
+    results: dict[str, Any] = field(default_factory=dict)
+    uses_plotly: bool = False
+
+
+class ReportContext:
+    """What sections share: the model and windows, loaded lazily (a cached re-run loads nothing)."""
+
+    def __init__(
+        self, model: str, corpus: str, options: ReportOptions, out: Path, progress: Any
+    ) -> None:
+        self.model_source, self.corpus_source = model, corpus
+        self.options, self.out, self.progress = options, out, progress
+        (out / "figures").mkdir(exist_ok=True)
+
+    @cached_property
+    def lm(self) -> Any:
+        from tgeom.models import load_model
+
+        with self.progress.stage(f"loading {self.model_source}"):
+            return load_model(self.model_source)
+
+    @cached_property
+    def windows(self) -> Any:
+        from tgeom.corpus import load_corpus, make_windows
+
+        with self.progress.stage(f"reading corpus {self.corpus_source}"):
+            corpus = load_corpus(self.corpus_source)
+            return make_windows(
+                corpus,
+                self.lm.tokenizer,
+                self.options.seq_len,
+                max_windows_per_topic=self.options.windows_per_topic,
+                max_context=self.lm.summary.n_ctx,
+            )
+
+    def save_figure(self, fig: Any, name: str, caption: str) -> str:
+        """Save a matplotlib figure as ``figures/<name>.png``; return its HTML block."""
+        import matplotlib.pyplot as plt
+
+        path = self.out / "figures" / f"{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        block = H.figure(H.png_data_url(fig), caption, fig_id=f"fig-{name}")
+        plt.close(fig)
+        return block
+
+
+SectionBuilder = Callable[[ReportContext], Section]
+
+
+def cache_key(model: str, corpus: str, options: ReportOptions, section: str) -> str:
+    from tgeom import __version__
+
+    identity = {
+        "model": _source_identity(model),
+        "corpus": _source_identity(corpus),
+        "section": section,
+        "options": asdict(options),
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _source_identity(source: str) -> str:
+    """A path's absolute name, size and mtime (so an edited model invalidates the cache)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def check_out_dir(out: Path, force: bool) -> Path:
+    """Refuse an existing non-empty folder that is not a previous report, unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise TgeomError(f"--out {out} is a file; pass a folder for the report.")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_MARKER).exists() and not force:
+        raise TgeomError(
+            f"--out {out} already holds files that are not a tgeom report; pass an empty or new "
+            "folder, or --force to write into it anyway."
+        )
+    out = prepare_out_dir(out)
+    (out / REPORT_MARKER).write_text("tgeom report folder\n", encoding="utf-8")
+    return out
+
+
+def build_report(
+    model: str,
+    corpus: str,
+    out: str | Path,
+    *,
+    options: ReportOptions | None = None,
+    sections: list[tuple[str, SectionBuilder]] | None = None,
+    force: bool = False,
+    progress: Any = None,
+) -> Path:
+    """Run every section (or reuse its cache) and write ``index.html`` + ``results.json``."""
+    from tgeom.report.progress import Progress
+    from tgeom.report.sections import default_sections
+    from tgeom.runtime import default_device
+
+    out_dir = check_out_dir(Path(out), force)
+    options = options or ReportOptions.for_device(default_device().type)
+    progress = progress or Progress(quiet=True)
+    ctx = ReportContext(model, corpus, options, out_dir, progress)
+    cache_dir = out_dir / ".cache"
+    cache_dir.mkdir(exist_ok=True)
+    built: list[Section] = []
+    for name, builder in sections if sections is not None else default_sections():
+        cache_file = cache_dir / f"{name}-{cache_key(model, corpus, options, name)}.json"
+        if cache_file.is_file():
+            built.append(Section(**json.loads(cache_file.read_text(encoding="utf-8"))))
+            continue
+        section = builder(ctx)
+        atomic_write_text(cache_file, json.dumps(to_jsonable(asdict(section))))
+        built.append(section)
+    title = f"tgeom report: {model}"
+    page = H.page(
+        title,
+        [(s.anchor, s.title, s.html) for s in built],
+        with_plotly=any(s.uses_plotly for s in built),
+    )
+    atomic_write_text(out_dir / "index.html", page)
+    write_results(
+        out_dir,
+        "report",
+        {
+            "model": model,
+            "corpus": corpus,
+            "options": asdict(options),
+            "environment": environment(),
+            "sections": {s.anchor: s.results for s in built},
+        },
+    )
+    return out_dir / "index.html"
+
+
+def environment() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from tgeom import __version__
+
+    return {
+        "tgeom": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": str(torch.get_num_threads()),
+        "cpu_count": str(os.cpu_count()),
+    }

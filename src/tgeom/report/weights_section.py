@@ -1,0 +1,134 @@
+"""Report section 2: weights in embedding space [DAR] — head atlas, FFN neurons, logit lens."""
+
+from __future__ import annotations
+
+import torch
+
+from tgeom.report import html as H
+from tgeom.report.build import ReportContext, Section
+
+ATLAS_NOTE = (
+    "Top entries of each head's QK (row = query token, column = key token) and OV (row = "
+    "attended token, column = token promoted in the output) matrix, found exactly without "
+    "forming the V x V matrix. Dar et al. found many heads readable this way (e.g. OV heads that "
+    "copy or map a token to related tokens)."
+)
+
+
+def weights_section(ctx: ReportContext) -> Section:
+    from tgeom.analyses.embedding.atlas import head_atlas
+    from tgeom.analyses.embedding.filters import frequent_token_ids, token_mask
+    from tgeom.analyses.embedding.interaction import head_top_pairs
+    from tgeom.analyses.embedding.lens import logit_lens
+    from tgeom.analyses.embedding.projection import project_parameter
+    from tgeom.plots.embedding import logit_lens_figure, top_pairs_figure
+
+    lm, opts = ctx.lm, ctx.options
+    cw = lm.weights()
+    vocab = lm.vocab_strings
+    include = None
+    if opts.atlas_vocab is not None:
+        include = frequent_token_ids(ctx.windows, opts.atlas_vocab).tolist()
+    mask = token_mask(lm, include_ids=include)
+    no_special = token_mask(lm)
+    with ctx.progress.stage("head atlas (exact QK/OV top pairs)"):
+        atlas = head_atlas(
+            cw,
+            opts.atlas_k,
+            vocab=vocab,
+            layers=opts.atlas_layers,
+            row_mask=mask,
+            col_mask=mask,
+            quiet=ctx.progress.quiet,
+        )
+    rows = [
+        (r.layer, r.head, r.circuit, r.rank, r.row_token, r.col_token, r.value) for r in atlas.rows
+    ]
+    subset = (
+        f"rows and columns restricted to the {len(include)} most frequent corpus tokens"
+        if include is not None
+        else "whole vocabulary"
+    )
+    parts = [
+        "<h3>Head atlas</h3>",
+        f'<p class="note">{H.esc(ATLAS_NOTE)} Special tokens dropped; {H.esc(subset)}; '
+        f"E = {H.esc(atlas.embedding)}.</p>",
+    ]
+    if atlas.rope_note:
+        parts.append(f'<p class="note">Note: {H.esc(atlas.rope_note)}</p>')
+    parts.append(
+        H.table(
+            rows,
+            ["layer", "head", "circuit", "rank", "row token", "column token", "value"],
+            table_id="atlas",
+            searchable=True,
+            token_columns=(4, 5),
+            scroll=True,
+        )
+    )
+    layer = len(cw.layers) // 2
+    for circuit in ("qk", "ov"):
+        pairs = head_top_pairs(cw, layer, 0, circuit, 20, row_mask=mask, col_mask=mask)
+        parts.append(
+            ctx.save_figure(
+                top_pairs_figure(pairs, vocab),
+                f"top-pairs-{circuit}-L{layer}H0",
+                f"Largest {circuit.upper()} entries of layer {layer}, head 0 ({subset}).",
+            )
+        )
+    neuron_rows, neuron_records = [], []
+    generator = torch.Generator().manual_seed(opts.seed)
+    d_mlp = cw.summary.d_mlp
+    for layer_index in range(len(cw.layers)):
+        picks = torch.randperm(d_mlp, generator=generator)[: opts.neurons_per_layer].tolist()
+        for neuron in sorted(picks):
+            record = {"layer": layer_index, "neuron": neuron}
+            for side in ("key", "value"):
+                proj = project_parameter(
+                    lm,
+                    {"kind": "neuron", "layer": layer_index, "neuron": neuron, "side": side},
+                    8,
+                    mask=no_special,
+                )
+                record[side] = [r["token"] for r in proj.top.records()]
+            neuron_records.append(record)
+            neuron_rows.append(
+                (layer_index, neuron, " | ".join(record["key"]), " | ".join(record["value"]))
+            )
+    parts += [
+        "<h3>FFN neurons</h3>",
+        '<p class="note">Top tokens of a random sample of neurons per layer: the key (column of '
+        "W_in) and the value (row of W_out), raw parameters projected on the unembedding. Geva "
+        "et al. and Dar et al. found values that promote coherent token sets in upper layers.</p>",
+        H.table(
+            neuron_rows,
+            ["layer", "neuron", "key: top tokens", "value: top tokens"],
+            table_id="neurons",
+            searchable=True,
+            token_columns=(2, 3),
+            scroll=True,
+        ),
+    ]
+    with ctx.progress.stage("logit lens"):
+        lens = logit_lens(lm, opts.lens_text, k=5, mask=no_special)
+    parts += [
+        "<h3>Logit lens</h3>",
+        f'<p class="note">Text: {H.token_span(opts.lens_text)}</p>',
+        ctx.save_figure(
+            logit_lens_figure(lens),
+            "logit-lens",
+            "Top-1 token of final_norm(hidden[l]) @ W_U.T at each layer (rows) and position "
+            "(columns); colour is its score. Predictions typically sharpen in the upper layers.",
+        ),
+    ]
+    results = {
+        "atlas": atlas.to_json(include_rows=True),
+        "atlas_vocabulary": subset,
+        "neurons": neuron_records,
+        "logit_lens": {
+            "text": opts.lens_text,
+            "tokens": lens.tokens,
+            "top1_by_layer": [[pos[0] for pos in layer] for layer in lens.top_tokens],
+        },
+    }
+    return Section("weights", "Weights in embedding space", "".join(parts), results)
