@@ -1,12 +1,303 @@
-"""``tgeom weights ...``: weights in embedding space [DAR] (SPEC section 3)."""
+"""``tgeom weights ...``: weights in embedding space [DAR] (SPEC section 3).
+
+``project`` (a neuron's key/value or a subhead as tokens), ``topk`` (exact top pairs of one head's
+QK or OV matrix), ``atlas`` (every head), ``lens`` (logit lens of a text). Each writes
+``results.json`` (and figures) into ``--out DIR`` and prints a short table.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Literal
+
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from tgeom.cli import app
+from tgeom.errors import TgeomError
 
 weights_app = typer.Typer(
     help="Weights in embedding space: projections, QK/OV top pairs, atlas.", no_args_is_help=True
 )
 app.add_typer(weights_app, name="weights")
+
+MODEL_ARG = typer.Argument(..., help="Alias (minilm, smollm2), local folder, .gguf or hub id.")
+OUT_OPT = typer.Option(..., "--out", help="Folder for results.json and figures.")
+K_OPT = typer.Option(20, "--k", help="How many tokens / pairs to report.")
+ASCII_OPT = typer.Option(False, "--ascii-only", help="Keep only tokens whose text is ASCII.")
+ALPHA_OPT = typer.Option(False, "--alpha-only", help="Keep only alphabetic tokens.")
+SPECIAL_OPT = typer.Option(
+    False, "--keep-special", help="Keep special tokens (dropped by default)."
+)
+EMBED_OPT = typer.Option("out", "--embedding", help="Vocabulary matrix: out (W_U) or in (W_E).")
+REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model author's code.")
+
+
+def _load(model: str, trust_remote_code: bool) -> Any:
+    from tgeom.models import load_model
+
+    return load_model(model, trust_remote_code=trust_remote_code)
+
+
+def _mask(lm: Any, keep_special: bool, ascii_only: bool, alpha_only: bool) -> Any:
+    from tgeom.analyses.embedding.filters import token_mask
+
+    return token_mask(
+        lm, drop_special=not keep_special, ascii_only=ascii_only, alpha_only=alpha_only
+    )
+
+
+def _filters(keep_special: bool, ascii_only: bool, alpha_only: bool) -> dict[str, bool]:
+    return {"drop_special": not keep_special, "ascii_only": ascii_only, "alpha_only": alpha_only}
+
+
+def _embedding(name: str) -> Literal["out", "in"]:
+    if name not in ("out", "in"):
+        raise TgeomError(f"--embedding must be out (W_U) or in (W_E), got {name!r}.")
+    return "out" if name == "out" else "in"
+
+
+def _pair(text: str, what: str) -> tuple[int, int]:
+    """``"L:N"`` -> ``(L, N)``."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise TgeomError(f"--{what} must look like LAYER:INDEX (e.g. 3:17), got {text!r}.")
+    return int(parts[0]), int(parts[1])
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[Text(_cell(v)) for v in row])  # Text: token strings are not markup
+    Console().print(table)
+
+
+def _describe(parameter: dict[str, Any]) -> str:
+    if parameter["kind"] == "neuron":
+        return f"layer {parameter['layer']} neuron {parameter['neuron']} {parameter['side']}"
+    return (
+        f"layer {parameter['layer']} head {parameter['head']} "
+        f"{parameter['subhead']}[{parameter['index']}]"
+    )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):  # visible newlines, tabs and control characters
+        return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in value)
+    return str(value)
+
+
+@weights_app.command("project")
+def project(
+    model: str = MODEL_ARG,
+    neuron: str | None = typer.Option(None, "--neuron", help="FFN neuron LAYER:NEURON."),
+    side: str = typer.Option("key", "--side", help="key (W_in column), gate, value (W_out row)."),
+    head: str | None = typer.Option(None, "--head", help="Attention head LAYER:HEAD."),
+    subhead: str = typer.Option("v", "--subhead", help="q, k, v (columns) or o (W_O row)."),
+    index: int = typer.Option(0, "--index", help="Subhead index within d_head."),
+    k: int = K_OPT,
+    fold_norm: bool = typer.Option(False, "--fold-norm", help="Fold the preceding norm's gain."),
+    embedding: str = EMBED_OPT,
+    ascii_only: bool = ASCII_OPT,
+    alpha_only: bool = ALPHA_OPT,
+    keep_special: bool = SPECIAL_OPT,
+    out: Path = OUT_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Project one parameter vector (FFN key/value or a subhead) to its top and bottom tokens."""
+    from tgeom.analyses.embedding.projection import project_parameter
+    from tgeom.results import write_results
+
+    if (neuron is None) == (head is None):
+        raise TgeomError("pass exactly one of --neuron LAYER:NEURON or --head LAYER:HEAD.")
+    if neuron is not None:
+        layer, n = _pair(neuron, "neuron")
+        parameter: dict[str, Any] = {"kind": "neuron", "layer": layer, "neuron": n, "side": side}
+    else:
+        layer, h = _pair(head or "", "head")
+        parameter = {"kind": "subhead", "layer": layer, "head": h, "subhead": subhead}
+        parameter["index"] = index
+    lm = _load(model, trust_remote_code)
+    mask = _mask(lm, keep_special, ascii_only, alpha_only)
+    result = project_parameter(
+        lm, parameter, k, mask=mask, embedding=_embedding(embedding), fold_norm=fold_norm
+    )
+    payload = {
+        "model": lm.source,
+        "k": k,
+        "filters": _filters(keep_special, ascii_only, alpha_only),
+    }
+    write_results(out, "weights project", {**payload, **result.to_json()})
+    top, bottom = result.top.records(), result.bottom.records()
+    _print_table(
+        f"{lm.source}: {_describe(parameter)} read through {result.embedding}",
+        ["rank", "top token", "score", "bottom token", "score"],
+        [
+            [a["rank"], a["token"], a["score"], b["token"], b["score"]]
+            for a, b in zip(top, bottom, strict=False)
+        ][:15],
+    )
+
+
+@weights_app.command("topk")
+def topk(
+    model: str = MODEL_ARG,
+    layer: int = typer.Option(..., "--layer", help="Layer (0-based)."),
+    head: int = typer.Option(..., "--head", help="Head (0-based)."),
+    circuit: str = typer.Option("ov", "--circuit", help="qk or ov."),
+    k: int = K_OPT,
+    negative: bool = typer.Option(False, "--negative", help="Most negative entries instead."),
+    embedding: str = EMBED_OPT,
+    ascii_only: bool = ASCII_OPT,
+    alpha_only: bool = ALPHA_OPT,
+    keep_special: bool = SPECIAL_OPT,
+    out: Path = OUT_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Exact top entries of one head's QK or OV matrix in token space (never materialised)."""
+    from tgeom.analyses.embedding.interaction import head_top_pairs
+    from tgeom.plots.embedding import save_figure, top_pairs_figure
+    from tgeom.results import prepare_out_dir, write_results
+
+    if circuit not in ("qk", "ov"):
+        raise TgeomError(f"--circuit must be qk or ov, got {circuit!r}.")
+    lm = _load(model, trust_remote_code)
+    mask = _mask(lm, keep_special, ascii_only, alpha_only)
+    result = head_top_pairs(
+        lm.weights(),
+        layer,
+        head,
+        circuit,
+        k,
+        largest=not negative,
+        row_mask=mask,
+        col_mask=mask,
+        E=embedding,
+    )
+    vocab = lm.vocab_strings
+    payload = {
+        "model": lm.source,
+        "family": lm.family,
+        "k": k,
+        "negative": negative,
+        "filters": _filters(keep_special, ascii_only, alpha_only),
+        **result.to_json(vocab),
+    }
+    write_results(out, "weights topk", payload)
+    save_figure(top_pairs_figure(result, vocab), prepare_out_dir(out) / "top_pairs.png")
+    _print_table(
+        f"{lm.source}: {circuit.upper()} layer {layer} head {head}"
+        f" ({'most negative' if negative else 'largest'})",
+        ["rank", "row token", "col token", "value"],
+        [
+            [i, p["row_token"], p["col_token"], p["value"]]
+            for i, p in enumerate(payload["pairs"][:15])
+        ],
+    )
+    if result.rope_note:
+        Console(stderr=True).print(f"note: {result.rope_note}")
+
+
+@weights_app.command("atlas")
+def atlas(
+    model: str = MODEL_ARG,
+    k: int = typer.Option(10, "--k", help="Pairs per head and circuit."),
+    layers: str | None = typer.Option(None, "--layers", help="Comma-separated layers (all)."),
+    negative: bool = typer.Option(False, "--negative", help="Most negative entries instead."),
+    embedding: str = EMBED_OPT,
+    ascii_only: bool = ASCII_OPT,
+    alpha_only: bool = ALPHA_OPT,
+    keep_special: bool = SPECIAL_OPT,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    out: Path = OUT_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Top QK and OV pairs of every head, as one table (atlas.csv + results.json)."""
+    from tgeom.analyses.embedding.atlas import head_atlas
+    from tgeom.results import prepare_out_dir, write_results
+
+    chosen = None
+    if layers is not None:
+        try:
+            chosen = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise TgeomError(
+                f"--layers must be comma-separated integers, got {layers!r}."
+            ) from None
+    lm = _load(model, trust_remote_code)
+    mask = _mask(lm, keep_special, ascii_only, alpha_only)
+    result = head_atlas(
+        lm.weights(),
+        k,
+        vocab=lm.vocab_strings,
+        layers=chosen,
+        largest=not negative,
+        row_mask=mask,
+        col_mask=mask,
+        E=embedding,
+        quiet=quiet,
+    )
+    folder = prepare_out_dir(out)
+    result.to_csv(folder / "atlas.csv")
+    payload = {
+        "model": lm.source,
+        "family": lm.family,
+        "filters": _filters(keep_special, ascii_only, alpha_only),
+        "csv": "atlas.csv",
+        **result.to_json(),
+    }
+    write_results(out, "weights atlas", payload)
+    best = [r for r in result.rows if r.rank == 0][:20]
+    _print_table(
+        f"{lm.source}: head atlas (top pair per head, {len(result.rows)} rows in atlas.csv)",
+        ["layer", "head", "circuit", "row token", "col token", "value"],
+        [[r.layer, r.head, r.circuit, r.row_token, r.col_token, r.value] for r in best],
+    )
+
+
+@weights_app.command("lens")
+def lens(
+    model: str = MODEL_ARG,
+    text: str = typer.Option(..., "--text", help="The text to read layer by layer."),
+    k: int = typer.Option(5, "--k", help="Top tokens per layer and position."),
+    ascii_only: bool = ASCII_OPT,
+    alpha_only: bool = ALPHA_OPT,
+    keep_special: bool = typer.Option(
+        True, "--keep-special/--drop-special", help="Special tokens."
+    ),
+    out: Path = OUT_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Logit lens: final_norm(hidden[l]) @ W_U.T at every layer and position of a text."""
+    from tgeom.analyses.embedding.lens import logit_lens
+    from tgeom.plots.embedding import logit_lens_figure, save_figure
+    from tgeom.results import prepare_out_dir, write_results
+
+    lm = _load(model, trust_remote_code)
+    filtered = ascii_only or alpha_only or not keep_special
+    mask = _mask(lm, keep_special, ascii_only, alpha_only) if filtered else None
+    result = logit_lens(lm, text, k, mask=mask)
+    payload = {
+        "model": lm.source,
+        "family": lm.family,
+        "k": k,
+        "filters": _filters(keep_special, ascii_only, alpha_only),
+        **result.to_json(),
+    }
+    write_results(out, "weights lens", payload)
+    save_figure(logit_lens_figure(result), prepare_out_dir(out) / "logit_lens.png")
+    last = len(result.tokens) - 1
+    _print_table(
+        f"{lm.source}: logit lens at the last position ({result.tokens[last]!r})",
+        ["layer", "top tokens"],
+        [
+            [layer, " | ".join(result.top_tokens[layer][last])]
+            for layer in range(result.n_layers + 1)
+        ],
+    )

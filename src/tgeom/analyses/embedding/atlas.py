@@ -1,0 +1,155 @@
+"""The head atlas: the exact top pairs of every head's QK and OV matrices [DAR] (SPEC section 3).
+
+One table with a row per (layer, head, circuit, rank): ``layer, head, circuit, rank, row, col,
+row_token, col_token, value``. Each head goes through
+:func:`tgeom.analyses.embedding.interaction.head_top_pairs`, so every row is exact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
+
+from tgeom.analyses.embedding.interaction import ROPE_NOTE, head_top_pairs, resolve_embedding
+from tgeom.errors import TgeomError, check_index
+from tgeom.models.weights import CanonicalWeights
+from tgeom.results import atomic_write_text
+
+
+@dataclass(frozen=True)
+class AtlasRow:
+    layer: int
+    head: int
+    circuit: str
+    rank: int
+    row: int
+    col: int
+    row_token: str
+    col_token: str
+    value: float
+
+
+COLUMNS = tuple(f.name for f in fields(AtlasRow))
+
+
+@dataclass
+class HeadAtlas:
+    """The atlas table (``rows``, in layer, head, circuit, rank order) and its options."""
+
+    rows: list[AtlasRow]
+    k: int
+    largest: bool
+    embedding: str
+    layers: list[int]
+    circuits: list[str]
+    rope_note: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def column(self, name: str) -> list[Any]:
+        return [getattr(row, name) for row in self.rows]
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """The table as CSV text (header + one line per row); written to ``path`` if given."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(astuple(row) for row in self.rows)
+        text = buffer.getvalue()
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    def to_json(self, include_rows: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "k": self.k,
+            "largest": self.largest,
+            "embedding": self.embedding,
+            "layers": self.layers,
+            "circuits": self.circuits,
+            "rope_note": self.rope_note,
+            "columns": list(COLUMNS),
+            "n_rows": len(self.rows),
+            **self.options,
+        }
+        if include_rows:
+            out["rows"] = [dict(zip(COLUMNS, astuple(row), strict=True)) for row in self.rows]
+        return out
+
+
+def head_atlas(
+    cw: CanonicalWeights,
+    k: int,
+    *,
+    vocab: Sequence[str] | None = None,
+    layers: Iterable[int] | None = None,
+    circuits: Sequence[str] = ("qk", "ov"),
+    largest: bool = True,
+    row_mask: Tensor | None = None,
+    col_mask: Tensor | None = None,
+    E: Tensor | str | None = None,
+    quiet: bool = False,
+) -> HeadAtlas:
+    """Top-``k`` pairs of every head (of ``layers``, default all) for each circuit.
+
+    ``vocab``: display strings per token id (``lm.vocab_strings``); ids are shown as
+    ``<id:N>`` without it. A rich progress bar counts heads unless ``quiet``.
+    """
+    n_layers = len(cw.layers)
+    chosen = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    for layer in chosen:
+        check_index("layer", layer, n_layers)
+    for circuit in circuits:
+        if circuit not in ("qk", "ov"):
+            raise TgeomError(f"circuit must be qk or ov, got {circuit!r}.")
+    matrix, name = resolve_embedding(cw, E)
+    n_heads = cw.summary.n_heads
+    rows: list[AtlasRow] = []
+    with Progress(
+        TextColumn("[bold]atlas[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=quiet,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("", total=len(chosen) * n_heads * len(circuits))
+        for layer in chosen:
+            for head in range(n_heads):
+                for circuit in circuits:
+                    progress.update(task, description=f"layer {layer} head {head} {circuit}")
+                    pairs = head_top_pairs(
+                        cw,
+                        layer,
+                        head,
+                        circuit,
+                        k,
+                        largest=largest,
+                        row_mask=row_mask,
+                        col_mask=col_mask,
+                        E=matrix,
+                    )
+                    rows.extend(_rows(layer, head, circuit, pairs, vocab))
+                    progress.advance(task)
+    rope = ROPE_NOTE if cw.rotary is not None and "qk" in circuits else None
+    return HeadAtlas(rows, k, largest, name, chosen, list(circuits), rope)
+
+
+def _rows(
+    layer: int, head: int, circuit: str, pairs: Any, vocab: Sequence[str] | None
+) -> list[AtlasRow]:
+    def show(i: int) -> str:
+        return vocab[i] if vocab is not None else f"<id:{i}>"
+
+    return [
+        AtlasRow(layer, head, circuit, rank, r, c, show(r), show(c), v)
+        for rank, (r, c, v) in enumerate(
+            zip(pairs.rows.tolist(), pairs.cols.tolist(), pairs.values.tolist(), strict=True)
+        )
+    ]

@@ -1,0 +1,126 @@
+"""Token filters for projections and top pairs [DAR] (SPEC section 3).
+
+A filter is a bool mask over the vocabulary ``[V]`` (True = the token may be reported). Callers
+apply it *before* top-k (scores of excluded tokens become -inf, or excluded rows/columns are
+never visited), so k results come back whenever k tokens survive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tgeom.errors import TgeomError
+
+
+def vocabulary(lm_or_tokenizer: Any) -> list[str]:
+    """One display string per vocabulary id, from a LoadedModel or a Hugging Face tokenizer."""
+    strings = getattr(lm_or_tokenizer, "vocab_strings", None)
+    if strings is not None:
+        return list(strings)
+    tokenizer = lm_or_tokenizer
+    return list(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+
+
+def special_ids(lm_or_tokenizer: Any) -> list[int]:
+    """The special token ids (BOS/EOS/PAD/CLS/SEP/UNK/MASK...)."""
+    if hasattr(lm_or_tokenizer, "special_token_ids"):
+        return list(lm_or_tokenizer.special_token_ids())
+    return sorted(set(lm_or_tokenizer.all_special_ids))
+
+
+def _core(token: str) -> str:
+    """The token text without surrounding spaces and word-piece markers (``##``, ``▁``, ``Ġ``)."""
+    core = token.strip()
+    if core.startswith("##"):
+        core = core[2:]
+    return core.lstrip("▁Ġ")
+
+
+def token_mask(
+    lm_or_tokenizer: Any,
+    *,
+    drop_special: bool = True,
+    ascii_only: bool = False,
+    alpha_only: bool = False,
+    exclude_ids: Iterable[int] | None = None,
+    include_ids: Iterable[int] | None = None,
+) -> Tensor:
+    """Bool mask ``[V]`` of the tokens that pass every requested filter.
+
+    ``drop_special``: remove the tokenizer's special tokens. ``ascii_only``: keep tokens whose
+    decoded text is ASCII. ``alpha_only``: keep tokens whose text, without surrounding spaces
+    and word-piece markers, is non-empty and alphabetic. ``exclude_ids``: remove these ids.
+    ``include_ids``: keep only these ids (a vocabulary subset, e.g. :func:`frequent_token_ids`).
+    Raises TgeomError when an id is out of range or when no token survives.
+    """
+    strings = vocabulary(lm_or_tokenizer)
+    return mask_from_strings(
+        strings,
+        special=special_ids(lm_or_tokenizer) if drop_special else (),
+        ascii_only=ascii_only,
+        alpha_only=alpha_only,
+        exclude_ids=exclude_ids,
+        include_ids=include_ids,
+    )
+
+
+def mask_from_strings(
+    strings: Sequence[str],
+    *,
+    special: Iterable[int] = (),
+    ascii_only: bool = False,
+    alpha_only: bool = False,
+    exclude_ids: Iterable[int] | None = None,
+    include_ids: Iterable[int] | None = None,
+) -> Tensor:
+    """:func:`token_mask` on an explicit vocabulary (one string per id) and special ids."""
+    V = len(strings)
+    mask = torch.ones(V, dtype=torch.bool)
+    if ascii_only:
+        mask &= torch.tensor([s.isascii() for s in strings], dtype=torch.bool)
+    if alpha_only:
+        mask &= torch.tensor([_core(s).isalpha() for s in strings], dtype=torch.bool)
+    mask[_ids(special, V, "special token")] = False
+    if exclude_ids is not None:
+        mask[_ids(exclude_ids, V, "excluded id")] = False
+    if include_ids is not None:
+        keep = torch.zeros(V, dtype=torch.bool)
+        keep[_ids(include_ids, V, "included id")] = True
+        mask &= keep
+    if not bool(mask.any()):
+        raise TgeomError(
+            "the token filters leave no token of the vocabulary; relax them "
+            "(e.g. drop --ascii-only/--alpha-only or widen the included ids)."
+        )
+    return mask
+
+
+def _ids(ids: Iterable[int], size: int, what: str) -> Tensor:
+    values = torch.as_tensor(list(ids), dtype=torch.int64)
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= size):
+        bad = values[(values < 0) | (values >= size)][0]
+        raise TgeomError(f"{what} {int(bad)} is out of range: valid ids are 0..{size - 1}.")
+    return values
+
+
+def frequent_token_ids(windows: Any, n: int) -> Tensor:
+    """The ``n`` most frequent token ids of a corpus' Windows (``.token_ids [N, T]``), most
+    frequent first, ties by smaller id; only tokens that occur are returned (int64 ``[<= n]``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise TgeomError(f"the number of frequent tokens must be a positive integer, got {n!r}.")
+    token_ids = torch.as_tensor(getattr(windows, "token_ids", windows)).reshape(-1)
+    if token_ids.numel() == 0:
+        raise TgeomError("the corpus has no tokens; pass a corpus with text in it.")
+    counts = torch.bincount(token_ids.to(torch.int64))
+    order = torch.sort(counts, descending=True, stable=True).indices
+    order = order[counts[order] > 0]
+    return order[:n]
+
+
+def full_mask(size: int) -> Tensor:
+    """A mask that keeps every token (for callers that want no filtering)."""
+    return torch.ones(size, dtype=torch.bool)

@@ -1,0 +1,111 @@
+"""Hidden states read as vocabulary scores: the logit lens [DAR] (SPEC section 3).
+
+For a text, every layer's residual stream ``hidden[l] [T, d]`` (``l = 0`` the embedding output,
+``l`` the output of block ``l``, before the final norm) is read as
+``final_norm(hidden[l]) @ W_U.T (+ b_U)`` and summarised by its top-k tokens per position. For
+post-LN encoders (BERT) there is no final norm: the hidden states are already normalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tgeom.errors import TgeomError
+
+
+@dataclass
+class LogitLens:
+    """``token_ids [T]`` and ``tokens`` of the text; ``top_ids, top_scores [L+1, T, k]`` and
+    ``top_tokens [L+1][T][k]`` per layer (0 = embeddings) and position, best first."""
+
+    text: str
+    token_ids: Tensor
+    tokens: list[str]
+    top_ids: Tensor
+    top_scores: Tensor
+    top_tokens: list[list[list[str]]]
+    final_norm: bool
+    has_unembedding_bias: bool
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.top_ids.shape[0]) - 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "tokens": self.tokens,
+            "final_norm_applied": self.final_norm,
+            "unembedding_bias_added": self.has_unembedding_bias,
+            "layers": [
+                {
+                    "layer": layer,
+                    "positions": [
+                        {
+                            "position": t,
+                            "input_token": self.tokens[t],
+                            "top_ids": self.top_ids[layer, t],
+                            "top_tokens": self.top_tokens[layer][t],
+                            "top_scores": self.top_scores[layer, t],
+                        }
+                        for t in range(len(self.tokens))
+                    ],
+                }
+                for layer in range(self.n_layers + 1)
+            ],
+        }
+
+
+def lens_logits(cw: Any, hidden: Tensor) -> Tensor:
+    """``final_norm(hidden) @ W_U.T (+ b_U)`` for ``hidden [..., d]`` -> ``[..., V]``."""
+    h = cw.final_norm(hidden) if cw.final_norm is not None else hidden
+    logits = h @ cw.W_U.T
+    return logits + cw.b_U if cw.b_U is not None else logits
+
+
+@torch.no_grad()
+def logit_lens(lm: Any, text: str, k: int = 5, *, mask: Tensor | None = None) -> LogitLens:
+    """Top-k tokens of every layer's hidden state at every position of ``text``.
+
+    ``mask [V]`` bool: tokens allowed in the top-k (excluded ones are set to -inf first).
+    The text is tokenised with the tokenizer's defaults (BOS/CLS added when it adds them).
+    """
+    from tgeom.capture import capture
+
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise TgeomError(f"k must be a positive integer, got {k!r}; pass k >= 1.")
+    if not text or not text.strip():
+        raise TgeomError("the text is empty; pass --text with some words.")
+    encoded = lm.tokenizer(text, return_tensors="pt")
+    input_ids = encoded["input_ids"][:, : lm.summary.n_ctx]
+    cw = lm.weights()
+    hidden = capture(lm, input_ids).hidden[:, 0]  # [L+1, T, d]
+    V = cw.W_U.shape[0]
+    kk = min(k, V if mask is None else int(mask.sum()))
+    if kk == 0:
+        raise TgeomError("the token filters leave no token; relax them.")
+    top_ids, top_scores = [], []
+    for layer in range(hidden.shape[0]):
+        logits = lens_logits(cw, hidden[layer].to(cw.W_U.device))
+        if mask is not None:
+            logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :kk]
+        top_ids.append(order.cpu())
+        top_scores.append(torch.gather(logits, 1, order).cpu())
+    ids = torch.stack(top_ids)
+    vocab = lm.vocab_strings
+    return LogitLens(
+        text=text,
+        token_ids=input_ids[0],
+        tokens=lm.token_strings(input_ids[0]),
+        top_ids=ids,
+        top_scores=torch.stack(top_scores),
+        top_tokens=[[[vocab[i] for i in pos] for pos in layer] for layer in ids.tolist()],
+        final_norm=cw.final_norm is not None,
+        has_unembedding_bias=cw.b_U is not None,
+    )

@@ -1,0 +1,207 @@
+"""Parameters read as vocabulary scores [DAR] (SPEC section 3: vector projection, FFN, subheads).
+
+A d-vector ``x`` is read through a vocabulary matrix ``E [V, d]`` as ``scores = x @ E.T``; the
+top-k (and bottom-k) tokens summarise it. Parameters are projected raw: no bias, no norm gain,
+unless ``fold_norm`` asks to multiply a *reading* vector (FFN key/gate, W_Q/W_K/W_V column) by the
+gain of the norm that precedes it (writing vectors, FFN values and W_O rows, are unaffected).
+The vocabulary matrix is ``W_U`` (``embedding="out"``, the output embedding; equal to ``W_E``
+when tied) by default, or ``W_E`` (``embedding="in"``); results record which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from tgeom.errors import TgeomError, check_index
+from tgeom.models.weights import CanonicalWeights, Norm
+
+Embedding = Literal["out", "in"]
+EMBEDDING_NAMES = {"out": "W_U", "in": "W_E"}
+
+
+@dataclass
+class VocabProjection:
+    """Top (or bottom) tokens of one or more vectors.
+
+    ``token_ids, scores [n, k']`` (best first: highest, or lowest when ``bottom``), ``tokens``
+    the display strings ``[n][k']`` (empty lists when no vocabulary was given).
+    """
+
+    token_ids: Tensor
+    scores: Tensor
+    tokens: list[list[str]]
+    bottom: bool
+    embedding: str
+
+    def records(self, row: int = 0) -> list[dict[str, Any]]:
+        """``[{rank, token_id, token, score}]`` of vector ``row``, best first."""
+        ids, scores = self.token_ids[row].tolist(), self.scores[row].tolist()
+        names = self.tokens[row] if self.tokens else [""] * len(ids)
+        return [
+            {"rank": r, "token_id": i, "token": t, "score": s}
+            for r, (i, t, s) in enumerate(zip(ids, names, scores, strict=True))
+        ]
+
+
+def project_vector(
+    x: Tensor,
+    E: Tensor,
+    k: int,
+    *,
+    mask: Tensor | None = None,
+    bottom: bool = False,
+    vocab: Sequence[str] | None = None,
+    embedding: str = "custom",
+) -> VocabProjection:
+    """Top-k (``bottom``: lowest-k) tokens of ``x [d]`` or ``x [n, d]`` read as ``x @ E.T``.
+
+    ``mask [V]`` bool: excluded tokens are set to -inf (+inf for bottom) before selection, so
+    ``k' = min(k, allowed tokens)`` come back. Ties go to the smaller token id.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise TgeomError(f"k must be a positive integer, got {k!r}; pass k >= 1.")
+    xs = x.reshape(1, -1) if x.ndim == 1 else x
+    if xs.ndim != 2 or xs.shape[1] != E.shape[1]:
+        raise TgeomError(
+            f"vector width {tuple(x.shape)} does not match the vocabulary matrix {tuple(E.shape)}."
+        )
+    scores = xs.to(E.device, E.dtype) @ E.T  # [n, V]
+    allowed = E.shape[0]
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (E.shape[0],):
+            raise TgeomError(f"the token mask must be a bool tensor of shape [{E.shape[0]}].")
+        allowed = int(mask.sum())
+        if allowed == 0:
+            raise TgeomError("the token filters leave no token; relax them.")
+        fill = float("inf") if bottom else float("-inf")
+        scores = scores.masked_fill(~mask.to(scores.device), fill)
+    kk = min(k, allowed)
+    order = torch.sort(scores, dim=1, descending=not bottom, stable=True).indices[:, :kk]
+    top = torch.gather(scores, 1, order)
+    tokens = [[vocab[i] for i in row] for row in order.tolist()] if vocab is not None else []
+    return VocabProjection(order.cpu(), top.cpu(), tokens, bottom, embedding)
+
+
+def vocab_matrix(cw: CanonicalWeights, embedding: Embedding = "out") -> Tensor:
+    """``W_U`` (``"out"``) or ``W_E`` (``"in"``), ``[V, d]``."""
+    if embedding not in EMBEDDING_NAMES:
+        raise TgeomError(f"embedding must be 'out' (W_U) or 'in' (W_E), got {embedding!r}.")
+    return cw.W_U if embedding == "out" else cw.W_E
+
+
+def preceding_norm(cw: CanonicalWeights, layer: int, site: Literal["attn", "mlp"]) -> Norm | None:
+    """The norm whose output the attention (``"attn"``) or MLP (``"mlp"``) of ``layer`` reads.
+
+    Pre-LN: the block's own ``ln_attn`` / ``ln_mlp``. Post-LN (BERT): the MLP reads the output
+    of ``ln_attn`` of the same layer; the attention reads ``ln_mlp`` of the previous layer (the
+    embedding norm for layer 0).
+    """
+    lw = cw.layers[layer]
+    if cw.summary.norm_placement == "pre":
+        return lw.ln_attn if site == "attn" else lw.ln_mlp
+    if site == "mlp":
+        return lw.ln_attn
+    return cw.embed_norm if layer == 0 else cw.layers[layer - 1].ln_mlp
+
+
+def _fold(vector: Tensor, norm: Norm | None, fold_norm: bool) -> Tensor:
+    return vector * norm.weight if fold_norm and norm is not None else vector
+
+
+def neuron_vector(
+    cw: CanonicalWeights, layer: int, neuron: int, side: str, *, fold_norm: bool = False
+) -> Tensor:
+    """FFN neuron parameter ``[d]``: ``"key"`` = column of ``W_in``, ``"gate"`` = column of
+    ``W_gate`` (gated MLPs), ``"value"`` = row of ``W_out``."""
+    check_index("layer", layer, len(cw.layers))
+    lw = cw.layers[layer]
+    check_index("neuron", neuron, lw.W_in.shape[1])
+    if side == "key":
+        return _fold(lw.W_in[:, neuron], preceding_norm(cw, layer, "mlp"), fold_norm)
+    if side == "gate":
+        if lw.W_gate is None:
+            raise TgeomError("this model's MLP has no gate; use --side key or value.")
+        return _fold(lw.W_gate[:, neuron], preceding_norm(cw, layer, "mlp"), fold_norm)
+    if side == "value":
+        return lw.W_out[neuron]
+    raise TgeomError(f"side must be key, gate or value, got {side!r}.")
+
+
+def subhead_vector(
+    cw: CanonicalWeights, layer: int, head: int, which: str, index: int, *, fold_norm: bool = False
+) -> Tensor:
+    """Subhead ``[d]``: column ``index`` of ``W_Q/W_K/W_V[head]`` (``q/k/v``) or row ``index``
+    of ``W_O[head]`` (``o``)."""
+    check_index("layer", layer, len(cw.layers))
+    lw = cw.layers[layer]
+    check_index("head", head, lw.W_Q.shape[0])
+    check_index("subhead index", index, lw.W_Q.shape[2])
+    if which == "o":
+        return lw.W_O[head, index]
+    matrices = {"q": lw.W_Q, "k": lw.W_K, "v": lw.W_V}
+    if which not in matrices:
+        raise TgeomError(f"subhead must be q, k, v or o, got {which!r}.")
+    vector = matrices[which][head, :, index]
+    return _fold(vector, preceding_norm(cw, layer, "attn"), fold_norm)
+
+
+@dataclass
+class ParameterProjection:
+    """One parameter vector's top and bottom tokens, with what produced them."""
+
+    parameter: dict[str, Any]  # e.g. {"kind": "neuron", "layer": 3, "neuron": 7, "side": "key"}
+    embedding: str  # "W_U" | "W_E"
+    fold_norm: bool
+    top: VocabProjection
+    bottom: VocabProjection
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "parameter": self.parameter,
+            "embedding": self.embedding,
+            "fold_norm": self.fold_norm,
+            "top": self.top.records(),
+            "bottom": self.bottom.records(),
+            **self.options,
+        }
+
+
+def project_parameter(
+    lm: Any,
+    parameter: dict[str, Any],
+    k: int,
+    *,
+    mask: Tensor | None = None,
+    embedding: Embedding = "out",
+    fold_norm: bool = False,
+) -> ParameterProjection:
+    """Project a neuron (``{"kind": "neuron", layer, neuron, side}``) or a subhead
+    (``{"kind": "subhead", layer, head, subhead, index}``) of ``lm`` (a LoadedModel)."""
+    cw = lm.weights()
+    if parameter["kind"] == "neuron":
+        x = neuron_vector(
+            cw, parameter["layer"], parameter["neuron"], parameter["side"], fold_norm=fold_norm
+        )
+    elif parameter["kind"] == "subhead":
+        x = subhead_vector(
+            cw,
+            parameter["layer"],
+            parameter["head"],
+            parameter["subhead"],
+            parameter["index"],
+            fold_norm=fold_norm,
+        )
+    else:
+        raise TgeomError(f"unknown parameter kind {parameter['kind']!r}: use neuron or subhead.")
+    E = vocab_matrix(cw, embedding)
+    name = EMBEDDING_NAMES[embedding]
+    vocab = lm.vocab_strings
+    top = project_vector(x, E, k, mask=mask, vocab=vocab, embedding=name)
+    bottom = project_vector(x, E, k, mask=mask, bottom=True, vocab=vocab, embedding=name)
+    return ParameterProjection(dict(parameter), name, fold_norm, top, bottom)

@@ -1,0 +1,286 @@
+"""Exact top-k entries of a low-rank product ``A @ B.T`` that is never materialised.
+
+[DAR] section 3 reads each attention head's ``QK_h`` and ``OV_h`` interaction matrices, ``[V, V]``
+products of two ``[V, d_head]`` factors, through their largest entries (SPEC section 3). With
+V ~ 50k the dense matrix holds 2.5e9 entries; :func:`factored_topk` walks it in tiles of
+``chunk_size`` rows x ``col_chunk_size`` columns instead, keeping a running top-k, so the extra
+memory is bounded by one tile (16 MB of float32 bounds plus 32 MB of float64 values by default)
+whatever V is.
+
+Exactness. The result is what dense materialisation followed by a full sort gives:
+
+- each value is the dot product ``A[i] . B[j]`` accumulated in float64 (products of float32
+  numbers are exact in float64) and rounded once to the dtype of the inputs (float32 unless both
+  factors are float64), so values match a dense float64 product to float32 rounding and the
+  selected pairs are those of the dense float64 matrix except at ties closer than that;
+- order is value (best first), ties broken by smaller row, then smaller column;
+- masked rows and columns are removed *before* selection, so ``k' = min(k, allowed entries)``
+  pairs always come back;
+- ``largest=False`` returns the most negative entries (the top of ``(-A) @ B.T``).
+
+Speed: screening with a proven upper bound. Rows and columns are visited in decreasing norm.
+Once ``k`` pairs are held, each tile is first screened with the cheap product of
+``[a U_p, ||a U_rest||, s ||a||]`` and ``[b U_p, ||b U_rest||, s ||b||]`` (``U`` the eigenbasis
+of the factors' normalised Gram matrices, ``p = max(24, r/2)`` leading directions, ``s^2``
+a rounding margin of a few ulps times ``r + p``): by Cauchy-Schwarz on the trailing directions
+this is an upper bound of every entry, so only entries whose bound reaches the current k-th value
+are evaluated exactly (a tile with more than 1/8 of its entries left is evaluated densely).
+A tile whose whole Cauchy-Schwarz bound ``max ||a|| max ||b||`` is below the k-th value is
+skipped. Screening never changes the result; ``prune=False`` evaluates every entry
+exactly (the reference path).
+
+NaN policy: factors holding NaN or inf raise :class:`~tgeom.errors.TgeomError` naming the factor
+and its first bad row, as does a product that could overflow the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tgeom.errors import TgeomError
+
+TILE_ENTRIES = 2**22  # entries per tile by default (4096 columns x 1024 rows)
+DEFAULT_COL_CHUNK = 4096
+SCREEN_RANK = 24  # at least this many leading directions kept exactly in the screening bound
+VERIFY_BATCH = 2**15  # candidate entries evaluated at once (64 MB of gathered float64 rows)
+
+
+@dataclass(frozen=True)
+class TopPairs:
+    """The selected entries of ``A @ B.T``, best first: ``rows, cols [k'] int64``,
+    ``values [k']`` (compute dtype, float32 by default), on the device of ``A``."""
+
+    rows: Tensor
+    cols: Tensor
+    values: Tensor
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def factored_topk(
+    A: Tensor,
+    B: Tensor,
+    k: int,
+    *,
+    largest: bool = True,
+    row_mask: Tensor | None = None,
+    col_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    col_chunk_size: int | None = None,
+    prune: bool = True,
+) -> TopPairs:
+    """The ``k`` largest (or most negative) entries of ``A [R, r] @ B [C, r].T``.
+
+    ``row_mask [R]`` / ``col_mask [C]`` (bool): entries outside them are never selected.
+    ``chunk_size``: rows per tile (default ``TILE_ENTRIES // col_chunk_size``);
+    ``col_chunk_size``: columns per tile (default 4096). ``prune=False`` evaluates every entry
+    exactly (same result, slower: the reference path). Runs on ``A``'s device.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise TgeomError(f"k must be a positive integer, got {k!r}; pass k >= 1.")
+    for name, size in (("chunk_size", chunk_size), ("col_chunk_size", col_chunk_size)):
+        if size is not None and (not isinstance(size, int) or size <= 0):
+            raise TgeomError(f"{name} must be a positive integer, got {size!r}.")
+    A, B = _check_factors(A, B)
+    dtype, device = A.dtype, A.device
+    R, C = A.shape[0], B.shape[0]
+    rows = _allowed(row_mask, R, "row_mask", device)
+    cols = _allowed(col_mask, C, "col_mask", device)
+    if rows.numel() == 0 or cols.numel() == 0:
+        no = torch.zeros(0, dtype=torch.int64, device=device)
+        return TopPairs(no, no.clone(), torch.zeros(0, dtype=dtype, device=device))
+    if not largest:
+        A = -A  # exact: the top of (-A) @ B.T are the most negative entries of A @ B.T
+    row_norm, col_norm = A.double().norm(dim=1), B.double().norm(dim=1)
+    _check_overflow(row_norm, col_norm, dtype)
+    margin = 1.0 + 4 * (A.shape[1] + 8) * torch.finfo(dtype).eps
+    SA, SB = _screening_factors(A, B) if prune else (A, B)
+
+    # Visit rows and columns by decreasing norm, in blocks; inside a block, indices ascend so
+    # that row-major order within a tile is (row, col) order (needed for the tie rule).
+    rows = rows[torch.argsort(row_norm[rows], descending=True, stable=True)]
+    cols = cols[torch.argsort(col_norm[cols], descending=True, stable=True)]
+    cc = min(col_chunk_size or DEFAULT_COL_CHUNK, cols.numel())
+    rc = chunk_size or max(1, TILE_ENTRIES // cc)
+    col_blocks = [torch.sort(cols[s : s + cc]).values for s in range(0, cols.numel(), cc)]
+    col_bound = [float(col_norm[b].max()) for b in col_blocks]
+    SB_blocks = [SB[b] for b in col_blocks]
+
+    best = _Running(k, C, dtype, device)
+    for start in range(0, rows.numel(), rc):
+        rb = torch.sort(rows[start : start + rc]).values
+        row_bound = float(row_norm[rb].max())
+        if prune and best.full and row_bound * col_bound[0] * margin < best.threshold:
+            break  # later row blocks have smaller norms: nothing left can enter
+        SA_block = SA[rb]
+        for cb, SB_block, bound in zip(col_blocks, SB_blocks, col_bound, strict=True):
+            if prune and best.full and row_bound * bound * margin < best.threshold:
+                break  # later column blocks have smaller norms
+            if not (prune and best.full):
+                best.offer_tile(_exact_tile(A, B, rb, cb), rb, cb)
+                continue
+            screen = SA_block @ SB_block.T  # an upper bound of every entry of the tile
+            pos = (screen.reshape(-1) >= best.threshold).nonzero().squeeze(1)
+            if pos.numel() > screen.numel() // 8:
+                best.offer_tile(_exact_tile(A, B, rb, cb), rb, cb)
+            elif pos.numel() > 0:
+                ri, cj = rb[pos // cb.numel()], cb[pos % cb.numel()]
+                best.offer_entries(_exact_entries(A, B, ri, cj), ri * C + cj)
+    values, r_out, c_out = best.result()
+    return TopPairs(r_out, c_out, values if largest else -values)
+
+
+def _screening_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``SA [R, q], SB [C, q]`` (input dtype) with ``SA[i] . SB[j] >= A[i] . B[j]`` after
+    rounding: the leading ``p`` coordinates in the eigenbasis ``U``, the norm of the rest, and a
+    rounding margin ``s ||.||`` (float64 arithmetic, rounded once at the end)."""
+    r = A.shape[1]
+    p = min(r, max(SCREEN_RANK, r // 2))
+    s = math.sqrt(4 * (p + r + 8) * torch.finfo(A.dtype).eps)
+    U = None
+    if r > p + 1:
+        gram = torch.zeros(r, r, dtype=torch.float64, device=A.device)
+        for F in (A, B):
+            F64 = F.double()
+            energy = float(F64.pow(2).sum())
+            if energy > 0:
+                gram += F64.T @ F64 / energy
+        U = torch.linalg.eigh(gram).eigenvectors.flip(-1)  # leading directions first
+
+    def screen(F: Tensor) -> Tensor:
+        F64 = F.double()
+        parts = [F64]
+        if U is not None:
+            FU = F64 @ U
+            parts = [FU[:, :p], FU[:, p:].norm(dim=1, keepdim=True)]
+        return torch.cat([*parts, s * F64.norm(dim=1, keepdim=True)], dim=1).to(F.dtype)
+
+    return screen(A), screen(B)
+
+
+def _exact_tile(A: Tensor, B: Tensor, rb: Tensor, cb: Tensor) -> Tensor:
+    """``A[rb] @ B[cb].T`` accumulated in float64, rounded to the input dtype."""
+    return (A[rb].double() @ B[cb].double().T).to(A.dtype)
+
+
+def _exact_entries(A: Tensor, B: Tensor, ri: Tensor, cj: Tensor) -> Tensor:
+    """``A[ri[n]] . B[cj[n]]`` for every n, accumulated in float64, in bounded batches."""
+    out = [
+        (A[ri[s : s + VERIFY_BATCH]].double() * B[cj[s : s + VERIFY_BATCH]].double()).sum(dim=1)
+        for s in range(0, ri.numel(), VERIFY_BATCH)
+    ]
+    return torch.cat(out).to(A.dtype)
+
+
+class _Running:
+    """A running top-k under the total order (value desc, row asc, col asc)."""
+
+    def __init__(self, k: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.k, self.n_cols = k, n_cols
+        self.values = torch.zeros(0, dtype=dtype, device=device)
+        self.lin = torch.zeros(0, dtype=torch.int64, device=device)  # row * n_cols + col
+
+    @property
+    def full(self) -> bool:
+        return self.values.numel() >= self.k
+
+    @property
+    def threshold(self) -> float:
+        return float(self.values[-1]) if self.full else float("-inf")
+
+    def offer_entries(self, values: Tensor, lin: Tensor) -> None:
+        """Merge scattered entries ``values [n]`` at linear indices ``lin [n]``."""
+        keep = values >= self.threshold
+        if bool(keep.any()):
+            self._merge(values[keep], lin[keep])
+
+    def offer_tile(self, scores: Tensor, row_ids: Tensor, col_ids: Tensor) -> None:
+        """Merge the entries of one tile ``scores [nr, nc]`` (rows/cols ascending ids)."""
+        flat = scores.reshape(-1)
+        cap = 4 * self.k + 1024
+        if self.full:
+            keep = flat >= self.threshold
+            n_keep = int(keep.sum())
+            if n_keep == 0:
+                return
+            if n_keep <= cap:
+                pos = keep.nonzero().squeeze(1)
+            else:
+                pos = self._tile_topk(flat, scores.shape[1])
+        elif flat.numel() <= cap:
+            pos = torch.arange(flat.numel(), device=flat.device)
+        else:
+            pos = self._tile_topk(flat, scores.shape[1])
+        nc = scores.shape[1]
+        lin = row_ids[pos // nc] * self.n_cols + col_ids[pos % nc]
+        self._merge(flat[pos], lin)
+
+    def _tile_topk(self, flat: Tensor, nc: int) -> Tensor:
+        """Flat positions of the tile's own top-k under the total order (ties: row-major)."""
+        kk = min(self.k, flat.numel())
+        kth = torch.topk(flat, kk, sorted=False).values.min()
+        above = (flat > kth).nonzero().squeeze(1)  # fewer than kk
+        need = kk - above.numel()
+        equal = flat == kth
+        # The first `need` tied entries in row-major order: find the rows that hold them first,
+        # so that no more than need + nc positions are ever listed.
+        per_row = equal.view(-1, nc).sum(dim=1)
+        last_row = int(torch.searchsorted(per_row.cumsum(0), need))
+        ties = equal[: (last_row + 1) * nc].nonzero().squeeze(1)[:need]
+        return torch.cat([above, ties])
+
+    def _merge(self, values: Tensor, lin: Tensor) -> None:
+        values = torch.cat([self.values, values])
+        lin = torch.cat([self.lin, lin])
+        by_index = torch.argsort(lin)
+        by_value = torch.sort(values[by_index], descending=True, stable=True).indices
+        order = by_index[by_value][: self.k]
+        self.values, self.lin = values[order], lin[order]
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.values, self.lin // self.n_cols, self.lin % self.n_cols
+
+
+def _check_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    if not isinstance(A, Tensor) or not isinstance(B, Tensor) or A.ndim != 2 or B.ndim != 2:
+        raise TgeomError("factors must be 2-D tensors A [R, r] and B [C, r].")
+    if A.shape[1] != B.shape[1]:
+        raise TgeomError(
+            f"factor widths differ: A is {tuple(A.shape)}, B is {tuple(B.shape)}; "
+            "both need the same number of columns r."
+        )
+    dtype = torch.float64 if A.dtype == B.dtype == torch.float64 else torch.float32
+    A = A.detach().to(dtype)
+    B = B.detach().to(device=A.device, dtype=dtype)
+    for name, factor in (("A", A), ("B", B)):
+        bad = ~torch.isfinite(factor).all(dim=1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise TgeomError(
+                f"factor {name} contains NaN or inf (first in row {row}); "
+                "the weights are corrupt: check them or load another checkpoint."
+            )
+    return A, B
+
+
+def _allowed(mask: Tensor | None, size: int, name: str, device: torch.device) -> Tensor:
+    """Ascending ids allowed by ``mask`` (all when None)."""
+    if mask is None:
+        return torch.arange(size, device=device)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (size,):
+        raise TgeomError(f"{name} must be a bool tensor of shape [{size}].")
+    return mask.to(device).nonzero().squeeze(1)
+
+
+def _check_overflow(row_norm: Tensor, col_norm: Tensor, dtype: torch.dtype) -> None:
+    bound = float(row_norm.max()) * float(col_norm.max()) if row_norm.numel() else 0.0
+    if bound >= torch.finfo(dtype).max / 4:
+        raise TgeomError(
+            f"entries of A @ B.T may overflow {dtype} (norm bound {bound:.3g}); "
+            "pass float64 factors or rescale them."
+        )

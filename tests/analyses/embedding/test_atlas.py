@@ -1,0 +1,53 @@
+"""The head atlas: one exact top-pairs table over every head and both circuits."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from tgeom.analyses.embedding.atlas import COLUMNS, head_atlas
+from tgeom.analyses.embedding.interaction import head_top_pairs
+from tgeom.errors import TgeomError
+
+
+def test_atlas_rows_are_each_heads_top_pairs(tiny_model, tmp_path):
+    lm = tiny_model("llama")
+    cw = lm.weights()
+    atlas = head_atlas(cw, 3, vocab=lm.vocab_strings, quiet=True)
+    L, H = cw.summary.n_layers, cw.summary.n_heads
+    assert len(atlas.rows) == L * H * 2 * 3
+    assert atlas.rope_note is not None
+    for layer in range(L):
+        for head in range(H):
+            for circuit in ("qk", "ov"):
+                rows = [
+                    r for r in atlas.rows if (r.layer, r.head, r.circuit) == (layer, head, circuit)
+                ]
+                pairs = head_top_pairs(cw, layer, head, circuit, 3)
+                assert [r.rank for r in rows] == [0, 1, 2]
+                assert [(r.row, r.col) for r in rows] == list(
+                    zip(pairs.rows.tolist(), pairs.cols.tolist(), strict=True)
+                )
+                assert [r.row_token for r in rows] == lm.token_strings(pairs.rows)
+    path = tmp_path / "atlas.csv"
+    atlas.to_csv(path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        read = list(csv.DictReader(handle))
+    assert tuple(read[0]) == COLUMNS and len(read) == len(atlas.rows)
+    assert float(read[0]["value"]) == pytest.approx(atlas.rows[0].value, rel=1e-6)
+
+
+def test_atlas_on_chosen_layers_and_one_circuit(tiny_model):
+    cw = tiny_model("gpt2").weights()
+    atlas = head_atlas(cw, 2, layers=[1], circuits=["ov"], largest=False, quiet=True)
+    assert {(r.layer, r.circuit) for r in atlas.rows} == {(1, "ov")}
+    assert atlas.rope_note is None
+    assert atlas.rows[0].row_token.startswith("<id:")
+    assert atlas.to_json()["n_rows"] == len(atlas.rows) == 4 * 2
+    assert all(r.value <= 0 or r.rank > 0 for r in atlas.rows[:1])
+
+
+def test_atlas_rejects_a_layer_out_of_range(tiny_model):
+    with pytest.raises(TgeomError, match=r"valid layers are 0\.\.1"):
+        head_atlas(tiny_model("gpt2").weights(), 2, layers=[3], quiet=True)

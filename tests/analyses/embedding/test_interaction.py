@@ -1,0 +1,107 @@
+"""QK/OV top pairs: equal to the dense interaction matrix, oriented as SPEC section 3 says."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tgeom.analyses.embedding.filters import token_mask
+from tgeom.analyses.embedding.interaction import head_top_pairs, ov_top_pairs, qk_top_pairs
+from tgeom.errors import TgeomError
+
+
+def dense_top(matrix, k, largest=True, row_mask=None, col_mask=None):
+    V, C = matrix.shape
+    entries = [
+        (-float(matrix[i, j]) if largest else float(matrix[i, j]), i, j)
+        for i in range(V)
+        for j in range(C)
+        if (row_mask is None or row_mask[i]) and (col_mask is None or col_mask[j])
+    ]
+    return [(i, j) for _, i, j in sorted(entries)[:k]]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("largest", [True, False])
+def test_qk_and_ov_pairs_equal_the_dense_matrices(tiny_model, family, largest):
+    lm = tiny_model(family)
+    cw = lm.weights()
+    E = cw.W_U.double()
+    lw = cw.layers[1]
+    mask = token_mask(lm)
+    QK = E @ lw.W_Q[2].double() @ lw.W_K[2].double().T @ E.T
+    OV = E @ lw.W_V[2].double() @ lw.W_O[2].double() @ E.T
+    for result, dense in [
+        (qk_top_pairs(cw, 1, 2, 15, largest=largest, row_mask=mask, col_mask=mask), QK),
+        (ov_top_pairs(cw, 1, 2, 15, largest=largest, row_mask=mask, col_mask=mask), OV),
+    ]:
+        got = list(zip(result.rows.tolist(), result.cols.tolist(), strict=True))
+        assert got == dense_top(dense, 15, largest, mask, mask)
+        want_values = torch.tensor([float(dense[i, j]) for i, j in got], dtype=torch.float64)
+        torch.testing.assert_close(result.values.double(), want_values, rtol=1e-5, atol=1e-8)
+
+
+def planted(cw, layer, head, a, b, sign=1.0):
+    """A copy of ``cw`` whose head maps token a (source) to token b (promoted), rank one."""
+    cw = copy.deepcopy(cw)
+    E = cw.W_U
+    E[a] *= 6.0  # make a and b stand out so that the rank-one OV singles them out
+    E[b] *= 6.0
+    lw = cw.layers[layer]
+    lw.W_V[head].zero_()
+    lw.W_O[head].zero_()
+    lw.W_V[head][:, 0] = E[a] / E[a].norm()
+    lw.W_O[head][0, :] = sign * E[b] / E[b].norm()
+    return cw
+
+
+def test_a_planted_ov_pair_comes_back_as_row_source_col_promoted(tiny_model):
+    cw = tiny_model("gpt2").weights()
+    a, b = 40, 70
+    result = ov_top_pairs(planted(cw, 0, 1, a, b), 0, 1, 1)
+    assert (int(result.rows[0]), int(result.cols[0])) == (a, b)
+    negative = ov_top_pairs(planted(cw, 0, 1, a, b, sign=-1.0), 0, 1, 1, largest=False)
+    assert (int(negative.rows[0]), int(negative.cols[0])) == (a, b)
+    assert float(negative.values[0]) < 0
+
+
+def test_rope_note_only_for_rotary_qk(tiny_model):
+    llama, gpt2 = tiny_model("llama").weights(), tiny_model("gpt2").weights()
+    assert "rotary" in (qk_top_pairs(llama, 0, 0, 2).rope_note or "")
+    assert ov_top_pairs(llama, 0, 0, 2).rope_note is None
+    assert qk_top_pairs(gpt2, 0, 0, 2).rope_note is None
+
+
+def test_pairs_json_has_tokens_and_orientation(tiny_model):
+    lm = tiny_model("gpt2")
+    result = head_top_pairs(lm.weights(), 0, 0, "ov", 4, E="in")
+    payload = result.to_json(lm.vocab_strings)
+    assert payload["embedding"] == "W_E"
+    assert payload["row_is"].startswith("source")
+    first = payload["pairs"][0]
+    assert set(first) == {"row", "col", "row_token", "col_token", "value"}
+    assert first["row_token"] == lm.vocab_strings[first["row"]]
+    values = [p["value"] for p in payload["pairs"]]
+    assert values == sorted(values, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("layer", "head", "circuit", "match"),
+    [
+        (2, 0, "qk", "layer 2 is out of range: valid layers are 0..1"),
+        (0, 4, "ov", "head 4 is out of range: valid heads are 0..3"),
+        (0, 0, "xy", "circuit must be qk or ov"),
+    ],
+)
+def test_bad_layer_head_or_circuit_raise(tiny_model, layer, head, circuit, match):
+    with pytest.raises(TgeomError, match=match):
+        head_top_pairs(tiny_model("gpt2").weights(), layer, head, circuit, 3)
+
+
+def test_a_filter_that_leaves_no_pair_raises(tiny_model):
+    cw = tiny_model("gpt2").weights()
+    none = torch.zeros(cw.W_U.shape[0], dtype=torch.bool)
+    with pytest.raises(TgeomError, match="leave no token"):
+        qk_top_pairs(cw, 0, 0, 3, row_mask=none)

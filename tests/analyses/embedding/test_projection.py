@@ -1,0 +1,152 @@
+"""Projections, filters and the logit lens, against brute force and the model's own outputs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tgeom.analyses.embedding.filters import frequent_token_ids, mask_from_strings, token_mask
+from tgeom.analyses.embedding.lens import lens_logits, logit_lens
+from tgeom.analyses.embedding.projection import (
+    neuron_vector,
+    preceding_norm,
+    project_parameter,
+    project_vector,
+    subhead_vector,
+)
+from tgeom.errors import TgeomError
+
+
+def brute_force(x, E, k, mask=None, bottom=False):
+    scores = (x.double() @ E.double().T).tolist()
+    ids = [i for i in range(E.shape[0]) if mask is None or mask[i]]
+    ids.sort(key=lambda i: (scores[i] if bottom else -scores[i], i))
+    return ids[:k], [scores[i] for i in ids[:k]]
+
+
+@pytest.mark.parametrize("bottom", [False, True])
+@pytest.mark.parametrize("k", [1, 7, 500])
+def test_projection_equals_brute_force_sort_with_mask(bottom, k):
+    g = torch.Generator().manual_seed(k)
+    E, x = torch.randn(60, 8, generator=g), torch.randn(8, generator=g)
+    mask = torch.rand(60, generator=g) < 0.5
+    got = project_vector(x, E, k, mask=mask, bottom=bottom)
+    want_ids, want_scores = brute_force(x, E, k, mask, bottom)
+    assert got.token_ids[0].tolist() == want_ids
+    assert got.scores[0].double().tolist() == pytest.approx(want_scores, rel=1e-5)
+
+
+def test_projection_ties_go_to_the_smaller_id_and_batches_match_rows():
+    E = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    xs = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    got = project_vector(xs, E, 3, vocab=["a", "b", "c", "d", "e"])
+    assert got.token_ids.tolist() == [[1, 3, 0], [0, 1, 2]]
+    assert got.tokens[0] == ["b", "d", "a"]
+    assert got.records(0)[0] == {"rank": 0, "token_id": 1, "token": "b", "score": 2.0}
+
+
+def test_projection_returns_every_allowed_token_when_k_exceeds_them():
+    E, x = torch.randn(10, 3), torch.randn(3)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[2, 5]] = True
+    got = project_vector(x, E, 5, mask=mask)
+    assert sorted(got.token_ids[0].tolist()) == [2, 5]
+
+
+def test_filters_mask_the_requested_tokens():
+    vocab = ["<s>", " the", "##ing", "é", "42", " $", "Cat", "a b"]
+    mask = mask_from_strings(vocab, special=[0])
+    assert mask.tolist() == [False] + [True] * 7
+    assert mask_from_strings(vocab, ascii_only=True).tolist() == [
+        True, True, True, False, True, True, True, True,
+    ]  # fmt: skip
+    assert mask_from_strings(vocab, special=[0], alpha_only=True).tolist() == [
+        False, True, True, True, False, False, True, False,
+    ]  # fmt: skip
+    mask = mask_from_strings(vocab, exclude_ids=[1], include_ids=[1, 2, 6])
+    assert mask.nonzero().squeeze(1).tolist() == [2, 6]
+
+
+def test_filters_raise_when_nothing_survives_or_ids_are_out_of_range():
+    with pytest.raises(TgeomError, match="leave no token"):
+        mask_from_strings(["é", "ü"], ascii_only=True)
+    with pytest.raises(TgeomError, match="out of range"):
+        mask_from_strings(["a", "b"], exclude_ids=[5])
+
+
+def test_token_mask_drops_the_tokenizer_special_tokens(tiny_model):
+    lm = tiny_model("gpt2")
+    mask = token_mask(lm)
+    assert mask.shape == (lm.summary.vocab_size,)
+    assert not mask[lm.special_token_ids()].any()
+    assert int(mask.sum()) == lm.summary.vocab_size - len(lm.special_token_ids())
+
+
+def test_frequent_token_ids_counts_the_windows():
+    windows = SimpleNamespace(token_ids=torch.tensor([[5, 3, 3, 9], [3, 5, 7, 7]]))
+    assert frequent_token_ids(windows, 3).tolist() == [3, 5, 7]  # 7 and 5 tie: smaller id first
+    assert frequent_token_ids(windows, 10).tolist() == [3, 5, 7, 9]
+    with pytest.raises(TgeomError):
+        frequent_token_ids(windows, 0)
+
+
+def test_neuron_and_subhead_vectors_are_the_canonical_columns_and_rows(tiny_model):
+    cw = tiny_model("gpt2").weights()
+    lw = cw.layers[1]
+    assert torch.equal(neuron_vector(cw, 1, 4, "key"), lw.W_in[:, 4])
+    assert torch.equal(neuron_vector(cw, 1, 4, "value"), lw.W_out[4])
+    folded = neuron_vector(cw, 1, 4, "key", fold_norm=True)
+    assert torch.allclose(folded, lw.W_in[:, 4] * lw.ln_mlp.weight)
+    assert torch.equal(subhead_vector(cw, 1, 2, "k", 3), lw.W_K[2, :, 3])
+    assert torch.equal(subhead_vector(cw, 1, 2, "o", 3), lw.W_O[2, 3])
+    # Writing vectors ignore fold_norm.
+    assert torch.equal(subhead_vector(cw, 1, 2, "o", 3, fold_norm=True), lw.W_O[2, 3])
+    with pytest.raises(TgeomError, match="valid neurons are"):
+        neuron_vector(cw, 1, 10_000, "key")
+
+
+def test_post_ln_attention_reads_the_previous_layers_norm(tiny_model):
+    cw = tiny_model("bert").weights()
+    assert preceding_norm(cw, 0, "attn") is cw.embed_norm
+    assert preceding_norm(cw, 1, "attn") is cw.layers[0].ln_mlp
+    assert preceding_norm(cw, 1, "mlp") is cw.layers[1].ln_attn
+
+
+def test_project_parameter_matches_projecting_the_vector(tiny_model):
+    lm = tiny_model("llama")
+    cw = lm.weights()
+    parameter = {"kind": "subhead", "layer": 0, "head": 1, "subhead": "v", "index": 2}
+    result = project_parameter(lm, parameter, 6, embedding="in")
+    want, _ = brute_force(cw.layers[0].W_V[1, :, 2], cw.W_E, 6)
+    assert result.embedding == "W_E"
+    assert result.top.token_ids[0].tolist() == want
+    assert result.top.tokens[0] == lm.token_strings(want)
+    assert result.to_json()["bottom"][0]["score"] <= result.to_json()["top"][-1]["score"]
+
+
+def test_logit_lens_of_the_last_layer_is_the_models_own_logits(tiny_model):
+    lm = tiny_model("gpt2")
+    result = logit_lens(lm, "Hello, world!", k=3)
+    ids = result.token_ids[None]
+    logits = lm.hf(input_ids=ids).logits[0]
+    assert result.top_ids.shape == (lm.summary.n_layers + 1, ids.shape[1], 3)
+    assert torch.equal(result.top_ids[-1, :, 0], logits.argmax(-1))
+    torch.testing.assert_close(result.top_scores[-1, :, 0], logits.max(-1).values)
+
+
+def test_lens_logits_apply_the_final_norm(tiny_model):
+    cw = tiny_model("llama").weights()
+    h = torch.randn(3, cw.W_U.shape[1])
+    torch.testing.assert_close(lens_logits(cw, h), cw.final_norm(h) @ cw.W_U.T)
+
+
+@pytest.mark.slow
+def test_smollm2_logit_lens_last_layer_reproduces_next_token_predictions(smollm2):
+    result = logit_lens(smollm2, "The capital of France is Paris, and the capital of Italy is")
+    ids = result.token_ids[None].to(smollm2.device)
+    with torch.no_grad():
+        predicted = smollm2.hf(input_ids=ids).logits[0].argmax(-1).cpu()
+    agreement = (result.top_ids[-1, :, 0] == predicted).float().mean()
+    assert float(agreement) == 1.0

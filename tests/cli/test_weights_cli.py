@@ -1,0 +1,128 @@
+"""CLI: ``tgeom weights project|topk|atlas|lens`` write results.json and figures; bad input -> 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tgeom.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> dict:  # type: ignore[type-arg]
+    result = runner.invoke(app, ["weights", *args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "results.json").read_text())
+
+
+def run_tgeom(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "tgeom", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_topk_writes_pairs_with_the_required_keys(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("llama"))
+    out = tmp_path / "topk"
+    proc = run_tgeom(
+        "weights", "topk", model, "--layer", "1", "--head", "2", "--circuit", "qk",
+        "--k", "7", "--ascii-only", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["command"] == "weights topk" and payload["model"].endswith(Path(model).name)
+    assert payload["circuit"] == "qk" and payload["layer"] == 1 and payload["head"] == 2
+    assert payload["filters"] == {"drop_special": True, "ascii_only": True, "alpha_only": False}
+    assert "rotary" in payload["rope_note"]
+    pairs = payload["pairs"]
+    assert len(pairs) == 7
+    assert all(set(p) == {"row", "col", "row_token", "col_token", "value"} for p in pairs)
+    values = [p["value"] for p in pairs]
+    assert values == sorted(values, reverse=True)
+    assert (out / "top_pairs.png").stat().st_size > 0
+
+
+def test_topk_layer_out_of_range_exits_2_with_one_line(tiny_model_dir, tmp_path):
+    proc = run_tgeom(
+        "weights", "topk", str(tiny_model_dir("gpt2")), "--layer", "9", "--head", "0",
+        "--out", str(tmp_path / "bad"),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "tgeom: error: layer 9 is out of range: valid layers are 0..1."
+    ]
+
+
+def test_topk_negative_lists_most_negative_first(tiny_model_dir, tmp_path):
+    payload = invoke(
+        "topk", str(tiny_model_dir("gpt2")), "--layer", "0", "--head", "1", "--circuit", "ov",
+        "--k", "5", "--negative", "--out", str(tmp_path / "neg"),
+    )  # fmt: skip
+    values = [p["value"] for p in payload["pairs"]]
+    assert payload["largest"] is False and values == sorted(values) and values[0] < 0
+
+
+def test_project_neuron_and_subhead(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("gpt2"))
+    neuron = invoke(
+        "project", model, "--neuron", "1:3", "--side", "value", "--k", "4",
+        "--out", str(tmp_path / "n"),
+    )  # fmt: skip
+    assert neuron["parameter"] == {"kind": "neuron", "layer": 1, "neuron": 3, "side": "value"}
+    assert len(neuron["top"]) == 4 and neuron["embedding"] == "W_U"
+    assert neuron["top"][0]["score"] >= neuron["top"][-1]["score"]
+    sub = invoke(
+        "project", model, "--head", "0:2", "--subhead", "q", "--index", "1", "--fold-norm",
+        "--embedding", "in", "--k", "3", "--out", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert sub["fold_norm"] is True and sub["embedding"] == "W_E"
+    assert sub["parameter"]["subhead"] == "q"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--k", "3"], "exactly one of --neuron"),
+        (["--neuron", "x", "--k", "3"], "LAYER:INDEX"),
+        (["--neuron", "0:999", "--k", "3"], "valid neurons are"),
+        (["--neuron", "0:1", "--k", "0"], "k must be a positive"),
+        (["--neuron", "0:1", "--alpha-only", "--ascii-only", "--k", "2"], None),
+    ],
+)
+def test_project_bad_input_is_one_line(tiny_model_dir, tmp_path, args, message):
+    result = runner.invoke(
+        app, ["weights", "project", str(tiny_model_dir("gpt2")), *args, "--out", str(tmp_path)]
+    )
+    if message is None:
+        assert result.exit_code == 0
+    else:
+        assert message in str(result.exception)
+
+
+def test_atlas_writes_csv_and_results(tiny_model_dir, tmp_path):
+    out = tmp_path / "atlas"
+    payload = invoke("atlas", str(tiny_model_dir("gpt2")), "--k", "2", "--quiet", "--out", str(out))
+    with (out / "atlas.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == payload["n_rows"] == 2 * 4 * 2 * 2
+    assert set(rows[0]) == set(payload["columns"])
+    assert {r["circuit"] for r in rows} == {"qk", "ov"}
+
+
+def test_lens_writes_layers_and_heatmap(tiny_model_dir, tmp_path):
+    out = tmp_path / "lens"
+    payload = invoke("lens", str(tiny_model_dir("gpt2")), "--text", "a $b c", "--out", str(out))
+    assert len(payload["layers"]) == 3
+    assert payload["tokens"] == ["a", " ", "$", "b", " ", "c"]
+    assert len(payload["layers"][2]["positions"][0]["top_tokens"]) == 5
+    assert (out / "logit_lens.png").stat().st_size > 0
