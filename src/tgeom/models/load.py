@@ -110,8 +110,11 @@ def load_model(
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of ``source`` alone (cheap: no weights are loaded)."""
+    """The tokenizer of ``source`` alone (cheap: no weights are loaded). The architecture is
+    still checked, so that an unsupported model fails here as it would in any analysis."""
+    _quiet_transformers()
     folder, local, _ = resolve_source(source)
+    adapter_for(_load_config(folder, local, trust_remote_code).model_type)
     return _load_tokenizer(folder, local, trust_remote_code)
 
 
