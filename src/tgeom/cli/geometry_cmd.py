@@ -1,8 +1,18 @@
-"""``tgeom geometry ...``: position/context decomposition of hidden states [SZ] (SPEC section 4)."""
+"""``tgeom geometry ...``: position/context decomposition of hidden states [SZ] (SPEC section 4).
+
+``collect`` runs the model over a corpus once and saves float64 running sums (resumable:
+re-running the same command continues an interrupted collection); ``measure`` reads them and
+writes ``results.json`` and figures; ``run`` does both.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from tgeom.cli import app
 
@@ -10,3 +20,211 @@ geometry_app = typer.Typer(
     help="Hidden-state geometry: positional and context parts.", no_args_is_help=True
 )
 app.add_typer(geometry_app, name="geometry")
+
+MODEL_ARG = typer.Argument(..., help="Alias (minilm, smollm2), local folder, .gguf or hub id.")
+CORPUS_ARG = typer.Argument(..., help="Text file, folder (topic = sub-folder), .jsonl, builtin.")
+SEQ_OPT = typer.Option(..., "--seq-len", help="Tokens per window T.")
+OUT_OPT = typer.Option(..., "--out", help="Folder for the statistics, results.json, figures.")
+MAXW_OPT = typer.Option(None, "--max-windows-per-topic", help="Keep the first N windows/topic.")
+BATCH_OPT = typer.Option(None, "--batch-size", help="Windows per forward pass.")
+FIRST_OPT = typer.Option(False, "--keep-first", help="Keep position 0 (dropped by default).")
+REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model author's code.")
+K_OPT = typer.Option(10, "--k-subspace", help="Dimension of the pos/ctx subspaces compared.")
+LOWF_OPT = typer.Option(10, "--low-freq", help="Frequencies counted as low (DCT of the Gram).")
+DROP_OPT = typer.Option(0, "--drop-channels", help="Remove each layer's top-m |h| channels.")
+SEED_OPT = typer.Option(0, "--seed", help="Seed of k-means and random baselines.")
+LAYER_OPT = typer.Option(None, "--layer", help="Layer drawn in per-layer figures (default last).")
+
+
+def _collect(
+    model: str,
+    corpus: str,
+    seq_len: int,
+    out: Path,
+    max_windows: int | None,
+    batch_size: int | None,
+    keep_first: bool,
+    trust_remote_code: bool,
+    need_topics: bool = False,
+    checkpoint_every: int = 16,
+) -> Any:
+    from tgeom.analyses.geometry import collect_statistics
+    from tgeom.analyses.geometry.context import check_context_design
+    from tgeom.capture.distributed import shard_from_env
+    from tgeom.corpus import load_corpus, make_windows
+    from tgeom.models import load_model
+    from tgeom.results import prepare_out_dir, write_results
+    from tgeom.runtime import Runtime
+
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    docs = load_corpus(corpus)
+    windows = make_windows(
+        docs, lm.tokenizer, seq_len, max_windows_per_topic=max_windows, max_context=lm.summary.n_ctx
+    )
+    if need_topics:  # `run` measures next: refuse before spending the forward passes
+        check_context_design(len(windows), windows.topic_ids)
+    out_dir = prepare_out_dir(out)  # only once the inputs are known to be good
+    shard = shard_from_env()  # rank and world size under torchrun; a single process otherwise
+    stats = collect_statistics(
+        lm,
+        windows,
+        Runtime.auto(batch_size),
+        keep_first=keep_first,
+        checkpoint_path=out_dir,
+        checkpoint_every=checkpoint_every,
+        corpus=docs.source,
+        shard=shard,
+    )
+    if not shard.is_main:  # rank 0 alone writes and reports
+        return None
+    write_results(
+        out_dir,
+        "geometry collect",
+        {
+            **stats.meta,
+            "n_done": stats.n_done,
+            "windows_by_topic": windows.counts_by_topic(),
+            "stats_file": "geometry_stats.safetensors",
+        },
+    )
+    Console().print(
+        f"collected {stats.n_done} windows x {stats.n_positions} positions, "
+        f"{stats.n_layers_plus_one} layers, d={stats.d_model} -> {out_dir}"
+    )
+    return stats
+
+
+def _measure(
+    out: Path, k_subspace: int, low_freq: int, drop_channels: int, seed: int, layer: int | None
+) -> None:
+    from tgeom.analyses.geometry import GeometryStats, measure
+    from tgeom.plots import geometry as figs
+    from tgeom.results import prepare_out_dir, write_results
+
+    stats = GeometryStats.load(out)
+    out_dir = prepare_out_dir(out)
+    result = measure(
+        stats, k_subspace=k_subspace, low_freq=low_freq, drop_channels=drop_channels, seed=seed
+    )
+    chosen = result.n_layers_plus_one - 1 if layer is None else result.check_layer(layer)
+    write_results(out_dir, "geometry measure", result.to_json(gram_layer=chosen))
+    for name, fig in (
+        ("variance_shares.png", figs.plot_variance_shares(result)),
+        ("spectra.png", figs.plot_spectra(result)),
+        (f"spiral_2d_layer{chosen}.png", figs.plot_spiral_2d(result, chosen)),
+        (f"gram_dct_layer{chosen}.png", figs.plot_gram_dct(result, chosen)),
+        (f"context_map_layer{chosen}.png", figs.plot_context_map(result, chosen)),
+        (f"pos_ctx_cos_layer{chosen}.png", figs.plot_pos_ctx_cosines(result, chosen)),
+    ):
+        fig.savefig(out_dir / name, dpi=110)
+        figs.plt.close(fig)
+    figs.plot_spiral_3d(result, chosen).write_html(
+        str(out_dir / f"spiral_3d_layer{chosen}.html"), include_plotlyjs=True
+    )
+    _print_summary(result)
+
+
+def _print_summary(result: Any) -> None:
+    table = Table(title=f"Position/context geometry of {result.meta.get('model', '?')}")
+    columns = [
+        ("layer", "layer", "{}"),
+        ("pos", "var_share_pos", "{:.3f}"),
+        ("ctx", "var_share_ctx", "{:.3f}"),
+        ("resid", "var_share_resid", "{:.3f}"),
+        ("srank", "pos_stable_rank", "{:.2f}"),
+        ("rank", "pos_rank", "{}"),
+        ("top2", "pos_explained_top2", "{:.3f}"),
+        ("ARI", "ctx_ari", "{:.2f}"),
+        ("within", "ctx_within_cos", "{:.3f}"),
+        ("between", "ctx_between_cos", "{:.3f}"),
+        ("|cos| pos·ctx", "incoherence_mean", "{:.3f}"),
+        ("random", "random_baseline_mean", "{:.3f}"),
+    ]
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+    for row in result.layers:
+        table.add_row(*[_fmt(fmt, row[key]) for _, key, fmt in columns])
+    Console().print(table)
+
+
+def _fmt(fmt: str, value: Any) -> str:
+    try:
+        return fmt.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+@geometry_app.command("collect")
+def collect_cmd(
+    model: str = MODEL_ARG,
+    corpus: str = CORPUS_ARG,
+    seq_len: int = SEQ_OPT,
+    out: Path = OUT_OPT,
+    max_windows_per_topic: int | None = MAXW_OPT,
+    batch_size: int | None = BATCH_OPT,
+    keep_first: bool = FIRST_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
+    checkpoint_every: int = typer.Option(
+        16, "--checkpoint-every", help="Save a resumable checkpoint every N batches."
+    ),
+) -> None:
+    """Run MODEL over CORPUS once and save running sums of every layer's hidden states.
+
+    Re-running the same command into the same --out resumes an interrupted collection.
+    Under torchrun the windows are sharded across ranks and the sums all-reduced."""
+    _collect(
+        model,
+        corpus,
+        seq_len,
+        out,
+        max_windows_per_topic,
+        batch_size,
+        keep_first,
+        trust_remote_code,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+@geometry_app.command("measure")
+def measure_cmd(
+    out: Path = typer.Argument(..., help="Folder written by `tgeom geometry collect`."),
+    k_subspace: int = K_OPT,
+    low_freq: int = LOWF_OPT,
+    drop_channels: int = DROP_OPT,
+    seed: int = SEED_OPT,
+    layer: int | None = LAYER_OPT,
+) -> None:
+    """Measure the saved statistics: shares, spectra, spiral, clusters, incoherence, figures."""
+    _measure(out, k_subspace, low_freq, drop_channels, seed, layer)
+
+
+@geometry_app.command("run")
+def run_cmd(
+    model: str = MODEL_ARG,
+    corpus: str = CORPUS_ARG,
+    seq_len: int = SEQ_OPT,
+    out: Path = OUT_OPT,
+    max_windows_per_topic: int | None = MAXW_OPT,
+    batch_size: int | None = BATCH_OPT,
+    keep_first: bool = FIRST_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
+    k_subspace: int = K_OPT,
+    low_freq: int = LOWF_OPT,
+    drop_channels: int = DROP_OPT,
+    seed: int = SEED_OPT,
+    layer: int | None = LAYER_OPT,
+) -> None:
+    """collect, then measure, into the same --out."""
+    stats = _collect(
+        model,
+        corpus,
+        seq_len,
+        out,
+        max_windows_per_topic,
+        batch_size,
+        keep_first,
+        trust_remote_code,
+        need_topics=True,
+    )
+    if stats is not None:  # rank 0 (or the only process) measures
+        _measure(out, k_subspace, low_freq, drop_channels, seed, layer)

@@ -1,0 +1,219 @@
+"""Per-layer measurements of the position/context decomposition [SZ] (SPEC section 4).
+
+Everything here is computed from :class:`GeometryStats` alone (no model): variance shares, the
+positional part's spectrum (stable rank, Gavish-Donoho rank, explained variance, principal
+coordinates: the spiral), its smoothness (cosine Gram ``G = P~ P~^T`` of the row-normalised
+``P``, ``D G D^T`` with D the orthonormal DCT-II, and the share of the non-DC energy at
+frequencies ``<= low_freq`` in both axes), context clustering, incoherence beside random
+baselines, and the massive-activation channels (largest mean ``|h|``), optionally removed
+(``drop_channels = m``: each layer's own top-m channels are dropped before every metric).
+
+``pos_relative_norm`` is ``sqrt(mean_t ||pos_t||^2) / sqrt(mean_{c,t} ||h[c,t]||^2)``: the RMS
+positional vector against the RMS raw hidden state (mean included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tgeom.analyses.geometry.context import (
+    check_context_design,
+    context_metrics,
+    incoherence,
+    unit_rows,
+)
+from tgeom.analyses.geometry.stats import GeometryStats
+from tgeom.errors import TgeomError, check_index
+from tgeom.linalg.spectral import dct_matrix, optimal_rank, stable_rank
+
+N_MASSIVE = 5  # channels listed per layer in the massive-activation report
+
+
+@dataclass
+class GeometryResult:
+    """Measurements per layer (``layers``: JSON-ready dicts) and arrays for the figures.
+
+    Arrays per layer ``l``: ``pos_singular_values[l] [min(T', d)]``, ``pos_coords[l] [T', 3]``
+    (top-3 principal coordinates over t), ``ctx_map[l] [C, 2]`` (PCA of ctx), ``pos_ctx_cos[l]
+    [T', C]``, ``gram[l]`` and ``gram_dct[l] [T', T']``.
+    """
+
+    layers: list[dict[str, Any]]
+    massive_channels: list[dict[str, Any]]
+    topics: list[str]
+    topic_ids: list[int]
+    positions: list[int]
+    meta: dict[str, Any]
+    options: dict[str, Any]
+    pos_singular_values: list[np.ndarray] = field(repr=False)
+    pos_coords: list[np.ndarray] = field(repr=False)
+    ctx_map: list[np.ndarray] = field(repr=False)
+    pos_ctx_cos: list[np.ndarray] = field(repr=False)
+    gram: list[np.ndarray] = field(repr=False)
+    gram_dct: list[np.ndarray] = field(repr=False)
+
+    @property
+    def n_layers_plus_one(self) -> int:
+        return len(self.layers)
+
+    def check_layer(self, layer: int) -> int:
+        return check_index("layer", layer, self.n_layers_plus_one)
+
+    def to_json(self, gram_layer: int | None = None) -> dict[str, Any]:
+        """Plain JSON payload: identity, options, ``layers`` (scalars + per-layer arrays) and the
+        Gram and its DCT for ``gram_layer`` (default: the last layer)."""
+        g = self.n_layers_plus_one - 1 if gram_layer is None else self.check_layer(gram_layer)
+        layers = []
+        for i, row in enumerate(self.layers):
+            layers.append(
+                {
+                    **row,
+                    "pos_singular_values": self.pos_singular_values[i].tolist(),
+                    "pos_coords_top3": self.pos_coords[i].tolist(),
+                    "ctx_map_2d": self.ctx_map[i].tolist(),
+                }
+            )
+        return {
+            **{k: v for k, v in self.meta.items() if k not in ("topic_ids", "topics")},
+            "options": self.options,
+            "topics": self.topics,
+            "topic_ids": self.topic_ids,
+            "positions": self.positions,
+            "massive_channels": self.massive_channels,
+            "layers": layers,
+            "gram_layer": g,
+            "gram": self.gram[g].tolist(),
+            "gram_dct": self.gram_dct[g].tolist(),
+        }
+
+
+def measure(
+    stats: GeometryStats,
+    *,
+    k_subspace: int = 10,
+    low_freq: int = 10,
+    drop_channels: int = 0,
+    seed: int = 0,
+) -> GeometryResult:
+    """Measure every layer of ``stats`` (see the module docstring for each quantity)."""
+    topic_ids = stats.topic_ids
+    check_context_design(stats.n_windows, topic_ids)
+    d = stats.d_model
+    if not 0 <= drop_channels < d - 1:
+        raise TgeomError(f"--drop-channels must be between 0 and {d - 2}, got {drop_channels}.")
+    if low_freq < 1:
+        raise TgeomError(f"--low-freq must be at least 1, got {low_freq}.")
+    n = stats.n_windows * stats.n_positions
+    mean_abs = stats.sum_abs / n  # [L+1, d]
+    result = GeometryResult(
+        layers=[],
+        massive_channels=[],
+        topics=stats.topics,
+        topic_ids=topic_ids.tolist(),
+        positions=_positions(stats),
+        meta=dict(stats.meta),
+        options={
+            "k_subspace": k_subspace,
+            "low_freq": low_freq,
+            "drop_channels": drop_channels,
+            "seed": seed,
+            **stats.meta.get("options", {}),
+        },
+        pos_singular_values=[],
+        pos_coords=[],
+        ctx_map=[],
+        pos_ctx_cos=[],
+        gram=[],
+        gram_dct=[],
+    )
+    dct = dct_matrix(stats.n_positions)
+    for layer in range(stats.n_layers_plus_one):
+        order = torch.argsort(mean_abs[layer], descending=True)
+        result.massive_channels.append(_massive(layer, mean_abs[layer], order))
+        keep = torch.sort(order[drop_channels:]).values if drop_channels else None
+        _measure_layer(result, stats, layer, keep, dct, k_subspace, low_freq, seed)
+    return result
+
+
+def _positions(stats: GeometryStats) -> list[int]:
+    first = 0 if stats.meta.get("options", {}).get("keep_first") else 1
+    return list(range(first, first + stats.n_positions))
+
+
+def _massive(layer: int, mean_abs: torch.Tensor, order: torch.Tensor) -> dict[str, Any]:
+    top = order[:N_MASSIVE]
+    median = float(mean_abs.median())
+    return {
+        "layer": layer,
+        "channels": top.tolist(),
+        "mean_abs": mean_abs[top].tolist(),
+        "ratio_to_median": [float(v) / median if median > 0 else math.inf for v in mean_abs[top]],
+    }
+
+
+def _measure_layer(
+    result: GeometryResult,
+    stats: GeometryStats,
+    layer: int,
+    keep: torch.Tensor | None,
+    dct: torch.Tensor,
+    k_subspace: int,
+    low_freq: int,
+    seed: int,
+) -> None:
+    dec = stats.decomposition(layer, keep)
+    share_pos, share_ctx, share_resid = dec.shares()
+    pos, ctx = dec.pos, dec.ctx
+    u, s, _ = torch.linalg.svd(pos, full_matrices=False)
+    energy = (s**2).sum()
+
+    def explained(k: int) -> float:
+        return float((s[:k] ** 2).sum() / energy) if energy > 0 else float("nan")
+
+    n = stats.n_windows * stats.n_positions
+    sumsq = stats.sumsq[layer] if keep is None else stats.sumsq[layer, keep]
+    rms_h = math.sqrt(float(sumsq.sum()) / n)
+    rms_pos = math.sqrt(float((pos**2).sum()) / pos.shape[0])
+    unit = unit_rows(pos)
+    gram = unit @ unit.T
+    gram_dct = dct @ gram @ dct.T
+    freq = torch.arange(gram.shape[0])
+    low = (freq[:, None] <= low_freq) & (freq[None, :] <= low_freq)
+    low[0, 0] = False
+    non_dc = (gram_dct**2).sum() - gram_dct[0, 0] ** 2
+    lowfreq_share = float((gram_dct[low] ** 2).sum() / non_dc) if non_dc > 0 else float("nan")
+    coords = (u[:, :3] * s[:3]).numpy()
+    if coords.shape[1] < 3:
+        coords = np.pad(coords, ((0, 0), (0, 3 - coords.shape[1])))
+
+    ctx_part = context_metrics(ctx, stats.topic_ids, seed)
+    inc = incoherence(pos, ctx, k_subspace, seed)
+    result.layers.append(
+        {
+            "layer": layer,
+            "var_share_pos": share_pos,
+            "var_share_ctx": share_ctx,
+            "var_share_resid": share_resid,
+            "ss_total": dec.ss_total,
+            "pos_stable_rank": stable_rank(s),
+            "pos_rank": optimal_rank(s, tuple(pos.shape)),
+            "pos_explained_top2": explained(2),
+            "pos_explained_top3": explained(3),
+            "pos_explained_top10": explained(10),
+            "pos_relative_norm": rms_pos / rms_h if rms_h > 0 else float("nan"),
+            "pos_lowfreq_share": lowfreq_share,
+            **{k: v for k, v in ctx_part.items() if k != "ctx_map_2d"},
+            **{k: v for k, v in inc.items() if k != "pos_ctx_cos"},
+        }
+    )
+    result.pos_singular_values.append(s.numpy())
+    result.pos_coords.append(coords)
+    result.ctx_map.append(ctx_part["ctx_map_2d"])
+    result.pos_ctx_cos.append(inc["pos_ctx_cos"])
+    result.gram.append(gram.float().numpy())
+    result.gram_dct.append(gram_dct.float().numpy())

@@ -1,0 +1,164 @@
+"""Streaming statistics equal the dense float64 decomposition computed the obvious way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tgeom.analyses.geometry.collect as collect_module
+from tgeom.analyses.geometry import GeometryStats, collect_statistics
+from tgeom.capture import capture
+from tgeom.corpus import load_corpus, make_windows
+from tgeom.errors import TgeomError
+from tgeom.runtime import Runtime
+
+SEQ_LEN = 12
+
+
+def _windows(lm: Any, corpus: Path, per_topic: int = 4) -> Any:
+    return make_windows(
+        load_corpus(str(corpus)), lm.tokenizer, SEQ_LEN, max_windows_per_topic=per_topic
+    )
+
+
+def _dense_parts(lm: Any, token_ids: torch.Tensor, first: int) -> list[dict[str, Any]]:
+    """mu, pos, ctx and sums of squares from the full [C, T', d] tensor, one layer at a time."""
+    hidden = capture(lm, token_ids).hidden[:, :, first:].double()  # [L+1, C, T', d]
+    out = []
+    for h in hidden:
+        mu = h.mean(dim=(0, 1))
+        pos = h.mean(dim=0) - mu
+        ctx = h.mean(dim=1) - mu
+        resid = h - mu - pos[None] - ctx[:, None]
+        out.append(
+            {
+                "mu": mu,
+                "pos": pos,
+                "ctx": ctx,
+                "total": float(((h - mu) ** 2).sum()),
+                "resid": float((resid**2).sum()),
+            }
+        )
+    return out
+
+
+def _assert_matches_dense(stats: GeometryStats, dense: list[dict[str, Any]]) -> None:
+    for layer, ref in enumerate(dense):
+        dec = stats.decomposition(layer)
+        torch.testing.assert_close(dec.mu, ref["mu"], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(dec.pos, ref["pos"], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(dec.ctx, ref["ctx"], rtol=1e-9, atol=1e-9)
+        assert dec.ss_total == pytest.approx(ref["total"], rel=1e-9)
+        assert dec.ss_resid == pytest.approx(ref["resid"], rel=1e-9)
+        c, t = ref["ctx"].shape[0], ref["pos"].shape[0]
+        anova = c * float((ref["pos"] ** 2).sum()) + t * float((ref["ctx"] ** 2).sum())
+        assert ref["total"] == pytest.approx(anova + ref["resid"], rel=1e-9)
+        assert sum(dec.shares()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_streaming_equals_dense_decomposition(
+    tiny_model: Any, topic_corpus: Path, family: str, batch_size: int
+) -> None:
+    lm = tiny_model(family)
+    windows = _windows(lm, topic_corpus)
+    stats = collect_statistics(
+        lm, windows, Runtime(torch.device("cpu"), batch_size=batch_size), progress=False
+    )
+    assert stats.n_positions == SEQ_LEN - 1 and stats.n_windows == len(windows)
+    _assert_matches_dense(stats, _dense_parts(lm, windows.token_ids, first=1))
+
+
+def test_keep_first_keeps_position_zero(tiny_model: Any, topic_corpus: Path) -> None:
+    lm = tiny_model("bert")
+    windows = _windows(lm, topic_corpus, per_topic=2)
+    stats = collect_statistics(
+        lm, windows, Runtime(torch.device("cpu"), batch_size=4), keep_first=True, progress=False
+    )
+    assert stats.n_positions == SEQ_LEN
+    _assert_matches_dense(stats, _dense_parts(lm, windows.token_ids, first=0))
+
+
+def test_window_order_changes_nothing_but_ctx_order(tiny_model: Any, topic_corpus: Path) -> None:
+    lm = tiny_model("gpt2")
+    windows = _windows(lm, topic_corpus)
+    runtime = Runtime(torch.device("cpu"), batch_size=3)
+    base = collect_statistics(lm, windows, runtime, progress=False)
+    perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    windows.token_ids, windows.topic_ids = windows.token_ids[perm], windows.topic_ids[perm]
+    shuffled = collect_statistics(lm, windows, runtime, progress=False)
+    for layer in range(base.n_layers_plus_one):
+        a, b = base.decomposition(layer), shuffled.decomposition(layer)
+        torch.testing.assert_close(a.pos, b.pos, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(a.ctx[perm], b.ctx, rtol=1e-9, atol=1e-9)
+        assert a.shares() == pytest.approx(b.shares(), rel=1e-9)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_collection_resumes_without_double_counting(
+    tiny_model: Any, topic_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm = tiny_model("gpt2")
+    windows = _windows(lm, topic_corpus)
+    runtime = Runtime(torch.device("cpu"), batch_size=2)
+    full = collect_statistics(lm, windows, runtime, progress=False)
+    checkpoint = tmp_path / "stats.safetensors"
+    real = collect_module.iter_captures
+
+    def crashing(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for k, item in enumerate(real(*args, **kwargs)):
+            if k == 3:
+                raise _Crash
+            yield item
+
+    monkeypatch.setattr(collect_module, "iter_captures", crashing)
+    with pytest.raises(_Crash):
+        collect_statistics(
+            lm, windows, runtime, checkpoint_path=checkpoint, checkpoint_every=2, progress=False
+        )
+    partial = GeometryStats.load(checkpoint)
+    assert partial.n_done == 4 and not partial.complete
+    monkeypatch.setattr(collect_module, "iter_captures", real)
+    resumed = collect_statistics(
+        lm,
+        windows,
+        Runtime(torch.device("cpu"), batch_size=3),
+        checkpoint_path=checkpoint,
+        progress=False,
+    )
+    assert resumed.n_done == len(windows)
+    for name in ("sum_total", "sum_pos", "ctx_means", "sumsq", "sum_abs"):
+        torch.testing.assert_close(
+            getattr(resumed, name), getattr(full, name), rtol=1e-12, atol=1e-12
+        )
+    reloaded = GeometryStats.load(checkpoint)
+    assert reloaded.complete and reloaded.meta == resumed.meta
+
+
+def test_resume_from_another_seq_len_names_the_mismatch(
+    tiny_model: Any, topic_corpus: Path, tmp_path: Path
+) -> None:
+    lm = tiny_model("gpt2")
+    checkpoint = tmp_path / "stats.safetensors"
+    collect_statistics(
+        lm, _windows(lm, topic_corpus, 1), checkpoint_path=checkpoint, progress=False
+    )
+    other = make_windows(load_corpus(str(topic_corpus)), lm.tokenizer, 10, max_windows_per_topic=1)
+    with pytest.raises(TgeomError, match="seq-len"):
+        collect_statistics(lm, other, checkpoint_path=checkpoint, progress=False)
+
+
+def test_incomplete_statistics_refuse_to_measure(tiny_model: Any, topic_corpus: Path) -> None:
+    lm = tiny_model("gpt2")
+    stats = collect_statistics(lm, _windows(lm, topic_corpus, 1), progress=False)
+    stats.n_done -= 1
+    with pytest.raises(TgeomError, match="collect"):
+        stats.decomposition(0)

@@ -1,0 +1,222 @@
+"""``tgeom geometry collect / measure / run`` on a tiny model: outputs, resume, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tgeom.cli import main
+
+REQUIRED = [
+    "layer",
+    "var_share_pos",
+    "var_share_ctx",
+    "var_share_resid",
+    "pos_stable_rank",
+    "pos_rank",
+    "pos_explained_top2",
+    "pos_explained_top3",
+    "pos_explained_top10",
+    "pos_relative_norm",
+    "pos_lowfreq_share",
+    "ctx_within_cos",
+    "ctx_between_cos",
+    "ctx_ari",
+    "ctx_silhouette",
+    "incoherence_max",
+    "incoherence_mean",
+    "random_baseline_mean",
+    "principal_angles_deg",
+]
+
+
+def _corpus(folder: Path) -> Path:
+    texts = {
+        "letters": "abcdefghij klmnop " * 12,
+        "digits": "0123456789 " * 20,
+        "marks": "!?.,;:-+*/ " * 20,
+    }
+    for topic, text in texts.items():
+        (folder / topic).mkdir(parents=True)
+        (folder / topic / "a.txt").write_text(text, encoding="utf-8")
+        (folder / topic / "b.txt").write_text(text[::-1], encoding="utf-8")
+    return folder
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    old = sys.argv
+    sys.argv = ["tgeom", *argv]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = old
+    return int(exit_info.value.code or 0), capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("geometry-cli")
+    return {
+        "model": tiny_model_dir("gpt2"),
+        "corpus": _corpus(root / "corpus"),
+        "one_topic": _corpus(root / "one") / "digits" / "a.txt",
+    }
+
+
+def test_run_writes_required_keys_and_figures(
+    inputs: dict[str, Path], tmp_out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_main(
+        [
+            "geometry",
+            "run",
+            str(inputs["model"]),
+            str(inputs["corpus"]),
+            "--seq-len",
+            "16",
+            "--out",
+            str(tmp_out),
+            "--batch-size",
+            "3",
+            "--layer",
+            "1",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    results = json.loads((tmp_out / "results.json").read_text())
+    assert results["command"] == "geometry measure"
+    assert [row["layer"] for row in results["layers"]] == [0, 1, 2]
+    for row in results["layers"]:
+        assert set(REQUIRED) <= set(row)
+        shares = row["var_share_pos"] + row["var_share_ctx"] + row["var_share_resid"]
+        assert shares == pytest.approx(1.0, abs=1e-9)
+    for name in [
+        "variance_shares.png",
+        "spectra.png",
+        "spiral_2d_layer1.png",
+        "gram_dct_layer1.png",
+        "context_map_layer1.png",
+        "pos_ctx_cos_layer1.png",
+    ]:
+        assert (tmp_out / name).read_bytes()[:4] == b"\x89PNG"
+    html = (tmp_out / "spiral_3d_layer1.html").read_text()
+    assert len(html) > 1_000_000  # plotly.js embedded: opens offline
+
+
+def test_collect_then_measure_and_collect_again_resumes(
+    inputs: dict[str, Path], tmp_out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "geometry",
+        "collect",
+        str(inputs["model"]),
+        str(inputs["corpus"]),
+        "--seq-len",
+        "16",
+        "--out",
+        str(tmp_out),
+        "--max-windows-per-topic",
+        "2",
+    ]
+    assert run_main(args, capsys)[0] == 0
+    assert run_main(args, capsys)[0] == 0  # complete checkpoint: nothing to redo
+    assert run_main(["geometry", "measure", str(tmp_out)], capsys)[0] == 0
+    assert len(json.loads((tmp_out / "results.json").read_text())["layers"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("seq_len", "seq-len"),
+        ("one_topic", "in 1 topic"),
+        ("mismatch", "another --seq-len"),
+        ("layer", "layer 9 is out of range"),
+        ("no_stats", "no geometry statistics"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(
+    inputs: dict[str, Path],
+    tmp_out: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    message: str,
+) -> None:
+    model, corpus = str(inputs["model"]), str(inputs["corpus"])
+    collect = ["geometry", "collect", model, corpus, "--out", str(tmp_out)]
+    if case == "seq_len":
+        argv = [*collect, "--seq-len", "1000"]
+    elif case == "one_topic":
+        argv = [
+            "geometry",
+            "run",
+            model,
+            str(inputs["one_topic"]),
+            "--seq-len",
+            "8",
+            "--out",
+            str(tmp_out),
+        ]
+    elif case == "mismatch":
+        assert (
+            run_main([*collect, "--seq-len", "16", "--max-windows-per-topic", "1"], capsys)[0] == 0
+        )
+        argv = [*collect, "--seq-len", "12", "--max-windows-per-topic", "1"]
+    elif case == "layer":
+        assert (
+            run_main([*collect, "--seq-len", "16", "--max-windows-per-topic", "2"], capsys)[0] == 0
+        )
+        argv = ["geometry", "measure", str(tmp_out), "--layer", "9"]
+    else:
+        argv = ["geometry", "measure", str(tmp_out)]
+    code, err = run_main(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tgeom: error:") and message in lines[0], err
+
+
+def test_bad_seq_len_exits_2_as_a_subprocess(inputs: dict[str, Path], tmp_out: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tgeom",
+            "geometry",
+            "run",
+            str(inputs["model"]),
+            str(inputs["corpus"]),
+            "--seq-len",
+            "1000",
+            "--out",
+            str(tmp_out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not tmp_out.exists()
+
+
+def test_run_on_one_topic_leaves_no_output(
+    inputs: dict[str, Path], tmp_out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "geometry",
+        "run",
+        str(inputs["model"]),
+        str(inputs["one_topic"]),
+        "--seq-len",
+        "8",
+        "--out",
+        str(tmp_out),
+    ]
+    assert run_main(argv, capsys)[0] == 2
+    assert not tmp_out.exists()
