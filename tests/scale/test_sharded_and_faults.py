@@ -1,0 +1,134 @@
+"""Scale and faults: torchrun-sharded collection equals one process; SIGKILL then resume equals
+an uninterrupted run; a rank that dies stops the job with no result written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+STATS = "geometry_stats.safetensors"
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scale-corpus")
+    texts = {
+        "sea": "waves roll over the grey sea while gulls cry above the boats. ",
+        "code": "for item in items: total = total + item * 2 # accumulate. ",
+        "math": "a prime number has exactly two divisors, one and itself. ",
+    }
+    for topic, text in texts.items():
+        (root / topic).mkdir()
+        for i in range(3):
+            (root / topic / f"{i}.txt").write_text(text * (60 + 7 * i))
+    return root
+
+
+def collect_args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        *("-m", "tgeom", "geometry", "collect", str(model), str(corpus)),
+        *("--seq-len", "24", "--out", str(out), "--batch-size", "2", *extra),
+    ]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def single_process(model: Path, corpus: Path, out: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, *collect_args(model, corpus, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+    )
+    assert done.returncode == 0, done.stderr
+    return load_file(str(out / STATS))
+
+
+def assert_same_stats(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        assert float((a[name] - b[name]).abs().max()) <= atol, name
+
+
+def test_two_gloo_ranks_equal_one_process(tiny_model_dir, corpus, tmp_path):
+    model = tiny_model_dir("gpt2")
+    reference = single_process(model, corpus, tmp_path / "single")
+    launcher = [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29517"]
+    done = subprocess.run(
+        [*launcher, *collect_args(model, corpus, tmp_path / "sharded")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    sharded = load_file(str(tmp_path / "sharded" / STATS))
+    assert_same_stats(sharded, reference, atol=1e-9)
+    assert (tmp_path / "sharded" / "results.json").is_file()
+
+
+def wait_for(path: Path, timeout: float = 120.0) -> None:
+    start = time.time()
+    while not path.exists():
+        assert time.time() - start < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, corpus, tmp_path):
+    model = tiny_model_dir("llama")
+    reference = single_process(model, corpus, tmp_path / "whole")
+    out = tmp_path / "killed"
+    args = collect_args(model, corpus, out, "--checkpoint-every", "3")
+    args[args.index("--batch-size") + 1] = "2"
+    proc = subprocess.Popen([sys.executable, *args], env=env(), stderr=subprocess.DEVNULL)
+    wait_for(out / STATS)  # the first checkpoint is on disk: kill mid-collection
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    from tgeom.analyses.geometry import GeometryStats
+
+    partial = GeometryStats.load(out)  # a complete, loadable checkpoint (atomic writes)
+    assert 0 < partial.n_done < partial.n_windows  # killed mid-collection
+    resumed = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, env=env()
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_stats(load_file(str(out / STATS)), reference, atol=1e-12)
+
+
+def test_a_dead_rank_stops_the_job_without_a_result(tiny_model_dir, corpus, tmp_path):
+    model = tiny_model_dir("neox")
+    out = tmp_path / "dead-rank"
+    launcher = [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29518"]
+    args = collect_args(model, corpus, out, "--checkpoint-every", "1")
+    args[args.index("--batch-size") + 1] = "1"
+    proc = subprocess.Popen(
+        [*launcher, *args],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for(out / f".{Path(STATS).stem}.rank1-of-2.safetensors")
+    workers = subprocess.run(
+        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(max(workers, key=int)), signal.SIGKILL)  # the later-started worker
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert not (out / STATS).exists()  # no silent partial result
+    assert not (out / "results.json").exists()
+    assert "FAILED" in stderr or "failed" in stderr.lower()
