@@ -220,3 +220,31 @@ def test_run_on_one_topic_leaves_no_output(
     ]
     assert run_main(argv, capsys)[0] == 2
     assert not tmp_out.exists()
+
+
+def test_qk_split_command_and_model_mismatch(tiny_model_dir, tmp_path):
+    """`geometry qk` writes per-head shares summing to 1; stats from another model exit 2."""
+    import json as _json
+    import subprocess as _sp
+    import sys as _sys
+
+    corpus = tmp_path / "c"
+    for topic in ("a", "b"):
+        (corpus / topic).mkdir(parents=True)
+        (corpus / topic / "x.txt").write_text(f"{topic} words and more words " * 40)
+    out = tmp_path / "stats"
+    base = [_sys.executable, "-m", "tgeom", "geometry"]
+    model = str(tiny_model_dir("llama"))
+    collect = [*base, "collect", model, str(corpus), "--seq-len", "16", "--out", str(out)]
+    assert _sp.run(collect, capture_output=True, timeout=300).returncode == 0
+    done = _sp.run([*base, "qk", model, str(out), "--layer", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    heads = _json.loads((out / "qk" / "results.json").read_text())["heads"]
+    assert len(heads) == 4
+    for row in heads:
+        shares = [row[f"share_{p}"] for p in ("pos-pos", "pos-ctx", "ctx-pos", "ctx-ctx")]
+        assert abs(sum(shares) - 1) < 1e-9
+    other = str(tiny_model_dir("gpt2"))
+    bad = _sp.run([*base, "qk", other, str(out), "--layer", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "another model" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

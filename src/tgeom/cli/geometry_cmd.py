@@ -228,3 +228,30 @@ def run_cmd(
     )
     if stats is not None:  # rank 0 (or the only process) measures
         _measure(out, k_subspace, low_freq, drop_channels, seed, layer)
+
+
+@geometry_app.command("qk")
+def qk_cmd(
+    model: str = MODEL_ARG,
+    out: Path = typer.Argument(..., help="Folder holding geometry_stats.safetensors."),
+    layer: int = typer.Option(..., "--layer", help="Block whose attention logits are split."),
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Split every head's QK logits into pos-pos, pos-ctx, ctx-pos and ctx-ctx parts."""
+    from tgeom.analyses.geometry import GeometryStats
+    from tgeom.analyses.geometry.attention import PARTS, qk_logit_parts
+    from tgeom.analyses.geometry.collect import check_same_identity
+    from tgeom.models import load_model
+    from tgeom.results import write_results
+
+    stats = GeometryStats.load(out)
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    wanted = {**stats.meta, "model": str(lm.source), "d_model": lm.summary.d_model}
+    wanted["n_layers"] = lm.summary.n_layers
+    check_same_identity(stats.meta, wanted, str(out), "pass the model that collected them.")
+    result = qk_logit_parts(stats, lm.weights(), layer)
+    write_results(Path(out) / "qk", "geometry qk", {"model": lm.source, **result})
+    console = Console()
+    for row in result["heads"]:
+        shares = "  ".join(f"{p} {row['share_' + p]:.2f}" for p in PARTS)
+        console.print(f"layer {layer} head {row['head']}: {shares}", markup=False)

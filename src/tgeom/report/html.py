@@ -33,6 +33,7 @@ padding:0 3px;border-radius:3px}
 .scroll{max-height:460px;overflow:auto;border:1px solid #e1e4ea}
 .search{margin:6px 0;padding:4px 8px;width:320px}.note{font-size:13px;color:#4b5563}
 .kv td:first-child{color:#4b5563}
+.cols{display:flex;gap:36px;flex-wrap:wrap;align-items:flex-start}
 """
 
 TABLE_JS = """

@@ -9,9 +9,16 @@ from tgeom.report.build import ReportContext, Section, SectionBuilder, environme
 
 
 def default_sections() -> list[tuple[str, SectionBuilder]]:
+    from tgeom.report.geometry_section import geometry_section
+    from tgeom.report.identifiability_section import identifiability_section
     from tgeom.report.weights_section import weights_section
 
-    return [("model", model_card), ("weights", weights_section)]
+    return [
+        ("model", model_card),
+        ("weights", weights_section),
+        ("geometry", geometry_section),
+        ("identifiability", identifiability_section),
+    ]
 
 
 def model_card(ctx: ReportContext) -> Section:
@@ -27,15 +34,19 @@ def model_card(ctx: ReportContext) -> Section:
         "windows_by_topic": counts,
     }
     parts = [
+        '<div class="cols"><div>',
         "<h3>Architecture</h3>",
         H.key_values([("model", lm.source), *summary.items()]),
+        "</div><div>",
         "<h3>Corpus</h3>",
         H.key_values([(k, v) for k, v in corpus.items() if k != "windows_by_topic"]),
         H.table(sorted(counts.items()), ["topic", "windows"], table_id="corpus-topics"),
+        "</div><div>",
         "<h3>Options</h3>",
         H.key_values(asdict(ctx.options).items()),
         "<h3>Versions</h3>",
         H.key_values(environment().items()),
+        "</div></div>",
     ]
     return Section(
         "model-card",

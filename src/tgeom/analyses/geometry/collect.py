@@ -46,7 +46,12 @@ def stats_identity(lm: Any, windows: Any, keep_first: bool, corpus: str | None) 
     }
 
 
-def check_same_identity(found: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
+def check_same_identity(
+    found: dict[str, Any],
+    wanted: dict[str, Any],
+    where: str,
+    fix: str = "use a fresh --out folder.",
+) -> None:
     """Raise a one-line TgeomError naming the first field where two identities differ."""
     names = {
         "model": "model",
@@ -61,7 +66,7 @@ def check_same_identity(found: dict[str, Any], wanted: dict[str, Any], where: st
         if found.get(key) != wanted.get(key):
             raise TgeomError(
                 f"the statistics at {where} come from another {label} "
-                f"({found.get(key)!r}, here {wanted.get(key)!r}); use a fresh --out folder."
+                f"({found.get(key)!r}, here {wanted.get(key)!r}); {fix}"
             )
 
 

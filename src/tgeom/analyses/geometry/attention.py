@@ -1,0 +1,150 @@
+"""Attention logits split into positional and context parts [SZ] (SPEC section 4, "Attention").
+
+For block ``layer`` the attention input is ``norm(hidden[layer])`` (pre-LN; post-LN models read
+``hidden[layer]`` directly). With ``h[c, t] = mu + pos_t + ctx_c + resid`` we write the query-side
+input as ``x = P(t) + C(c)`` where ``P(t) = lin(mu + pos_t) + beta`` (global mean and position)
+and ``C(c) = lin(ctx_c)``; then for query (c, t) and key (c, s)
+
+    logit = scale * q(t, c) . k(s, c) = pos-pos + pos-ctx + ctx-pos + ctx-ctx
+
+with ``q = (P(t) + C(c)) W_Q + b_Q`` (bias on the positional side), likewise ``k``, rotary
+embeddings applied at t and s (rotation is linear, so the split stays exact). The residual is
+left out (it averages to zero over contexts and positions).
+
+The norm is not linear; we use its corpus-level linearisation: ``lin(h) = gamma * center(h) / s``
+with ``s`` the root-mean-square norm of the layer's hidden states over the whole corpus
+(``center`` removes the channel mean for LayerNorm and is the identity for RMSNorm). This choice
+is recorded in the results. Parts are summarised by their root-mean-square over contexts and
+the (causal) position pairs, and by their share of the summed squares.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tgeom.analyses.geometry.stats import GeometryStats
+from tgeom.errors import check_index
+from tgeom.models.weights import CanonicalWeights, Norm
+
+PARTS = ("pos-pos", "pos-ctx", "ctx-pos", "ctx-ctx")
+
+
+def linearised_norm(norm: Norm | None, scale: float) -> Any:
+    """``h -> gamma * center(h) / scale`` (the bias is added on the positional side)."""
+
+    def apply(h: Tensor) -> Tensor:
+        if norm is None:
+            return h
+        centred = h - h.mean(-1, keepdim=True) if norm.kind == "layernorm" else h
+        return norm.weight.double() * centred / scale
+
+    return apply
+
+
+def split_inputs(
+    stats: GeometryStats, cw: CanonicalWeights, layer: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``P [T', d]``, ``C [C, d]`` (float64) and the positions ``[T']`` of block ``layer``'s
+    attention input, under the linearised norm."""
+    check_index("layer", layer, len(cw.layers))
+    dec = stats.decomposition(layer)
+    n = stats.n_windows * stats.n_positions
+    pre_norm = cw.summary.norm_placement == "pre"
+    norm = cw.layers[layer].ln_attn if pre_norm else None
+    rms = float((stats.sumsq[layer].sum() / n / stats.d_model) ** 0.5)
+    lin = linearised_norm(norm, rms)
+    beta = norm.bias.double() if norm is not None and norm.bias is not None else 0.0
+    P = lin(dec.mu[None, :] + dec.pos) + beta
+    C = lin(dec.ctx)
+    first = 0 if stats.meta.get("options", {}).get("keep_first", False) else 1
+    positions = torch.arange(first, first + stats.n_positions)
+    return P, C, positions
+
+
+def _project(
+    x: Tensor, W: Tensor, b: Tensor | None, cw: CanonicalWeights, positions: Tensor | None
+) -> Tensor:
+    """``x [..., n, d] -> [..., H, n, dh]`` (bias added when given, rotary at ``positions``)."""
+    out = torch.einsum("...nd,hde->...hne", x, W.double())
+    if b is not None:
+        out = out + b.double()[:, None, :]
+    if cw.rotary is not None and positions is not None:
+        out = cw.rotary.apply(out, positions)
+    return out
+
+
+def logit_parts(stats: GeometryStats, cw: CanonicalWeights, layer: int) -> dict[str, Tensor]:
+    """The four parts of every head's scaled QK logits, each ``[C, H, T', T']`` float64
+    (query position t, key position s); their sum is the logit of ``x = P(t) + C(c)``."""
+    P, C, positions = split_inputs(stats, cw, layer)
+    lw = cw.layers[layer]
+    T = P.shape[0]
+    q_pos = _project(P, lw.W_Q, lw.b_Q, cw, positions)  # [H, T, dh]
+    k_pos = _project(P, lw.W_K, lw.b_K, cw, positions)
+    # Context parts carry no bias; rotary makes them position dependent: [C, H, T, dh].
+    expanded = C[:, None, :].expand(C.shape[0], T, C.shape[1])
+    q_ctx = _project(expanded, lw.W_Q, None, cw, positions)
+    k_ctx = _project(expanded, lw.W_K, None, cw, positions)
+    scale = cw.attn_scale
+    return {
+        "pos-pos": scale
+        * torch.einsum("hte,hse->hts", q_pos, k_pos)[None].expand(len(C), -1, -1, -1),
+        "pos-ctx": scale * torch.einsum("hte,chse->chts", q_pos, k_ctx),
+        "ctx-pos": scale * torch.einsum("chte,hse->chts", q_ctx, k_pos),
+        "ctx-ctx": scale * torch.einsum("chte,chse->chts", q_ctx, k_ctx),
+    }
+
+
+def qk_logit_parts(
+    stats: GeometryStats, cw: CanonicalWeights, layer: int, heads: list[int] | None = None
+) -> dict[str, Any]:
+    """Per head of block ``layer``: RMS and share of the four logit parts over contexts and
+    allowed (query t, key s) pairs (s <= t for causal models), float64."""
+    check_index("layer", layer, len(cw.layers))
+    lw = cw.layers[layer]
+    parts = logit_parts(stats, cw, layer)
+    n_heads = lw.W_Q.shape[0]
+    chosen = (
+        list(range(n_heads)) if heads is None else [check_index("head", h, n_heads) for h in heads]
+    )
+    T = parts["pos-pos"].shape[-1]
+    allowed = torch.ones(T, T, dtype=torch.bool)
+    if cw.summary.is_causal:
+        allowed = allowed.tril()
+    P, _, _ = split_inputs(stats, cw, layer)
+    heads_out = []
+    for h in chosen:
+        squares = {name: float((v[:, h][:, allowed] ** 2).mean()) for name, v in parts.items()}
+        total = sum(squares.values()) or 1.0
+        heads_out.append(
+            {
+                "layer": layer,
+                "head": h,
+                **{f"rms_{name}": squares[name] ** 0.5 for name in PARTS},
+                **{f"share_{name}": squares[name] / total for name in PARTS},
+                "wqk_positional_share": positional_share(lw.W_Q[h], lw.W_K[h], P),
+            }
+        )
+    return {
+        "layer": layer,
+        "norm_linearisation": "gamma * center(h) / corpus RMS of h (bias with position)",
+        "rotary_applied": cw.rotary is not None,
+        "heads": heads_out,
+    }
+
+
+def positional_share(W_Q: Tensor, W_K: Tensor, P: Tensor, k: int = 3) -> float:
+    """Share of ``||W_QK||_F^2`` (``W_QK = W_Q W_K^T``, ``[d, d]``) inside the top-``k``
+    positional subspace on both sides: ``||U^T W_QK U||_F^2 / ||W_QK||_F^2``, with ``U [d, k]``
+    the top right singular vectors of the centred positional matrix (W_QK in the positional
+    basis)."""
+    centred = P - P.mean(0, keepdim=True)
+    U = torch.linalg.svd(centred, full_matrices=False).Vh[:k].T  # [d, k]
+    core = (U.T @ W_Q.double()) @ (W_K.double().T @ U)  # [k, k], never forming d x d twice
+    gram_q = W_Q.double().T @ W_Q.double()  # [dh, dh]
+    gram_k = W_K.double().T @ W_K.double()
+    full = float(torch.trace(gram_q @ gram_k))  # ||W_Q W_K^T||_F^2
+    return float((core**2).sum()) / full if full > 0 else 0.0
