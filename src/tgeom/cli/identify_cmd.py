@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
 
 from tgeom.cli import app
 
@@ -14,3 +18,183 @@ identify_app = typer.Typer(
 )
 app.add_typer(attention_app, name="attention")
 app.add_typer(identify_app, name="identify")
+
+MODEL_ARG = typer.Argument(..., help="Alias (minilm, smollm2), local folder, .gguf or hub id.")
+OUT_OPT = typer.Option(..., "--out", help="Folder for results.json and figures.")
+TEXT_OPT = typer.Option(..., "--text", help="The text to analyse (special tokens are added).")
+CORPUS_OPT = typer.Option("builtin", "--corpus", help="Corpus source (default: built-in).")
+SEQ_OPT = typer.Option(64, "--seq-len", help="Tokens per window.")
+MAXW_OPT = typer.Option(4, "--max-windows-per-topic", help="Windows per topic.")
+REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model author's code.")
+
+
+def _text_ids(lm: Any, text: str) -> Any:
+    from tgeom.errors import TgeomError
+
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+    if ids.shape[1] < 2:
+        raise TgeomError("the text gives fewer than 2 tokens; pass a longer --text.")
+    if ids.shape[1] > lm.summary.n_ctx:
+        raise TgeomError(
+            f"the text gives {ids.shape[1]} tokens, more than the model context "
+            f"({lm.summary.n_ctx}); pass a shorter --text."
+        )
+    return ids
+
+
+def _windows(lm: Any, corpus: str, seq_len: int, per_topic: int) -> Any:
+    from tgeom.corpus import load_corpus, make_windows
+
+    docs = load_corpus(corpus)
+    windows = make_windows(
+        docs, lm.tokenizer, seq_len, max_windows_per_topic=per_topic, max_context=lm.summary.n_ctx
+    )
+    return docs, windows
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+@attention_app.command("effective")
+def effective_cmd(
+    model: str = MODEL_ARG,
+    text: str = TEXT_OPT,
+    out: Path = OUT_OPT,
+    layer: int = typer.Option(0, "--layer", help="Layer drawn in the figure."),
+    head: int = typer.Option(0, "--head", help="Head drawn in the figure."),
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Raw and effective attention of every layer and head for one text."""
+    from tgeom.analyses.identifiability import effective_attention
+    from tgeom.errors import check_index
+    from tgeom.models import load_model
+    from tgeom.plots import identifiability as P
+    from tgeom.results import prepare_out_dir, write_results
+
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    check_index("layer", layer, lm.summary.n_layers)
+    check_index("head", head, lm.summary.n_heads)
+    result = effective_attention(lm, _text_ids(lm, text))
+    out_dir = prepare_out_dir(out)
+    write_results(
+        out_dir, "attention effective", {"model": lm.source, "text": text, **result.to_json()}
+    )
+    _save(P.plot_effective_attention(result, layer, head), out_dir / "effective_attention.png")
+    seq = result.sequences[0]
+    Console().print(
+        f"{len(seq.token_ids)} tokens, d_head {lm.summary.d_head}: null-space dimension "
+        f"{int(seq.null_dim.min())}..{int(seq.null_dim.max())} over heads; "
+        f"Pearson(raw, effective) mean {float(result.pearson().nanmean()):.3f} -> {out_dir}",
+        markup=False,
+    )
+
+
+@attention_app.command("nullspace")
+def nullspace_cmd(
+    model: str = MODEL_ARG,
+    out: Path = OUT_OPT,
+    corpus: str = CORPUS_OPT,
+    seq_len: int = SEQ_OPT,
+    max_windows_per_topic: int = MAXW_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Null-space dimension of every head over a corpus' windows, and Pearson vs length."""
+    import torch
+
+    from tgeom.analyses.identifiability import effective_attention, null_space_dims
+    from tgeom.models import load_model
+    from tgeom.plots import identifiability as P
+    from tgeom.results import prepare_out_dir, write_results
+
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
+    # Vary the length: prefixes of the windows from 2 tokens to T, so dims can be read vs length.
+    lengths = torch.linspace(2, seq_len, steps=min(8, seq_len - 1)).round().long().tolist()
+    ids = windows.token_ids
+    mask = torch.zeros_like(ids)
+    for row in range(ids.shape[0]):
+        mask[row, : lengths[row % len(lengths)]] = 1
+    nulls = null_space_dims(lm, ids, mask)
+    effective = effective_attention(lm, ids, mask)
+    out_dir = prepare_out_dir(out)
+    write_results(
+        out_dir,
+        "attention nullspace",
+        {
+            "model": lm.source,
+            "corpus": docs.source,
+            "null_space": nulls.to_json(),
+            "effective": effective.to_json(matrices_of=None),
+        },
+    )
+    _save(P.plot_pearson_vs_length(effective), out_dir / "pearson_vs_length.png")
+    _save(P.plot_token_types(effective), out_dir / "token_types.png")
+    Console().print(
+        f"{len(nulls.lengths)} sequences, lengths {min(lengths)}..{max(lengths)} -> {out_dir}"
+    )
+
+
+@identify_app.command("tokens")
+def tokens_cmd(
+    model: str = MODEL_ARG,
+    out: Path = OUT_OPT,
+    corpus: str = CORPUS_OPT,
+    seq_len: int = SEQ_OPT,
+    max_windows_per_topic: int = MAXW_OPT,
+    candidates: str = typer.Option("sequence", "--candidates", help="sequence or vocabulary."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split and the MLP."),
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Share of hidden tokens mapped back to their own input, per layer, g and distance."""
+    from tgeom.analyses.identifiability import token_identifiability
+    from tgeom.models import load_model
+    from tgeom.plots import identifiability as P
+    from tgeom.results import prepare_out_dir, write_results
+
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
+    result = token_identifiability(lm, windows.token_ids, candidates=candidates, seed=seed)
+    out_dir = prepare_out_dir(out)
+    write_results(
+        out_dir, "identify tokens", {"model": lm.source, "corpus": docs.source, **result.to_json()}
+    )
+    _save(P.plot_identifiability(result), out_dir / "identifiability.png")
+    last = [r for r in result.rows if r["layer"] == lm.summary.n_layers]
+    summary = ", ".join(f"{r['g']}/{r['distance']} {r['rate']:.2f}" for r in last)
+    Console().print(f"last layer: {summary} -> {out_dir}", markup=False)
+
+
+@identify_app.command("attribution")
+def attribution_cmd(
+    model: str = MODEL_ARG,
+    text: str = TEXT_OPT,
+    out: Path = OUT_OPT,
+    mode: str = typer.Option("exact", "--mode", help="exact (forward-mode JVPs) or estimate."),
+    samples: int = typer.Option(64, "--samples", help="Random tangents per token (estimate)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random tangents."),
+    trust_remote_code: bool = REMOTE_OPT,
+) -> None:
+    """Contribution of every input token to every hidden token, at every layer."""
+    from tgeom.analyses.identifiability import token_attribution
+    from tgeom.models import load_model
+    from tgeom.plots import identifiability as P
+    from tgeom.results import prepare_out_dir, write_results
+
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    result = token_attribution(lm, _text_ids(lm, text), mode=mode, samples=samples, seed=seed)
+    out_dir = prepare_out_dir(out)
+    write_results(
+        out_dir, "identify attribution", {"model": lm.source, "text": text, **result.to_json()}
+    )
+    _save(P.plot_attribution(result, lm.summary.n_layers), out_dir / "attribution.png")
+    _save(P.plot_own_contribution(result), out_dir / "own_contribution.png")
+    last = result.per_layer()[-1]
+    Console().print(
+        f"last layer: own contribution {last['own_contribution']:.3f}, top contributor not own "
+        f"{last['top_contributor_not_own']:.2f} -> {out_dir}",
+        markup=False,
+    )

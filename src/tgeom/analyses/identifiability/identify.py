@@ -1,0 +1,207 @@
+"""Token identifiability across layers [BRU] (SPEC section 5).
+
+Hidden token ``h^l_i`` is mapped back to input space by ``g`` and called *identified* when the
+nearest candidate input to ``g(h^l_i)`` is its own input ``x_i = hidden[0]_i``. Candidates: the
+inputs of the same sequence (default, as in the paper) or every vocabulary item's input at that
+position (``candidates="vocabulary"``). Ties count as identified (rotary models have no position
+in ``x``, so a repeated token has the same input twice). ``g``: identity; linear (least squares
+with bias, closed form, float64, fitted on the training sequences); MLP with one hidden layer
+(Adam, MSE, early stopping on the validation sequences). Sequences are split 70/15/15 with a
+seed; rates are measured on the test sequences only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tgeom.capture import iter_captures
+from tgeom.errors import TgeomError
+from tgeom.runtime import Runtime
+
+MIN_SEQUENCES = 7  # smallest count for which 15% of the sequences is at least one
+
+
+@dataclass
+class IdentifiabilityResult:
+    rows: list[dict[str, Any]]  # {layer, g, distance, rate, n_tokens}
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layers": self.rows, **self.options}
+
+
+def split_sequences(n: int, seed: int, split: tuple[float, float, float]) -> tuple[Tensor, ...]:
+    if n < MIN_SEQUENCES:
+        raise TgeomError(
+            f"token identifiability needs at least {MIN_SEQUENCES} sequences for a "
+            f"{'/'.join(str(round(100 * s)) for s in split)} split, but the corpus gave {n}; "
+            "pass more text or a smaller --seq-len."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train = max(1, int(split[0] * n))
+    n_val = max(1, int(split[1] * n))
+    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+
+
+def fit_linear(H: Tensor, X: Tensor) -> Tensor:
+    """Least squares ``[H, 1] W ~ X`` in float64; returns ``W [d_h + 1, d_x]``."""
+    A = torch.cat([H.double(), torch.ones(H.shape[0], 1, dtype=torch.float64)], dim=1)
+    return torch.linalg.lstsq(A, X.double(), driver="gelsd").solution
+
+
+def apply_linear(W: Tensor, H: Tensor) -> Tensor:
+    return torch.cat([H.double(), torch.ones(H.shape[0], 1, dtype=torch.float64)], 1) @ W
+
+
+def fit_mlp(
+    H: Tensor, X: Tensor, H_val: Tensor, X_val: Tensor, seed: int, epochs: int = 300
+) -> torch.nn.Module:
+    """One hidden layer (width d), Adam, full batch; keeps the best validation state."""
+    torch.manual_seed(seed)
+    d_in, d_out = H.shape[1], X.shape[1]
+    mean, std = H.mean(0), H.std(0).clamp_min(1e-6)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(d_in, d_in), torch.nn.GELU(), torch.nn.Linear(d_in, d_out)
+    )
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    best, best_state, patience = float("inf"), None, 0
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(net((H - mean) / std), X)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            val = float(torch.nn.functional.mse_loss(net((H_val - mean) / std), X_val))
+        if val < best - 1e-9:
+            best, best_state, patience = val, {k: v.clone() for k, v in net.state_dict().items()}, 0
+        else:
+            patience += 1
+            if patience >= 20:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return _Standardised(net, mean, std)
+
+
+class _Standardised(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.net, self.mean, self.std = net, mean, std
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net((h - self.mean) / self.std)
+
+
+def distances(pred: Tensor, candidates: Tensor, kind: str) -> Tensor:
+    """``[n, m]`` distances between predictions ``[n, d]`` and candidates ``[m, d]``."""
+    pred, candidates = pred.double(), candidates.double()
+    if kind == "cosine":
+        p = pred / pred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        c = candidates / candidates.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return 1 - p @ c.T
+    if kind == "l2":
+        return torch.cdist(pred, candidates)
+    raise TgeomError(f"distance must be cosine or l2, got {kind!r}.")
+
+
+def identified_in_sequence(pred: Tensor, X: Tensor, kind: str) -> Tensor:
+    """``[n]`` bool: token i's own input is (one of) the nearest among the sequence's inputs."""
+    D = distances(pred, X, kind)
+    own = D.diagonal()
+    return own <= D.min(dim=1).values + 1e-12
+
+
+def token_identifiability(
+    lm: Any,
+    token_ids: Tensor,
+    *,
+    g: tuple[str, ...] = ("identity", "linear", "mlp"),
+    distances_: tuple[str, ...] = ("cosine", "l2"),
+    candidates: str = "sequence",
+    seed: int = 0,
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    runtime: Runtime | None = None,
+) -> IdentifiabilityResult:
+    """Rate of identified tokens per layer, for each ``g`` and distance (test split only).
+
+    ``token_ids [N, T]``: N sequences of T real tokens (windows of a corpus)."""
+    if candidates not in ("sequence", "vocabulary"):
+        raise TgeomError(f"candidates must be sequence or vocabulary, got {candidates!r}.")
+    train, val, test = split_sequences(int(token_ids.shape[0]), seed, split)
+    runtime = runtime or Runtime.auto()
+    hidden = torch.cat(
+        [c.hidden.cpu() for _, c in iter_captures(lm, token_ids, runtime)], dim=1
+    )  # [L+1, N, T, d]
+    X = hidden[0]
+    rows = []
+    for layer in range(hidden.shape[0]):
+        H = hidden[layer]
+        maps: dict[str, Any] = {}
+        for name in g:
+            if name == "identity":
+                maps[name] = lambda h: h.double()
+            elif name == "linear":
+                W = fit_linear(H[train].flatten(0, 1), X[train].flatten(0, 1))
+                maps[name] = lambda h, W=W: apply_linear(W, h)
+            elif name == "mlp":
+                net = fit_mlp(
+                    H[train].flatten(0, 1),
+                    X[train].flatten(0, 1),
+                    H[val].flatten(0, 1),
+                    X[val].flatten(0, 1),
+                    seed,
+                )
+                maps[name] = lambda h, net=net: net(h).detach().double()
+            else:
+                raise TgeomError(f"g must be identity, linear or mlp, got {name!r}.")
+        for name, fn in maps.items():
+            for kind in distances_:
+                hits, total = 0, 0
+                for s in test.tolist():
+                    pred = fn(H[s])
+                    if candidates == "sequence":
+                        ok = identified_in_sequence(pred, X[s], kind)
+                    else:
+                        ok = _identified_in_vocabulary(lm, pred, token_ids[s], kind)
+                    hits += int(ok.sum())
+                    total += int(ok.numel())
+                rows.append(
+                    {
+                        "layer": layer,
+                        "g": name,
+                        "distance": kind,
+                        "rate": hits / total,
+                        "n_tokens": total,
+                    }
+                )
+    options = {
+        "candidates": candidates,
+        "seed": seed,
+        "split": list(split),
+        "n_sequences": {"train": len(train), "validation": len(val), "test": len(test)},
+        "ties": "a tie with the own input counts as identified",
+    }
+    return IdentifiabilityResult(rows, options)
+
+
+@torch.no_grad()
+def _identified_in_vocabulary(lm: Any, pred: Tensor, ids: Tensor, kind: str) -> Tensor:
+    """Nearest vocabulary item's input at each position is the token's own id (ties allowed)."""
+    cw = lm.weights()
+    out = torch.zeros(len(ids), dtype=torch.bool)
+    for t in range(len(ids)):
+        cand = cw.W_E  # every vocabulary item's input at position t: [V, d]
+        if cw.W_pos is not None:
+            cand = cand + cw.W_pos[t]
+        if cw.W_type is not None:
+            cand = cand + cw.W_type[0]
+        if cw.embed_norm is not None:
+            cand = cw.embed_norm(cand)
+        D = distances(pred[t : t + 1], cand, kind)[0]
+        out[t] = D[int(ids[t])] <= D.min() + 1e-12
+    return out

@@ -1,0 +1,137 @@
+"""Figures for identifiability [BRU]; each takes a result object and returns a Figure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from tgeom.analyses.identifiability.effective import TOKEN_TYPES
+
+
+def _labels(tokens: list[str], limit: int = 14) -> list[str]:
+    shown = [t.replace("$", r"\$").replace("\n", "\\n")[:limit] for t in tokens]
+    return shown
+
+
+def plot_effective_attention(result: Any, layer: int, head: int, sequence: int = 0) -> Figure:
+    """Raw (left) and effective (right) attention of one head for one sequence."""
+    seq = result.sequences[sequence]
+    raw, eff = seq.raw[layer, head].numpy(), seq.effective[layer, head].numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    limit = float(max(np.abs(raw).max(), np.abs(eff).max(), 1e-12))
+    for ax, matrix, title in ((axes[0], raw, "raw"), (axes[1], eff, "effective")):
+        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"{title} attention, layer {layer} head {head}", fontsize=9)
+        ax.set_xlabel("key token")
+        ax.set_ylabel("query token")
+        n = matrix.shape[0]
+        if n <= 40:
+            labels = _labels(result.tokens[sequence])
+            ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(n), labels, fontsize=6)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.suptitle(f"null-space dimension {int(seq.null_dim[layer, head])}", fontsize=9)
+    return fig
+
+
+def plot_pearson_vs_length(result: Any) -> Figure:
+    """Pearson(raw, effective), averaged over heads, against sequence length, one line per layer."""
+    r = result.pearson().numpy()  # [S, L, H]
+    lengths = np.array(result.lengths)
+    order = np.argsort(lengths, kind="stable")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    cmap = plt.get_cmap("viridis")
+    L = r.shape[1]
+    for layer in range(L):
+        ax.plot(
+            lengths[order],
+            np.nanmean(r[order, layer], axis=1),
+            "o-",
+            ms=3,
+            color=cmap(layer / max(L - 1, 1)),
+            label=f"layer {layer}" if L <= 12 else None,
+        )
+    ax.axvline(result.d_head, color="grey", ls="--", lw=1, label="d_head")
+    ax.set_xlabel("sequence length d_s")
+    ax.set_ylabel("Pearson(raw, effective)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_token_types(result: Any) -> Figure:
+    """Mean attention (signed) to each token type, raw vs effective, averaged over heads."""
+    types = result.token_type_attention()
+    raw, eff = types["raw_signed"].mean(1).numpy(), types["effective_signed"].mean(1).numpy()
+    L = raw.shape[0]
+    fig, axes = plt.subplots(1, len(TOKEN_TYPES), figsize=(12, 3.2), sharey=False)
+    x = np.arange(L)
+    for k, (ax, name) in enumerate(zip(axes, TOKEN_TYPES, strict=True)):
+        ax.bar(x - 0.2, raw[:, k], 0.4, label="raw")
+        ax.bar(x + 0.2, eff[:, k], 0.4, label="effective")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("layer")
+    axes[0].set_ylabel("mean attention (signed)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_identifiability(result: Any) -> Figure:
+    """Identification rate by layer, one line per mapping g and distance."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for row in result.rows:
+        series.setdefault((row["g"], row["distance"]), []).append((row["layer"], row["rate"]))
+    for (g, kind), points in sorted(series.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, "o-" if kind == "cosine" else "s--", ms=3, label=f"{g}, {kind}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of tokens identified")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attribution(result: Any, layer: int) -> Figure:
+    """Contribution map c^l_ij (row: hidden token i, column: input token j)."""
+    c = result.contributions[layer].numpy()
+    fig, ax = plt.subplots(figsize=(5.6, 5))
+    image = ax.imshow(c, cmap="magma", vmin=0)
+    n = c.shape[0]
+    if n <= 40:
+        labels = _labels(result.tokens)
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(n), labels, fontsize=6)
+    ax.set_xlabel("input token j")
+    ax.set_ylabel("hidden token i")
+    ax.set_title(f"hidden token attribution, layer {layer} ({result.mode})", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_own_contribution(result: Any) -> Figure:
+    """Mean own-token contribution and share of tokens whose top contributor is another."""
+    rows = result.per_layer()
+    layers = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(layers, [r["own_contribution"] for r in rows], "o-", label="mean own contribution")
+    ax.plot(
+        layers,
+        [r["top_contributor_not_own"] for r in rows],
+        "s--",
+        label="share with another top contributor",
+    )
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("layer")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

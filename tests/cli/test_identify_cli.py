@@ -1,0 +1,96 @@
+"""CLI: tgeom attention effective|nullspace, tgeom identify tokens|attribution."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tgeom", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ident-corpus")
+    for topic in ("a", "b"):
+        (root / topic).mkdir()
+        (root / topic / "t.txt").write_text(f"{topic}: some words, then more words. " * 60)
+    return root
+
+
+def test_effective_writes_heads_with_matrices(tiny_model_dir, tmp_path):
+    done = run(
+        "attention",
+        "effective",
+        str(tiny_model_dir("bert")),
+        "--text",
+        "a sentence long enough to exceed eight",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert done.returncode == 0, done.stderr
+    heads = json.loads((tmp_path / "o" / "results.json").read_text())["heads"]
+    assert len(heads) == 2 * 4
+    for h in heads:
+        assert set(h) >= {"layer", "head", "raw", "effective", "null_dim"}
+        n = len(h["raw"])
+        assert n == len(h["raw"][0]) == len(h["effective"]) and h["null_dim"] == n - 8
+
+
+def test_tokens_writes_layers(tiny_model_dir, corpus, tmp_path):
+    done = run(
+        "identify",
+        "tokens",
+        str(tiny_model_dir("llama")),
+        "--corpus",
+        str(corpus),
+        "--seq-len",
+        "16",
+        "--max-windows-per-topic",
+        "6",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())["layers"]
+    assert {tuple(sorted(r)) for r in rows} == {("distance", "g", "layer", "n_tokens", "rate")}
+    assert len(rows) == 3 * 3 * 2  # layers 0..2 x g x distance
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("attention", "effective", "{m}", "--text", "a", "--out", "{o}"), "fewer than 2 tokens"),
+        (("identify", "attribution", "{m}", "--text", "x" * 80, "--out", "{o}"), "model context"),
+        (
+            (
+                "identify",
+                "tokens",
+                "{m}",
+                "--corpus",
+                "{c}",
+                "--seq-len",
+                "16",
+                "--max-windows-per-topic",
+                "2",
+                "--out",
+                "{o}",
+            ),
+            "at least 7 sequences",
+        ),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, corpus, tmp_path, args, needle):
+    values = {"m": str(tiny_model_dir("gpt2")), "o": str(tmp_path / "o"), "c": str(corpus)}
+    done = run(*(a.format(**values) for a in args))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]
+    assert not (tmp_path / "o" / "results.json").exists()
