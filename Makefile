@@ -20,6 +20,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/tgeom info smollm2
+	$(BIN)/tgeom report smollm2 --corpus builtin --out $(DEMO_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

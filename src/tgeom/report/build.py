@@ -37,7 +37,10 @@ class ReportOptions:
     neurons_per_layer: int = 3
     lens_text: str = "The capital of France is Paris. The quick brown fox jumps over the dog."
     identify_sequences: int = 40
-    attribution_tokens: int = 24
+    identify_layers: int | None = 8  # layers evaluated for token identifiability (None: all)
+    attribution_tokens: int = 16
+    attribution_mode: str = "estimate"  # exact costs T * d JVPs: the GPU default
+    attribution_samples: int = 8
     seed: int = 0
 
     @classmethod
@@ -49,6 +52,9 @@ class ReportOptions:
                 atlas_k=10,
                 atlas_vocab=None,
                 identify_sequences=200,
+                identify_layers=None,
+                attribution_tokens=32,
+                attribution_mode="exact",
             )
         else:
             base = cls()
