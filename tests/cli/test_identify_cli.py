@@ -64,6 +64,47 @@ def test_tokens_writes_layers(tiny_model_dir, corpus, tmp_path):
     assert len(rows) == 3 * 3 * 2  # layers 0..2 x g x distance
 
 
+def test_nullspace_and_attribution_write_results(tiny_model_dir, corpus, tmp_path):
+    done = run(
+        "attention",
+        "nullspace",
+        str(tiny_model_dir("gpt2")),
+        "--corpus",
+        str(corpus),
+        "--seq-len",
+        "16",
+        "--max-windows-per-topic",
+        "2",
+        "--out",
+        str(tmp_path / "n"),
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "n" / "results.json").read_text())
+    for head in data["null_space"]["heads"]:
+        assert head["share_generic"] == 1.0  # random tiny heads are generic
+    assert (tmp_path / "n" / "pearson_vs_length.png").exists()
+    done = run(
+        "identify",
+        "attribution",
+        str(tiny_model_dir("bert")),
+        "--text",
+        "hello there",
+        "--mode",
+        "estimate",
+        "--samples",
+        "4",
+        "--out",
+        str(tmp_path / "a"),
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert data["mode"] == "estimate" and data["samples"] == 4
+    n = len(data["tokens"])
+    assert len(data["contributions"]) == 3 and len(data["contributions"][1]) == n
+    assert all(abs(sum(row) - 1) < 1e-6 for row in data["contributions"][2])
+    assert (tmp_path / "a" / "attribution.png").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -37,9 +37,25 @@ def test_batched_projectors_match_single():
         assert torch.allclose(P[b], N @ N.T, atol=1e-10)
 
 
-def test_float32_rounding_counts_as_rank_unless_the_tolerance_says_otherwise():
-    """A product formed in float32 is full rank at the float64 default tolerance; a tolerance
-    above float32 rounding recovers the exact rank (callers form T in float64, see effective)."""
+def test_float32_rounding_of_a_rank_deficient_matrix_does_not_count_as_rank():
+    """The default tolerance follows the stored dtype (max(n, m) * eps); a float64 tolerance
+    would count float32 rounding as rank."""
     g = torch.Generator().manual_seed(3)
-    T = torch.randn(10, 4, generator=g) @ torch.randn(4, 16, generator=g)
-    assert numerical_rank(T, rtol=1e-5) == 4
+    T = torch.randn(10, 4, generator=g) @ torch.randn(4, 16, generator=g)  # float32, rank 4
+    assert numerical_rank(T) == 4
+    assert left_null_space(T).shape == (10, 6)
+    assert numerical_rank(T, rtol=1e-12) > 4
+    assert numerical_rank(T.double()) > 4  # float64 data: float32 noise is real rank
+
+
+def test_rank_matches_brute_force_over_random_ranks():
+    g = torch.Generator().manual_seed(4)
+    for r in range(0, 7):
+        T = torch.randn(9, r, generator=g, dtype=torch.float64) @ torch.randn(
+            r, 11, generator=g, dtype=torch.float64
+        )
+        assert numerical_rank(T) == r
+        N = left_null_space(T)
+        assert N.shape == (9, 9 - r)
+        if r:
+            assert (N.T @ T).abs().max() < 1e-10 * T.abs().max()

@@ -88,7 +88,7 @@ def effective_cmd(
     Console().print(
         f"{len(seq.token_ids)} tokens, d_head {lm.summary.d_head}: null-space dimension "
         f"{int(seq.null_dim.min())}..{int(seq.null_dim.max())} over heads; "
-        f"Pearson(raw, effective) mean {float(result.pearson().nanmean()):.3f} -> {out_dir}",
+        f"Pearson(raw, effective) mean {float(result.pearson.nanmean()):.3f} -> {out_dir}",
         markup=False,
     )
 

@@ -42,7 +42,7 @@ def plot_effective_attention(result: Any, layer: int, head: int, sequence: int =
 
 def plot_pearson_vs_length(result: Any) -> Figure:
     """Pearson(raw, effective), averaged over heads, against sequence length, one line per layer."""
-    r = result.pearson().numpy()  # [S, L, H]
+    r = result.pearson.values.numpy()  # [S, L, H]
     lengths = np.array(result.lengths)
     order = np.argsort(lengths, kind="stable")
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -67,7 +67,7 @@ def plot_pearson_vs_length(result: Any) -> Figure:
 
 def plot_token_types(result: Any) -> Figure:
     """Mean attention (signed) to each token type, raw vs effective, averaged over heads."""
-    types = result.token_type_attention()
+    types = result.token_type_attention
     raw, eff = types["raw_signed"].mean(1).numpy(), types["effective_signed"].mean(1).numpy()
     L = raw.shape[0]
     fig, axes = plt.subplots(1, len(TOKEN_TYPES), figsize=(12, 3.2), sharey=False)

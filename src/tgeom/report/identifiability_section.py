@@ -2,28 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+from torch import Tensor
+
 from tgeom.report.build import ReportContext, Section
 
 
 def identifiability_section(ctx: ReportContext) -> Section:
     from tgeom.analyses.identifiability import (
+        NullSpaceResult,
         effective_attention,
-        null_space_dims,
         token_attribution,
         token_identifiability,
     )
     from tgeom.plots import identifiability as P
 
     lm, opts = ctx.lm, ctx.options
-    ids = ctx.windows.token_ids[: opts.identify_sequences]
-    with ctx.progress.stage("identifiability: attention null spaces"):
-        nulls = null_space_dims(lm, ids)
-    with ctx.progress.stage("identifiability: effective attention"):
-        effective = effective_attention(lm, ids)
+    windows = ctx.windows.token_ids[: opts.identify_sequences]
+    ids, mask = varied_length_batch(lm, windows)
+    with ctx.progress.stage("identifiability: null spaces and effective attention"):
+        effective = effective_attention(lm, ids, mask)
+        nulls = NullSpaceResult(
+            torch.stack([s.null_dim for s in effective.sequences]),
+            torch.stack([s.rank for s in effective.sequences]),
+            effective.lengths,
+            lm.summary.d_head,
+        )
     with ctx.progress.stage("identifiability: token identifiability"):
-        ident = token_identifiability(lm, ids, seed=opts.seed)
-    with ctx.progress.stage("identifiability: hidden token attribution"):
-        attribution = token_attribution(lm, ids[0, : opts.attribution_tokens], mode="exact")
+        ident = token_identifiability(lm, windows, seed=opts.seed, layers=_layers(lm, opts))
+    with ctx.progress.stage(f"identifiability: attribution ({opts.attribution_mode})"):
+        attribution = token_attribution(
+            lm,
+            windows[0, : opts.attribution_tokens],
+            mode=opts.attribution_mode,
+            samples=opts.attribution_samples,
+            seed=opts.seed,
+        )
     n_layers = lm.summary.n_layers
     layer = n_layers - 1
     parts = [
@@ -75,6 +91,38 @@ def identifiability_section(ctx: ReportContext) -> Section:
         "attribution": attribution.to_json(),
     }
     return Section("identifiability", "Identifiability", "".join(parts), results)
+
+
+def varied_length_batch(lm: Any, windows: Tensor) -> tuple[Tensor, Tensor]:
+    """Prefixes of the windows with lengths spread from 8 to T, wrapped in the tokenizer's
+    special tokens ([CLS] ... [SEP] for encoders, BOS for decoders), right padded:
+    ``ids, mask [N, T']``.
+    Null dimension and Pearson are read against length, and attention to special tokens shows."""
+    N, T = windows.shape
+    lengths = torch.linspace(min(8, T), T, steps=N).round().long().tolist()
+    tok = lm.tokenizer
+    start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    end = tok.sep_token_id if not lm.summary.is_causal else None
+    rows = [
+        [start] * (start is not None) + w[:n].tolist() + [end] * (end is not None)
+        for w, n in zip(windows, lengths, strict=True)
+    ]
+    width = min(max(len(r) for r in rows), lm.summary.n_ctx)
+    ids = torch.zeros(N, width, dtype=torch.long)
+    mask = torch.zeros(N, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        row = row[:width]
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _layers(lm: Any, opts: Any) -> list[int] | None:
+    """Evenly spread layers (always 0 and the last) when the options limit their number."""
+    L = lm.summary.n_layers
+    if opts.identify_layers is None or opts.identify_layers >= L + 1:
+        return None
+    return sorted({round(i * L / (opts.identify_layers - 1)) for i in range(opts.identify_layers)})
 
 
 def _summary_only(data: dict) -> dict:

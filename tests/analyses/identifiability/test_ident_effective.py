@@ -8,6 +8,7 @@ import torch
 from tgeom.analyses.identifiability import effective_attention, null_space_dims
 from tgeom.analyses.identifiability.effective import effective_attention_batch
 from tgeom.capture import capture
+from tgeom.linalg.nullspace import default_rtol, left_null_space
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,31 +68,67 @@ def test_summaries_and_null_dims(tiny_model):
     result = effective_attention(lm, ids)
     data = result.to_json()
     assert len(data["heads"]) == lm.summary.n_layers * lm.summary.n_heads
-    types = result.token_type_attention()
+    types = result.token_type_attention
     # Raw attention rows sum to one, so the signed type shares sum to one.
     assert torch.allclose(types["raw_signed"].sum(-1), torch.ones(2, 4, dtype=torch.float64))
     nulls = null_space_dims(lm, ids)
     assert (nulls.null_dim == 14 - 8).all()
-    assert result.pearson().shape == (3, 2, 4)
+    assert result.pearson.shape == (3, 2, 4)
+
+
+def full_svd_reference(lm, ids, layer, head):
+    """A - A N N^T with N from a full float64 SVD of T = V W_O[h] (the definition, slowly)."""
+    cap = capture(lm, ids, attentions=True, values=True)
+    T = cap.values[layer, 0, head].double() @ lm.weights().layers[layer].W_O[head].double()
+    N = left_null_space(T, rtol=default_rtol(*T.shape, torch.float32))  # data stored in float32
+    A = cap.attentions[layer, 0, head].double()
+    return A - A @ N @ N.T, N.shape[1]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_effective_attention_equals_full_svd_reference(tiny_model, family):
+    lm = tiny_model(family)
+    ids = torch.randint(4, 96, (1, 13), generator=torch.Generator().manual_seed(4))
+    (seq,) = effective_attention_batch(lm, ids)
+    for layer in range(lm.summary.n_layers):
+        for head in range(lm.summary.n_heads):
+            expected, null_dim = full_svd_reference(lm, ids, layer, head)
+            assert torch.allclose(seq.effective[layer, head], expected, atol=1e-9)
+            assert int(seq.null_dim[layer, head]) == null_dim
+
+
+def test_rank_deficient_head_has_larger_null_space(tiny_model):
+    """A head whose W_O has rank 3 < d_head: null dim = d_s - 3, still matching the reference."""
+    lm = tiny_model("roberta")
+    cw = lm.weights()
+    W = cw.layers[1].W_O
+    original = W[2].clone()
+    U, s, Vh = torch.linalg.svd(original, full_matrices=False)
+    try:
+        W[2] = (U[:, :3] * s[:3]) @ Vh[:3]
+        ids = torch.randint(4, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+        (seq,) = effective_attention_batch(lm, ids)
+        assert int(seq.null_dim[1, 2]) == 12 - 3
+        expected, _ = full_svd_reference(lm, ids, 1, 2)
+        assert torch.allclose(seq.effective[1, 2], expected, atol=1e-9)
+    finally:
+        W[2] = original
 
 
 @pytest.mark.slow
 def test_effective_attention_equals_full_svd_reference_on_minilm(minilm):
-    ids = minilm.tokenizer(
-        ["The cat sat on the mat while the dog slept near the warm fire in the old house."] * 1,
-        return_tensors="pt",
-    )["input_ids"]
-    (seq,) = effective_attention_batch(minilm, ids)
-    cw = minilm.weights()
-    cap = capture(minilm, ids, attentions=True, values=True)
-    n = ids.shape[1]
-    for layer in (0, 5):
-        for head in (0, 7):
-            T = cap.values[layer, 0, head].double() @ cw.layers[layer].W_O[head].double()
-            U, s, _ = torch.linalg.svd(T, full_matrices=True)
-            rank = int((s > 1e-10 * s[0]).sum())
-            N = U[:, rank:]
-            A = cap.attentions[layer, 0, head].double()
-            expected = A - A @ N @ N.T
-            assert torch.allclose(seq.effective[layer, head], expected, atol=1e-9)
-            assert int(seq.null_dim[layer, head]) == n - rank == max(0, n - 32)
+    texts = [
+        "The cat sat on the mat while the dog slept near the warm fire in the old house.",
+        "Short one.",
+        "Rivers carry water from the mountains to the sea, shaping valleys, deltas and plains "
+        "over thousands of years, and people have settled along them since the first farms.",
+    ]
+    batch = minilm.tokenizer(texts, return_tensors="pt", padding=True)
+    seqs = effective_attention_batch(minilm, batch["input_ids"], batch["attention_mask"])
+    for s, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+        ids = batch["input_ids"][s : s + 1, :n]
+        for layer in (0, minilm.summary.n_layers - 1):
+            for head in (0, minilm.summary.n_heads - 1):
+                expected, null_dim = full_svd_reference(minilm, ids, layer, head)
+                assert torch.allclose(seqs[s].effective[layer, head], expected, atol=1e-6)
+                assert int(seqs[s].null_dim[layer, head]) == null_dim == max(0, n - 32)

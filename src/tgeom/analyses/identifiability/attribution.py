@@ -27,7 +27,7 @@ from tgeom.models.reference import embed, run_blocks
 @dataclass
 class AttributionResult:
     """``norms [L+1, T, T]`` (``||J^l_ij||_F``), ``contributions [L+1, T, T]`` (rows sum to 1),
-    ``norm_se`` (estimate mode: standard error of the norms), the tokens and the mode."""
+    ``norm_se`` / ``contribution_se`` (estimate mode: standard errors), the tokens and the mode."""
 
     tokens: list[str]
     norms: Tensor
@@ -35,8 +35,21 @@ class AttributionResult:
     mode: str
     samples: int | None = None
     norm_se: Tensor | None = None
+    contribution_se: Tensor | None = None
+
+    @property
+    def own_contribution(self) -> Tensor:
+        """Mean own-token contribution ``c^l_ii`` per layer ``[L+1]``."""
+        return self.contributions.diagonal(dim1=-2, dim2=-1).mean(-1)
+
+    @property
+    def top_contributor_not_own(self) -> Tensor:
+        """Share of tokens whose largest contributor is another token, per layer ``[L+1]``."""
+        T = self.contributions.shape[-1]
+        return (self.contributions.argmax(-1) != torch.arange(T)).double().mean(-1)
 
     def per_layer(self) -> list[dict[str, Any]]:
+        """Per layer: own contribution, not-own-top share, mean ``c_ij`` by offset ``j - i``."""
         c = self.contributions
         T = c.shape[-1]
         own = c.diagonal(dim1=-2, dim2=-1)  # [L+1, T]
@@ -66,6 +79,7 @@ class AttributionResult:
             "layers": self.per_layer(),
             "contributions": self.contributions,
             "norm_standard_errors": self.norm_se,
+            "contribution_standard_errors": self.contribution_se,
         }
 
 
@@ -76,79 +90,105 @@ def _forward(cw: Any, mask: Tensor | None) -> Any:
     return f
 
 
-def squared_norms_exact(cw: Any, x0: Tensor, chunk: int = 64) -> Tensor:
-    """``||J^l_ij||_F^2 [L+1, T, T]`` from T*d forward-mode JVPs (``x0 [1, T, d]``)."""
+def _auto_chunk(x0: Tensor, n_outputs: int) -> int:
+    """Tangents per vmap call: about 256 MB (CPU) or 4 GB (GPU) of tangent outputs."""
+    per_tangent = n_outputs * x0.shape[1] * x0.shape[2] * 4 * 8  # x8: intermediate activations
+    budget = (4 << 30) if x0.device.type == "cuda" else (256 << 20)
+    return max(1, min(4096, budget // per_tangent))
+
+
+def squared_norms_exact(cw: Any, x0: Tensor, chunk: int | None = None) -> Tensor:
+    """``||J^l_ij||_F^2 [L+1, T, T]`` from T*d forward-mode JVPs (``x0 [1, T, d]``): the tangent
+    ``e_(j,k)`` gives column k of ``d h^l_i / d x_j`` for every layer l and token i at once."""
     _, T, d = x0.shape
+    L1 = len(cw.layers) + 1
+    chunk = chunk or _auto_chunk(x0, L1)
     f = _forward(cw, None)
-    jvp_one = lambda tangent: torch.func.jvp(f, (x0,), (tangent,))[1]  # noqa: E731
-    batched = torch.func.vmap(jvp_one)
-    G = torch.zeros(len(cw.layers) + 1, T, T, dtype=x0.dtype)
-    directions = torch.arange(T * d)
+    batched = torch.func.vmap(lambda tangent: torch.func.jvp(f, (x0,), (tangent,))[1])
+    G = torch.zeros(L1, T, T, dtype=torch.float64, device=x0.device)
+    directions = torch.arange(T * d, device=x0.device)
     for start in range(0, T * d, chunk):
         idx = directions[start : start + chunk]
-        tangents = torch.zeros(len(idx), 1, T, d, dtype=x0.dtype)
-        tangents[torch.arange(len(idx)), 0, idx // d, idx % d] = 1.0
-        out = batched(tangents)  # [m, L+1, T, d]
-        sq = (out**2).sum(-1)  # [m, L+1, T]  (output token i)
+        tangents = torch.zeros(len(idx), 1, T, d, dtype=x0.dtype, device=x0.device)
+        tangents[torch.arange(len(idx), device=x0.device), 0, idx // d, idx % d] = 1.0
+        sq = (batched(tangents).double() ** 2).sum(-1)  # [m, L+1, T]  (output token i)
         G.index_add_(2, idx // d, sq.permute(1, 2, 0))  # add to column j of each direction
-    return G
+    return G.cpu()
 
 
 def squared_norms_estimate(
-    cw: Any, x0: Tensor, samples: int, seed: int, chunk: int = 64
+    cw: Any, x0: Tensor, samples: int, seed: int, chunk: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Hutchinson estimates of ``||J^l_ij||_F^2`` and their standard errors ``[L+1, T, T]``."""
+    """Hutchinson estimates of ``||J^l_ij||_F^2`` and their standard errors ``[L+1, T, T]``:
+    ``samples`` Gaussian tangents supported on input token j, ``E ||J^l_ij u||^2 = ||J^l_ij||_F^2``
+    (draws for different j are independent)."""
     _, T, d = x0.shape
+    L1 = len(cw.layers) + 1
+    chunk = chunk or _auto_chunk(x0, L1)
     f = _forward(cw, None)
     batched = torch.func.vmap(lambda t: torch.func.jvp(f, (x0,), (t,))[1])
     g = torch.Generator().manual_seed(seed)
-    draws = torch.zeros(samples, len(cw.layers) + 1, T, T, dtype=x0.dtype)
-    pairs = [(j, s) for j in range(T) for s in range(samples)]
-    for start in range(0, len(pairs), chunk):
-        block = pairs[start : start + chunk]
-        tangents = torch.zeros(len(block), 1, T, d, dtype=x0.dtype)
-        for row, (j, _) in enumerate(block):
-            tangents[row, 0, j] = torch.randn(d, generator=g, dtype=x0.dtype)
-        sq = (batched(tangents) ** 2).sum(-1)  # [m, L+1, T]
-        for row, (j, s) in enumerate(block):
-            draws[s, :, :, j] = sq[row]
+    u = torch.randn(T * samples, d, generator=g, dtype=torch.float64).to(x0.device, x0.dtype)
+    token = torch.arange(T, device=x0.device).repeat_interleave(samples)  # pair p -> token j
+    draws = torch.zeros(samples, L1, T, T, dtype=torch.float64, device=x0.device)
+    for start in range(0, T * samples, chunk):
+        p = torch.arange(start, min(start + chunk, T * samples), device=x0.device)
+        tangents = torch.zeros(len(p), 1, T, d, dtype=x0.dtype, device=x0.device)
+        tangents[torch.arange(len(p), device=x0.device), 0, token[p]] = u[p]
+        sq = (batched(tangents).double() ** 2).sum(-1)  # [m, L+1, T(i)]
+        draws[p % samples, :, :, token[p]] = sq
     mean = draws.mean(0)
     se = draws.std(0) / samples**0.5 if samples > 1 else torch.full_like(mean, float("nan"))
-    return mean, se
+    return mean.cpu(), se.cpu()
+
+
+def contribution_standard_errors(norms: Tensor, norm_se: Tensor) -> Tensor:
+    """Delta-method standard errors of ``c_ij = n_ij / S_i`` (``S_i = sum_k n_ik``) from
+    independent norm estimates: ``var c_ij = ((S - n_ij)^2 se_ij^2 + n_ij^2 sum_{k!=j} se_ik^2)
+    / S^4``."""
+    S = norms.sum(-1, keepdim=True).clamp_min(1e-30)
+    var = norm_se**2
+    others = var.sum(-1, keepdim=True) - var
+    return (((S - norms) ** 2 * var + norms**2 * others) / S**4).sqrt()
 
 
 def token_attribution(
     lm: Any, token_ids: Tensor, *, mode: str = "exact", samples: int = 64, seed: int = 0
 ) -> AttributionResult:
-    """Attribution of every hidden token to every input token, every layer, one sequence."""
+    """Attribution of every hidden token to every input token, every layer, for one sequence
+    ``token_ids [T]`` or ``[1, T]`` (all real tokens)."""
     ids = token_ids.reshape(1, -1).cpu()
     T = ids.shape[1]
     if T < 2:
         raise TgeomError("the text gives fewer than 2 tokens; pass a longer --text.")
     if lm.summary.n_ctx < T:
         raise TgeomError(
-            f"the sequence has {T} tokens, more than the model context ({lm.summary.n_ctx})."
+            f"the sequence has {T} tokens, more than the model context ({lm.summary.n_ctx}); "
+            "pass a shorter text."
         )
+    if mode not in ("exact", "estimate"):
+        raise TgeomError(f"mode must be exact or estimate, got {mode!r}.")
+    if mode == "estimate" and samples < 2:
+        raise TgeomError("estimate mode needs --samples >= 2 (for standard errors).")
     cw = lm.weights()
     with torch.no_grad():
         x0 = embed(cw, ids.to(cw.W_E.device)).detach()
+    se = c_se = None
     if mode == "exact":
         G = squared_norms_exact(cw, x0)
-        se = None
-    elif mode == "estimate":
-        if samples < 2:
-            raise TgeomError("estimate mode needs --samples >= 2 (for standard errors).")
+    else:
         G, G_se = squared_norms_estimate(cw, x0, samples, seed)
         se = G_se / (2 * G.clamp_min(1e-30).sqrt())  # delta method for the norm
-    else:
-        raise TgeomError(f"mode must be exact or estimate, got {mode!r}.")
     norms = G.clamp_min(0).sqrt().double()
     contributions = norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)
+    if se is not None:
+        c_se = contribution_standard_errors(norms, se)
     return AttributionResult(
-        lm.token_strings(ids[0]),
+        lm.token_strings(ids[0].tolist()),
         norms,
         contributions,
         mode,
         samples if mode == "estimate" else None,
-        se.double() if se is not None else None,
+        se,
+        c_se,
     )

@@ -3,13 +3,21 @@
 For one sequence of ``n`` real tokens, layer ``l`` and head ``h``: ``T = V W_O[h]`` (``[n, d]``,
 ``V = X W_V + b_V`` the head's value vectors, bias included). Attention ``A [n, n]`` is
 identifiable only when the left null space of ``T`` is trivial; its dimension is
-``n - rank(T)`` (float64, relative tolerance 1e-10), non-trivial whenever ``n > d_head``.
+``n - rank(T)`` (float64; relative tolerance ``max(n, d) * eps(float32)`` by default, as
+``V`` and ``W_O`` are stored in float32, see :mod:`tgeom.linalg.nullspace`), non-trivial
+whenever ``n > d_head``.
 Effective attention ``A_eff = A - A N N^T`` (N an orthonormal basis of that null space) gives the
 same head output (``A_eff T = A T``) and equals ``A`` when the null space is trivial.
 
-Every head of every layer of a batch is computed at once, each sequence cut to its own length
-(padding never enters ``T``). Effective attention can be negative and need not sum to 1: the
-token-type summaries report both the signed mean and the mean of absolute values.
+Computation (exact, cheaper than a full SVD of ``T``): with ``W_O[h]^T = Q R`` (thin QR, ``Q``
+``[d, dh]`` orthonormal), ``T = (V R^T) Q^T`` has the singular values and left singular vectors
+of the small ``V R^T [n, dh]``. With ``U_r`` its left singular vectors above the tolerance,
+``I - N N^T = U_r U_r^T`` and ``A_eff = (A U_r) U_r^T``; heads with a trivial null space keep
+``A`` bit for bit. Every head of every layer of a batch is computed at once, each sequence cut to
+its own length (padding never enters ``T``).
+
+Effective attention can be negative and need not sum to 1: the token-type summaries report both
+the signed mean and the mean of absolute values (figures use the signed one and say so).
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ from __future__ import annotations
 import string
 import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from tgeom.capture import capture
-from tgeom.linalg.nullspace import null_space_projectors
+from tgeom.linalg.nullspace import default_rtol
 from tgeom.runtime import Runtime
 
 TOKEN_TYPES = ("cls/bos", "sep/eos", "punctuation", "other")
@@ -31,7 +40,7 @@ TOKEN_TYPES = ("cls/bos", "sep/eos", "punctuation", "other")
 
 @dataclass
 class SequenceAttention:
-    """One sequence: ``raw, effective [L, H, n, n]`` (float64), ``null_dim, rank [L, H]``."""
+    """One sequence: ``raw, effective [L, H, n, n]`` (float64, CPU), ``null_dim, rank [L, H]``."""
 
     token_ids: list[int]
     raw: Tensor
@@ -41,46 +50,69 @@ class SequenceAttention:
 
 
 def real_lengths(token_ids: Tensor, attention_mask: Tensor | None) -> list[int]:
+    """Real tokens per row (right padding); the mask must be 1s then 0s."""
     if attention_mask is None:
         return [int(token_ids.shape[1])] * int(token_ids.shape[0])
     return [int(n) for n in attention_mask.sum(1).tolist()]
 
 
+def output_factors(lm: Any, device: torch.device) -> Tensor:
+    """``R^T [L, H, dh, dh]`` float64 with ``W_O[l, h] = R^T Q^T`` (``Q`` orthonormal columns)."""
+    W_O = torch.stack([lw.W_O for lw in lm.weights().layers]).to(device, torch.float64)
+    R = torch.linalg.qr(W_O.transpose(-1, -2), mode="reduced").R  # [L, H, dh, dh]
+    return R.transpose(-1, -2)
+
+
+def range_basis(V: Tensor, Rt: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
+    """Column-space basis of ``T = V W_O`` from ``V [..., n, dh]`` and ``R^T [..., dh, dh]``:
+    ``U_r [..., n, k]`` (columns beyond the rank zeroed) and ``rank [...]``."""
+    U, s, _ = torch.linalg.svd(V @ Rt, full_matrices=False)  # U [..., n, min(n, dh)]
+    tol = rtol * s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
+    keep = s > tol
+    return U * keep[..., None, :].to(U.dtype), keep.sum(-1)
+
+
 def effective_attention_batch(
-    lm: Any, token_ids: Tensor, attention_mask: Tensor | None = None, *, need_attention: bool = True
+    lm: Any,
+    token_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    need_attention: bool = True,
+    rtol: float | None = None,
 ) -> list[SequenceAttention]:
     """Raw and effective attention of every layer and head for each sequence of a batch
-    (``token_ids [B, T]``, right padding marked by ``attention_mask``)."""
-    cw = lm.weights()
-    W_O = torch.stack([lw.W_O for lw in cw.layers]).double()  # [L, H, dh, d]
+    (``token_ids [B, T]``, right padding marked by ``attention_mask``); ``rtol`` is the relative
+    rank tolerance (default ``max(n, d) * eps`` of the stored values' dtype)."""
     captured = capture(lm, token_ids, attention_mask, attentions=need_attention, values=True)
     assert captured.values is not None
+    Rt = output_factors(lm, captured.values.device)
     out = []
     for b, n in enumerate(real_lengths(token_ids, attention_mask)):
-        V = captured.values[:, b, :, :n].double()  # [L, H, n, dh]
-        T = V @ W_O.to(V.device)  # [L, H, n, d]
-        projector, rank = null_space_projectors(T)
+        V = captured.values[:, b, :, :n]  # [L, H, n, dh]
+        tol = default_rtol(n, lm.summary.d_model, V.dtype) if rtol is None else rtol
+        U, rank = range_basis(V.double(), Rt, tol)
+        null_dim = n - rank
         if need_attention:
             assert captured.attentions is not None
             A = captured.attentions[:, b, :, :n, :n].double()
-            A_eff = A - A @ projector
+            A_eff = (A @ U) @ U.transpose(-1, -2)
+            A_eff = torch.where((null_dim == 0)[..., None, None], A, A_eff)
+            A, A_eff = A.cpu(), A_eff.cpu()
         else:
-            A = A_eff = torch.empty(0)
-        out.append(
-            SequenceAttention(
-                token_ids[b, :n].tolist(), A.cpu(), A_eff.cpu(), (n - rank).cpu(), rank.cpu()
-            )
-        )
+            A = A_eff = torch.empty(0, dtype=torch.float64)
+        ids = token_ids[b, :n].tolist()
+        out.append(SequenceAttention(ids, A, A_eff, null_dim.cpu(), rank.cpu()))
     return out
 
 
 def token_type(token: str, token_id: int, lm: Any) -> str:
+    """One of :data:`TOKEN_TYPES` for a token (special ids first, then punctuation)."""
     tok = lm.tokenizer
     if token_id in {tok.cls_token_id, tok.bos_token_id} - {None}:
         return "cls/bos"
     if token_id in {tok.sep_token_id, tok.eos_token_id} - {None}:
         return "sep/eos"
-    core = token.strip().removeprefix("##")
+    core = token.strip().removeprefix("##").removeprefix("Ġ").removeprefix("▁")
     if core and all(
         c in string.punctuation or unicodedata.category(c).startswith("P") for c in core
     ):
@@ -89,6 +121,7 @@ def token_type(token: str, token_id: int, lm: Any) -> str:
 
 
 def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two equally shaped tensors (NaN when one is constant)."""
     x, y = x.reshape(-1).double(), y.reshape(-1).double()
     xc, yc = x - x.mean(), y - y.mean()
     denominator = float(xc.norm() * yc.norm())
@@ -96,8 +129,39 @@ def pearson(x: Tensor, y: Tensor) -> float:
 
 
 @dataclass
+class PearsonTable:
+    """Pearson(raw, effective) ``values [S, L, H]`` over each sequence's allowed (causal: lower
+    triangle) entries, with the sequence ``lengths [S]``. Indexing reads ``values``."""
+
+    values: Tensor
+    lengths: list[int]
+
+    def __getitem__(self, index: Any) -> Tensor:
+        return self.values[index]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def nanmean(self) -> Tensor:
+        return self.values.nanmean()
+
+    def by_length(self) -> list[dict[str, Any]]:
+        """Per distinct length: mean over sequences and heads, per layer."""
+        rows = []
+        for n in sorted(set(self.lengths)):
+            idx = [s for s, m in enumerate(self.lengths) if m == n]
+            per_layer = self.values[idx].nanmean(dim=(0, 2)) if idx else torch.empty(0)
+            rows.append({"length": n, "n_sequences": len(idx), "by_layer": per_layer.tolist()})
+        return rows
+
+
+@dataclass
 class EffectiveAttentionResult:
-    """Effective attention over a set of sequences, with its summaries."""
+    """Effective attention over a set of sequences, with its summaries.
+
+    ``sequences[s].raw / .effective [L, H, n_s, n_s]``, ``.null_dim [L, H]``; ``tokens`` and
+    ``types`` (one of :data:`TOKEN_TYPES`) per sequence and token."""
 
     sequences: list[SequenceAttention]
     tokens: list[list[str]]
@@ -109,31 +173,24 @@ class EffectiveAttentionResult:
     def lengths(self) -> list[int]:
         return [len(s.token_ids) for s in self.sequences]
 
-    def pearson(self) -> Tensor:
-        """Pearson(raw, effective) ``[S, L, H]`` over each sequence's allowed entries."""
+    @cached_property
+    def pearson(self) -> PearsonTable:
+        """Pearson(raw, effective) per sequence, layer and head (see :class:`PearsonTable`)."""
         out = []
         for seq in self.sequences:
             n = seq.raw.shape[-1]
             allowed = torch.ones(n, n, dtype=torch.bool)
             if self.causal:
                 allowed = allowed.tril()
-            L, H = seq.raw.shape[:2]
-            out.append(
-                torch.tensor(
-                    [
-                        [
-                            pearson(seq.raw[layer, h][allowed], seq.effective[layer, h][allowed])
-                            for h in range(H)
-                        ]
-                        for layer in range(L)
-                    ]
-                )
-            )
-        return torch.stack(out)
+            raw, eff = seq.raw[..., allowed], seq.effective[..., allowed]  # [L, H, m]
+            out.append(torch.vmap(torch.vmap(pearson_t))(raw, eff))
+        return PearsonTable(torch.stack(out), self.lengths)
 
+    @cached_property
     def token_type_attention(self) -> dict[str, Tensor]:
-        """Mean over sequences and queries of the attention given to each token type,
-        ``[L, H, 4]`` for raw/effective, signed (sum of weights) and absolute (sum of |weights|)."""
+        """Mean over sequences and queries of the attention each query gives to each token type,
+        ``[L, H, 4]`` (order :data:`TOKEN_TYPES`) for ``raw_signed``, ``raw_abs``,
+        ``effective_signed``, ``effective_abs`` (abs = summed ``|weight|``)."""
         L, H = self.sequences[0].raw.shape[:2]
         names = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")
         sums = {k: torch.zeros(L, H, len(TOKEN_TYPES), dtype=torch.float64) for k in names}
@@ -143,28 +200,29 @@ class EffectiveAttentionResult:
                 [[t == k for k in TOKEN_TYPES] for t in types], dtype=torch.float64
             )
             for name, matrix in (("raw", seq.raw), ("effective", seq.effective)):
-                sums[f"{name}_signed"] = sums[f"{name}_signed"] + (matrix @ onehot).sum(-2)
-                sums[f"{name}_abs"] = sums[f"{name}_abs"] + (matrix.abs() @ onehot).sum(-2)
+                sums[f"{name}_signed"] += (matrix @ onehot).sum(-2)
+                sums[f"{name}_abs"] += (matrix.abs() @ onehot).sum(-2)
             count += len(types)
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     def to_json(self, matrices_of: int | None = 0) -> dict[str, Any]:
         """Summaries, plus per-head raw/effective matrices of sequence ``matrices_of``."""
-        r = self.pearson()
-        types = self.token_type_attention()
+        r = self.pearson.values
+        types = self.token_type_attention
         L, H = r.shape[1:]
         data: dict[str, Any] = {
             "d_head": self.d_head,
             "lengths": self.lengths,
             "token_types": list(TOKEN_TYPES),
-            "pearson_by_layer": [
-                {
-                    "layer": layer,
-                    "mean": float(r[:, layer].nanmean()),
-                    "by_sequence": r[:, layer].nanmean(1),
-                }
+            "pearson": [
+                {"layer": layer, "head": h, "by_sequence": r[:, layer, h]}
                 for layer in range(L)
+                for h in range(H)
             ],
+            "pearson_by_layer": [
+                {"layer": layer, "mean": float(r[:, layer].nanmean())} for layer in range(L)
+            ],
+            "pearson_by_length": self.pearson.by_length(),
             "token_type_attention": {
                 k: [
                     {
@@ -196,6 +254,12 @@ class EffectiveAttentionResult:
         return data
 
 
+def pearson_t(x: Tensor, y: Tensor) -> Tensor:
+    """Tensor form of :func:`pearson` for ``vmap`` (NaN when one side is constant)."""
+    xc, yc = x - x.mean(), y - y.mean()
+    return (xc @ yc) / (xc.norm() * yc.norm())
+
+
 def effective_attention(
     lm: Any,
     token_ids: Tensor,
@@ -217,57 +281,3 @@ def effective_attention(
     return EffectiveAttentionResult(
         sequences, tokens, types, lm.summary.d_head, bool(lm.summary.is_causal)
     )
-
-
-@dataclass
-class NullSpaceResult:
-    """``null_dim [S, L, H]`` and the sequence lengths ``[S]``."""
-
-    null_dim: Tensor
-    lengths: list[int]
-    d_head: int
-
-    def to_json(self) -> dict[str, Any]:
-        _, L, H = self.null_dim.shape
-        by_length: dict[int, list[int]] = {}
-        for s, n in enumerate(self.lengths):
-            by_length.setdefault(n, []).append(s)
-        return {
-            "d_head": self.d_head,
-            "lengths": self.lengths,
-            "layers": [
-                {
-                    "layer": layer,
-                    "head": h,
-                    "mean_null_dim": float(self.null_dim[:, layer, h].double().mean()),
-                    "by_length": [
-                        {
-                            "length": n,
-                            "mean_null_dim": float(self.null_dim[idx, layer, h].double().mean()),
-                        }
-                        for n, idx in sorted(by_length.items())
-                    ],
-                }
-                for layer in range(L)
-                for h in range(H)
-            ],
-            "expected_generic": "max(0, length - d_head)",
-        }
-
-
-def null_space_dims(
-    lm: Any,
-    token_ids: Tensor,
-    attention_mask: Tensor | None = None,
-    runtime: Runtime | None = None,
-) -> NullSpaceResult:
-    """Null-space dimension of every head for every sequence (no attention needed)."""
-    runtime = runtime or Runtime.auto()
-    dims, lengths = [], []
-    for start in range(0, token_ids.shape[0], runtime.batch_size):
-        stop = start + runtime.batch_size
-        mask = attention_mask[start:stop] if attention_mask is not None else None
-        for seq in effective_attention_batch(lm, token_ids[start:stop], mask, need_attention=False):
-            dims.append(seq.null_dim)
-            lengths.append(len(seq.token_ids))
-    return NullSpaceResult(torch.stack(dims), lengths, lm.summary.d_head)

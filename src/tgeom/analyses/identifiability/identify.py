@@ -19,31 +19,59 @@ import torch
 from torch import Tensor
 
 from tgeom.capture import iter_captures
-from tgeom.errors import TgeomError
+from tgeom.errors import TgeomError, check_index
 from tgeom.runtime import Runtime
-
-MIN_SEQUENCES = 7  # smallest count for which 15% of the sequences is at least one
 
 
 @dataclass
 class IdentifiabilityResult:
-    rows: list[dict[str, Any]]  # {layer, g, distance, rate, n_tokens}
+    """``rows``: one ``{layer, g, distance, rate, n_tokens}`` per layer, g and distance (rates on
+    the test sequences); ``options``: candidates, seed, split and sequence counts."""
+
+    rows: list[dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return self.rows
+
+    def rate(self, layer: int, g: str, distance: str) -> float:
+        for row in self.rows:
+            if (row["layer"], row["g"], row["distance"]) == (layer, g, distance):
+                return float(row["rate"])
+        raise KeyError((layer, g, distance))
 
     def to_json(self) -> dict[str, Any]:
         return {"layers": self.rows, **self.options}
 
 
+def split_sizes(n: int, split: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Train/validation/test counts for ``n`` sequences (floors; the rest goes to test)."""
+    n_train, n_val = int(split[0] * n + 1e-9), int(split[1] * n + 1e-9)
+    return n_train, n_val, n - n_train - n_val
+
+
+def min_sequences(split: tuple[float, float, float]) -> int:
+    """Smallest number of sequences giving every part of the split at least one sequence."""
+    n = 3
+    while min(split_sizes(n, split)) < 1:
+        n += 1
+    return n
+
+
 def split_sequences(n: int, seed: int, split: tuple[float, float, float]) -> tuple[Tensor, ...]:
-    if n < MIN_SEQUENCES:
+    """Seeded random split of ``n`` sequences into train/validation/test index tensors."""
+    if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
+        raise TgeomError(f"split must be three positive shares summing to 1, got {split}.")
+    needed = min_sequences(split)
+    if n < needed:
         raise TgeomError(
-            f"token identifiability needs at least {MIN_SEQUENCES} sequences for a "
+            f"token identifiability needs at least {needed} sequences for a "
             f"{'/'.join(str(round(100 * s)) for s in split)} split, but the corpus gave {n}; "
-            "pass more text or a smaller --seq-len."
+            "pass more text, more windows per topic or a smaller --seq-len."
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train = max(1, int(split[0] * n))
-    n_val = max(1, int(split[1] * n))
+    n_train, n_val, _ = split_sizes(n, split)
     return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
 
 
@@ -60,13 +88,16 @@ def apply_linear(W: Tensor, H: Tensor) -> Tensor:
 def fit_mlp(
     H: Tensor, X: Tensor, H_val: Tensor, X_val: Tensor, seed: int, epochs: int = 300
 ) -> torch.nn.Module:
-    """One hidden layer (width d), Adam, full batch; keeps the best validation state."""
-    torch.manual_seed(seed)
+    """One hidden layer (width d), Adam, full batch, early stopping (patience 20) on the
+    validation MSE; keeps the best validation state. Deterministic for a seed (the global RNG
+    is left untouched)."""
     d_in, d_out = H.shape[1], X.shape[1]
     mean, std = H.mean(0), H.std(0).clamp_min(1e-6)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(d_in, d_in), torch.nn.GELU(), torch.nn.Linear(d_in, d_out)
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(d_in, d_in), torch.nn.GELU(), torch.nn.Linear(d_in, d_out)
+        )
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     best, best_state, patience = float("inf"), None, 0
     for _ in range(epochs):
@@ -97,7 +128,7 @@ class _Standardised(torch.nn.Module):
         return self.net((h - self.mean) / self.std)
 
 
-def distances(pred: Tensor, candidates: Tensor, kind: str) -> Tensor:
+def pairwise_distances(pred: Tensor, candidates: Tensor, kind: str) -> Tensor:
     """``[n, m]`` distances between predictions ``[n, d]`` and candidates ``[m, d]``."""
     pred, candidates = pred.double(), candidates.double()
     if kind == "cosine":
@@ -111,7 +142,7 @@ def distances(pred: Tensor, candidates: Tensor, kind: str) -> Tensor:
 
 def identified_in_sequence(pred: Tensor, X: Tensor, kind: str) -> Tensor:
     """``[n]`` bool: token i's own input is (one of) the nearest among the sequence's inputs."""
-    D = distances(pred, X, kind)
+    D = pairwise_distances(pred, X, kind)
     own = D.diagonal()
     return own <= D.min(dim=1).values + 1e-12
 
@@ -121,15 +152,20 @@ def token_identifiability(
     token_ids: Tensor,
     *,
     g: tuple[str, ...] = ("identity", "linear", "mlp"),
-    distances_: tuple[str, ...] = ("cosine", "l2"),
+    distances: tuple[str, ...] = ("cosine", "l2"),
     candidates: str = "sequence",
     seed: int = 0,
     split: tuple[float, float, float] = (0.7, 0.15, 0.15),
     runtime: Runtime | None = None,
+    layers: list[int] | None = None,
 ) -> IdentifiabilityResult:
     """Rate of identified tokens per layer, for each ``g`` and distance (test split only).
 
-    ``token_ids [N, T]``: N sequences of T real tokens (windows of a corpus)."""
+    ``token_ids [N, T]``: N sequences of T real tokens (windows of a corpus). ``layers``: the
+    layers evaluated (default all; the report spreads a few over depth on CPU)."""
+    for kind in distances:
+        if kind not in ("cosine", "l2"):
+            raise TgeomError(f"distance must be cosine or l2, got {kind!r}.")
     if candidates not in ("sequence", "vocabulary"):
         raise TgeomError(f"candidates must be sequence or vocabulary, got {candidates!r}.")
     train, val, test = split_sequences(int(token_ids.shape[0]), seed, split)
@@ -139,7 +175,9 @@ def token_identifiability(
     )  # [L+1, N, T, d]
     X = hidden[0]
     rows = []
-    for layer in range(hidden.shape[0]):
+    chosen = range(hidden.shape[0]) if layers is None else layers
+    for layer in chosen:
+        check_index("layer", layer, hidden.shape[0])
         H = hidden[layer]
         maps: dict[str, Any] = {}
         for name in g:
@@ -160,7 +198,7 @@ def token_identifiability(
             else:
                 raise TgeomError(f"g must be identity, linear or mlp, got {name!r}.")
         for name, fn in maps.items():
-            for kind in distances_:
+            for kind in distances:
                 hits, total = 0, 0
                 for s in test.tolist():
                     pred = fn(H[s])
@@ -202,6 +240,6 @@ def _identified_in_vocabulary(lm: Any, pred: Tensor, ids: Tensor, kind: str) -> 
             cand = cand + cw.W_type[0]
         if cw.embed_norm is not None:
             cand = cw.embed_norm(cand)
-        D = distances(pred[t : t + 1], cand, kind)[0]
+        D = pairwise_distances(pred[t : t + 1], cand, kind)[0]
         out[t] = D[int(ids[t])] <= D.min() + 1e-12
     return out
