@@ -100,6 +100,44 @@ MODEL_COMMANDS = {
     "weights atlas": ["weights", "atlas", "{model}", "--k", "2", "--out", "{out}"],
     "weights lens": ["weights", "lens", "{model}", "--text", "hello there", "--out", "{out}"],
     "corpus": ["corpus", "{good_corpus}", "--model", "{model}", "--seq-len", "8"],
+    "geometry run": [
+        "geometry",
+        "run",
+        "{model}",
+        "{good_corpus}",
+        "--seq-len",
+        "8",
+        "--out",
+        "{out}",
+    ],
+    "attention effective": [
+        "attention",
+        "effective",
+        "{model}",
+        "--text",
+        "hi there",
+        "--out",
+        "{out}",
+    ],
+    "identify tokens": [
+        "identify",
+        "tokens",
+        "{model}",
+        "--corpus",
+        "{good_corpus}",
+        "--out",
+        "{out}",
+    ],
+    "identify attribution": [
+        "identify",
+        "attribution",
+        "{model}",
+        "--text",
+        "hi",
+        "--out",
+        "{out}",
+    ],
+    "report": ["report", "{model}", "--corpus", "{good_corpus}", "--out", "{out}", "--quiet"],
 }
 
 
@@ -113,7 +151,8 @@ def assert_clean_failure(code: int, err: str, needle: str, out: Path | None = No
     assert len(lines) == 1 and lines[0].startswith("tgeom: error: "), err
     assert needle in lines[0], lines[0]
     if out is not None:
-        assert not (out / "results.json").exists()
+        assert not out.exists() or not (out / "results.json").exists()
+        assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
 # `tgeom corpus` reads only the tokenizer (and checks the architecture): weights are not its

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -164,25 +165,17 @@ def build_report(
     progress: Any = None,
 ) -> Path:
     """Run every section (or reuse its cache) and write ``index.html`` + ``results.json``."""
-    from tgeom.report.progress import Progress
-    from tgeom.report.sections import default_sections
     from tgeom.runtime import default_device
 
-    out_dir = check_out_dir(Path(out), force)
     options = options or ReportOptions.for_device(default_device().type)
-    progress = progress or Progress(quiet=True)
-    ctx = ReportContext(model, corpus, options, out_dir, progress)
-    cache_dir = out_dir / ".cache"
-    cache_dir.mkdir(exist_ok=True)
-    built: list[Section] = []
-    for name, builder in sections if sections is not None else default_sections():
-        cache_file = cache_dir / f"{name}-{cache_key(model, corpus, options, name)}.json"
-        if cache_file.is_file():
-            built.append(Section(**json.loads(cache_file.read_text(encoding="utf-8"))))
-            continue
-        section = builder(ctx)
-        atomic_write_text(cache_file, json.dumps(to_jsonable(asdict(section))))
-        built.append(section)
+    created = not Path(out).exists()
+    out_dir = check_out_dir(Path(out), force)
+    try:
+        built = _build_sections(model, corpus, out_dir, options, sections, progress)
+    except BaseException:
+        if created:  # a failed first run leaves nothing behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     title = f"tgeom report: {model}"
     page = H.page(
         title,
@@ -219,3 +212,30 @@ def environment() -> dict[str, str]:
         "threads": str(torch.get_num_threads()),
         "cpu_count": str(os.cpu_count()),
     }
+
+
+def _build_sections(
+    model: str,
+    corpus: str,
+    out_dir: Path,
+    options: ReportOptions,
+    sections: list[tuple[str, SectionBuilder]] | None,
+    progress: Any,
+) -> list[Section]:
+    from tgeom.report.progress import Progress
+    from tgeom.report.sections import default_sections
+
+    progress = progress or Progress(quiet=True)
+    ctx = ReportContext(model, corpus, options, out_dir, progress)
+    cache_dir = out_dir / ".cache"
+    cache_dir.mkdir(exist_ok=True)
+    built: list[Section] = []
+    for name, builder in sections if sections is not None else default_sections():
+        cache_file = cache_dir / f"{name}-{cache_key(model, corpus, options, name)}.json"
+        if cache_file.is_file():
+            built.append(Section(**json.loads(cache_file.read_text(encoding="utf-8"))))
+            continue
+        section = builder(ctx)
+        atomic_write_text(cache_file, json.dumps(to_jsonable(asdict(section))))
+        built.append(section)
+    return built
