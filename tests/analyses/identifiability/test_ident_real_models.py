@@ -12,6 +12,7 @@ from tgeom.analyses.identifiability import (
     token_attribution,
     token_identifiability,
 )
+from tgeom.analyses.identifiability.sequences import varied_length_batch
 from tgeom.corpus import load_corpus, make_windows
 
 
@@ -20,14 +21,11 @@ from tgeom.corpus import load_corpus, make_windows
 def test_identifiability_on_real_model(request, name):
     lm = request.getfixturevalue(name)
     windows = make_windows(
-        load_corpus("builtin"), lm.tokenizer, 48, max_windows_per_topic=2, max_context=512
+        load_corpus("builtin"), lm.tokenizer, 96, max_windows_per_topic=2, max_context=512
     )
-    ids = windows.token_ids[:8]
-    lengths = [8, 16, 24, 32, 40, 48, 64 if ids.shape[1] >= 64 else 48, 48]
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, :n] = 1
-    ids = ids * mask  # padding id 0 where masked; must not matter
+    # Lengths 8..96 (beyond SmolLM2's d_head of 64), with [CLS]/[SEP] or BOS around each.
+    ids, mask = varied_length_batch(lm, windows.token_ids[:8])
+    lengths = mask.sum(1).tolist()
     dh = lm.summary.d_head
     print(f"\n== {name}: d_head {dh}, lengths {lengths[: len(ids)]}")
 
@@ -61,7 +59,7 @@ def test_identifiability_on_real_model(request, name):
     assert torch.allclose(types["raw_signed"].sum(-1), torch.ones(1, dtype=torch.float64))
     del special
 
-    ident = token_identifiability(lm, windows.token_ids[:8, :24], seed=0)
+    ident = token_identifiability(lm, windows.token_ids[:16, :32], seed=0)
     table: dict[tuple[str, str], list[float]] = {}
     for row in ident.rows:
         table.setdefault((row["g"], row["distance"]), []).append(round(row["rate"], 3))
