@@ -1,13 +1,22 @@
 """Identifiability benchmarks [BRU], each against a baseline measured in the same run.
 
-1. Hidden token attribution of one sequence on MiniLM: exact mode (forward-mode JVPs, all layers
-   and output tokens from the same passes) vs the naive reverse-mode loop (one vectorised
-   backward per output token per layer, full Jacobian blocks; on CPU only ``--naive-tokens``
-   output tokens are run and the time is extrapolated, said so in the output); estimate mode at
-   16 and 64 samples: time and mean relative error of the norms against exact.
-2. Effective attention of a batch vs the plain forward pass with attentions (target <= 1.5x).
+1. Hidden token attribution of one ``--tokens``-token sequence on MiniLM:
+   - exact mode: forward-mode JVPs along the d coordinates of each input token x_j (all layers
+     and all output tokens from the same passes);
+   - the naive reverse-mode loop: one vectorised backward (full d x T x d Jacobian block) per
+     output token per layer;
+   - estimate mode at 16 and 64 samples: time, and the mean relative error of the norms
+     ||dh^l_i/dx_j||_F against exact, beside the mean stated standard error.
+   Every pass of one method costs the same whatever token it starts from, so on CPU each method
+   runs on a subset (``--exact-inputs`` input tokens, ``--naive-outputs`` output tokens) of the
+   full-length sequence and its time is scaled to the whole sequence; the output says which
+   numbers are measured and which are scaled. On a GPU everything runs in full by default.
+2. Effective attention of a batch (every layer and head) against the plain Hugging Face forward
+   pass with attentions (target <= 1.5x), for MiniLM (bidirectional) and, with ``--decoder``,
+   SmolLM2 (causal: per-prefix null spaces).
 
-Usage: python bench/bench_identify.py [--tokens 128] [--batch 16] [--naive-tokens N]
+Usage: python bench/bench_identify.py [--tokens 128] [--batch 16] [--exact-inputs K]
+       [--naive-outputs N] [--decoder]
 """
 
 from __future__ import annotations
@@ -36,76 +45,111 @@ def timed(fn, device):  # type: ignore[no-untyped-def]
     return value, time.perf_counter() - start
 
 
-def naive_reverse(cw, x0, tokens):  # type: ignore[no-untyped-def]
-    """||J^l_ij||_F^2 rows for output tokens ``tokens``: one vectorised backward (full d x T x d
-    Jacobian block) per (layer, output token)."""
+def naive_reverse(cw, x0, outputs):  # type: ignore[no-untyped-def]
+    """||J^l_ij||_F^2 rows ``[L+1, len(outputs), T]`` for output tokens ``outputs``: one
+    vectorised backward (full d x T x d Jacobian block) per (layer, output token)."""
     L1, T = len(cw.layers) + 1, x0.shape[1]
-    G = torch.zeros(L1, T, T, dtype=torch.float64)
+    G = torch.zeros(L1, len(outputs), T, dtype=torch.float64)
     for layer in range(1, L1):
-        for i in tokens:
+        for row, i in enumerate(outputs):
             f = lambda x, layer=layer, i=i: run_blocks(cw, x, stop=layer)[-1][0, i]  # noqa: E731
             J = torch.autograd.functional.jacobian(f, x0, vectorize=True)  # [d, 1, T, d]
-            G[layer, i] = (J[:, 0].double() ** 2).sum(dim=(0, 2)).cpu()
-    G[0] = torch.eye(T)
+            G[layer, row] = (J[:, 0].double() ** 2).sum(dim=(0, 2)).cpu()
+    G[0] = torch.eye(T)[outputs]
     return G
+
+
+def spread(T: int, k: int) -> list[int]:
+    """``k`` token indices spread over ``0..T-1``."""
+    return sorted({round(i * (T - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def attribution_bench(lm, windows, args, device):  # type: ignore[no-untyped-def]
+    cw = lm.weights()
+    ids = windows.token_ids[:1, : args.tokens].to(device)
+    T = ids.shape[1]
+    with torch.no_grad():
+        x0 = embed(cw, ids).detach()
+    full = device.type == "cuda"
+    inputs = spread(T, args.exact_inputs or (T if full else 6))
+    outputs = spread(T, args.naive_outputs or (T if full else 2))
+    squared_norms_exact(cw, x0, inputs=[0])  # warm-up (kernels, allocator)
+    exact, t_exact = timed(lambda: squared_norms_exact(cw, x0, inputs=inputs), device)
+    naive, t_naive = timed(lambda: naive_reverse(cw, x0, outputs), device)
+    overlap = naive[1:][:, :, inputs]  # rows: naive outputs; columns: exact inputs
+    reference = exact[1:][:, outputs]
+    report = {
+        "tokens": T,
+        "layers": len(cw.layers),
+        "d_model": x0.shape[2],
+        "exact_input_tokens_run": len(inputs),
+        "exact_s_measured": t_exact,
+        "exact_s_full_sequence": t_exact * T / len(inputs),
+        "naive_output_tokens_run": len(outputs),
+        "naive_s_measured": t_naive,
+        "naive_s_full_sequence": t_naive * T / len(outputs),
+        "scaled_to_full_sequence": len(inputs) < T or len(outputs) < T,
+        "naive_over_exact": (t_naive / len(outputs)) / (t_exact / len(inputs)),
+        "exact_vs_naive_max_rel_diff": float(
+            ((reference - overlap).abs() / overlap.clamp_min(1e-12)).max()
+        ),
+    }
+    truth = exact[1:].sqrt()
+    for samples in (16, 64):
+        (estimate, se), t = timed(
+            lambda s=samples: squared_norms_estimate(cw, x0, s, seed=0, inputs=inputs), device
+        )
+        norm_se = se[1:] / (2 * estimate[1:].clamp_min(1e-30).sqrt())
+        report[f"estimate_{samples}_s_measured"] = t
+        report[f"estimate_{samples}_s_full_sequence"] = t * T / len(inputs)
+        report[f"estimate_{samples}_mean_rel_error_of_norms"] = float(
+            ((estimate[1:].sqrt() - truth).abs() / truth).mean()
+        )
+        report[f"estimate_{samples}_mean_rel_standard_error"] = float((norm_se / truth).mean())
+    return report
+
+
+def effective_bench(lm, windows, batch_size, device):  # type: ignore[no-untyped-def]
+    batch = windows.token_ids[:batch_size].to(device)
+    with torch.no_grad():
+        lm.hf(input_ids=batch[:2], output_attentions=True)  # warm-up
+        effective_attention_batch(lm, batch[:1])
+        _, t_plain = timed(lambda: lm.hf(input_ids=batch, output_attentions=True), device)
+        _, t_eff = timed(lambda: effective_attention_batch(lm, batch), device)
+    return {
+        "model": lm.source,
+        "causal": bool(lm.summary.is_causal),
+        "batch": int(batch.shape[0]),
+        "tokens": int(batch.shape[1]),
+        "plain_forward_with_attentions_s": t_plain,
+        "effective_attention_s": t_eff,
+        "effective_over_plain": t_eff / t_plain,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--naive-tokens", type=int, default=None)
+    parser.add_argument("--exact-inputs", type=int, default=None)
+    parser.add_argument("--naive-outputs", type=int, default=None)
+    parser.add_argument("--decoder", action="store_true", help="also SmolLM2 effective attention")
     args = parser.parse_args()
-    device = Runtime.auto().device
+    runtime = Runtime.auto()
+    device = runtime.device
+    corpus = load_corpus("builtin")
     lm = load_model("minilm", device=str(device))
-    cw = lm.weights()
-    windows = make_windows(
-        load_corpus("builtin"), lm.tokenizer, args.tokens, max_windows_per_topic=4
-    )
-    ids = windows.token_ids[:1].to(device)
-    T = ids.shape[1]
-    with torch.no_grad():
-        x0 = embed(cw, ids).detach()
-    squared_norms_exact(cw, x0[:, :8])  # warm-up (kernels, allocator)
-    exact, t_exact = timed(lambda: squared_norms_exact(cw, x0), device)
-    n_naive = args.naive_tokens or (T if device.type == "cuda" else 4)
-    rows = list(range(0, T, max(1, T // n_naive)))[:n_naive]
-    naive, t_naive = timed(lambda: naive_reverse(cw, x0, rows), device)
-    t_naive_full = t_naive * T / len(rows)
-    sel = exact[1:, rows]
+    windows = make_windows(corpus, lm.tokenizer, args.tokens, max_windows_per_topic=4)
     report = {
         "device": str(device),
-        "model": lm.source,
-        "tokens": T,
-        "exact_s": t_exact,
-        "naive_reverse_output_tokens_run": len(rows),
-        "naive_reverse_s_measured": t_naive,
-        "naive_reverse_s_full_sequence": t_naive_full,
-        "naive_is_extrapolated": len(rows) < T,
-        "naive_over_exact": t_naive_full / t_exact,
-        "exact_vs_naive_max_rel_diff": float(
-            ((sel - naive[1:, rows]).abs() / naive[1:, rows].clamp_min(1e-12)).max()
-        ),
+        "threads": torch.get_num_threads(),
+        "attribution_minilm": attribution_bench(lm, windows, args, device),
+        "effective_attention": [effective_bench(lm, windows, args.batch, device)],
     }
-    for samples in (16, 64):
-        (estimate, _), t = timed(
-            lambda s=samples: squared_norms_estimate(cw, x0, s, seed=0), device
-        )
-        rel = ((estimate[1:].sqrt() - exact[1:].sqrt()).abs() / exact[1:].sqrt()).mean()
-        report[f"estimate_{samples}_s"] = t
-        report[f"estimate_{samples}_mean_rel_error_of_norms"] = float(rel)
-    batch = windows.token_ids[: args.batch].to(device)
-    with torch.no_grad():
-        lm.hf(input_ids=batch, output_attentions=True)  # warm-up
-        effective_attention_batch(lm, batch[:2])
-        _, t_plain = timed(lambda: lm.hf(input_ids=batch, output_attentions=True), device)
-    _, t_eff = timed(lambda: effective_attention_batch(lm, batch), device)
-    report.update(
-        batch=int(batch.shape[0]),
-        plain_forward_with_attentions_s=t_plain,
-        effective_attention_s=t_eff,
-        effective_over_plain=t_eff / t_plain,
-    )
+    if args.decoder:
+        lm = load_model("smollm2", device=str(device))
+        windows = make_windows(corpus, lm.tokenizer, args.tokens, max_windows_per_topic=4)
+        report["effective_attention"].append(effective_bench(lm, windows, 4, device))
     print(json.dumps(report, indent=1))
 
 

@@ -77,12 +77,20 @@ def test_summaries_and_null_dims(tiny_model):
 
 
 def full_svd_reference(lm, ids, layer, head):
-    """A - A N N^T with N from a full float64 SVD of T = V W_O[h] (the definition, slowly)."""
+    """A - A N N^T with N from a full float64 SVD of T = V W_O[h] (the definition, slowly).
+    Causal heads: row i uses the left null space of the prefix T[:i+1] (keys 0..i)."""
     cap = capture(lm, ids, attentions=True, values=True)
     T = cap.values[layer, 0, head].double() @ lm.weights().layers[layer].W_O[head].double()
     N = left_null_space(T, rtol=default_rtol(*T.shape, torch.float32))  # data stored in float32
     A = cap.attentions[layer, 0, head].double()
-    return A - A @ N @ N.T, N.shape[1]
+    if not lm.summary.is_causal:
+        return A - A @ N @ N.T, N.shape[1]
+    expected = torch.zeros_like(A)
+    for i in range(A.shape[0]):
+        Ni = left_null_space(T[: i + 1], rtol=default_rtol(i + 1, T.shape[1], torch.float32))
+        a = A[i, : i + 1]
+        expected[i, : i + 1] = a - a @ Ni @ Ni.T
+    return expected, N.shape[1]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
@@ -95,6 +103,21 @@ def test_effective_attention_equals_full_svd_reference(tiny_model, family):
             expected, null_dim = full_svd_reference(lm, ids, layer, head)
             assert torch.allclose(seq.effective[layer, head], expected, atol=1e-9)
             assert int(seq.null_dim[layer, head]) == null_dim
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_effective_attention_is_causal_and_ignores_later_tokens(tiny_model, family):
+    """A decoder query sees keys 0..i only: its effective attention puts no weight on later tokens
+    and is the same whether or not text follows it (prefix null spaces, not the whole T's)."""
+    lm = tiny_model(family)
+    ids = torch.randint(4, 96, (1, 21), generator=torch.Generator().manual_seed(6))
+    (full,) = effective_attention_batch(lm, ids)
+    (prefix,) = effective_attention_batch(lm, ids[:, :13])
+    assert full.effective.triu(1).abs().max() == 0
+    assert torch.allclose(full.effective[..., :13, :13], prefix.effective, atol=1e-9)
+    assert not torch.equal(full.effective, full.raw)  # 21 > d_head: something was removed
+    d_head = lm.summary.d_head
+    assert torch.equal(full.effective[..., :d_head, :], full.raw[..., :d_head, :])
 
 
 def test_rank_deficient_head_has_larger_null_space(tiny_model):
@@ -132,3 +155,18 @@ def test_effective_attention_equals_full_svd_reference_on_minilm(minilm):
                 expected, null_dim = full_svd_reference(minilm, ids, layer, head)
                 assert torch.allclose(seqs[s].effective[layer, head], expected, atol=1e-6)
                 assert int(seqs[s].null_dim[layer, head]) == null_dim == max(0, n - 32)
+
+
+@pytest.mark.slow
+def test_causal_effective_attention_equals_per_prefix_svd_reference_on_smollm2(smollm2):
+    """A decoder with RoPE and GQA; a repeated phrase makes layer-0 values repeat (x carries no
+    position), so short prefixes are rank deficient too; 80 tokens exceed d_head = 64."""
+    text = "the cat and the dog and the cat " * 4 + "sat on the mat while the rain fell " * 6
+    ids = smollm2.tokenizer(text, return_tensors="pt")["input_ids"][:, :80]
+    (seq,) = effective_attention_batch(smollm2, ids)
+    L, H = smollm2.summary.n_layers, smollm2.summary.n_heads
+    for layer, head in ((0, 0), (0, H - 1), (L // 2, 4), (L - 1, 1)):
+        expected, null_dim = full_svd_reference(smollm2, ids, layer, head)
+        assert torch.allclose(seq.effective[layer, head], expected, atol=1e-6)
+        assert int(seq.null_dim[layer, head]) == null_dim
+    assert seq.effective.triu(1).abs().max() == 0

@@ -97,31 +97,44 @@ def _auto_chunk(x0: Tensor, n_outputs: int) -> int:
     return max(1, min(4096, budget // per_tangent))
 
 
-def squared_norms_exact(cw: Any, x0: Tensor, chunk: int | None = None) -> Tensor:
+def squared_norms_exact(
+    cw: Any, x0: Tensor, chunk: int | None = None, inputs: list[int] | None = None
+) -> Tensor:
     """``||J^l_ij||_F^2 [L+1, T, T]`` from T*d forward-mode JVPs (``x0 [1, T, d]``): the tangent
-    ``e_(j,k)`` gives column k of ``d h^l_i / d x_j`` for every layer l and token i at once."""
+    ``e_(j,k)`` gives column k of ``d h^l_i / d x_j`` for every layer l and token i at once.
+    ``inputs``: only these input tokens j (``len(inputs) * d`` JVPs), result ``[L+1, T, k]``."""
     _, T, d = x0.shape
     L1 = len(cw.layers) + 1
     chunk = chunk or _auto_chunk(x0, L1)
     f = _forward(cw, None)
     batched = torch.func.vmap(lambda tangent: torch.func.jvp(f, (x0,), (tangent,))[1])
-    G = torch.zeros(L1, T, T, dtype=torch.float64, device=x0.device)
-    directions = torch.arange(T * d, device=x0.device)
-    for start in range(0, T * d, chunk):
-        idx = directions[start : start + chunk]
-        tangents = torch.zeros(len(idx), 1, T, d, dtype=x0.dtype, device=x0.device)
-        tangents[torch.arange(len(idx), device=x0.device), 0, idx // d, idx % d] = 1.0
+    columns = list(range(T)) if inputs is None else list(inputs)
+    G = torch.zeros(L1, T, len(columns), dtype=torch.float64, device=x0.device)
+    token = torch.tensor(columns, device=x0.device).repeat_interleave(d)  # direction -> token j
+    column = torch.arange(len(columns), device=x0.device).repeat_interleave(d)
+    coordinate = torch.arange(d, device=x0.device).repeat(len(columns))
+    for start in range(0, len(token), chunk):
+        part = slice(start, start + chunk)
+        m = len(token[part])
+        tangents = torch.zeros(m, 1, T, d, dtype=x0.dtype, device=x0.device)
+        tangents[torch.arange(m, device=x0.device), 0, token[part], coordinate[part]] = 1.0
         sq = (batched(tangents).double() ** 2).sum(-1)  # [m, L+1, T]  (output token i)
-        G.index_add_(2, idx // d, sq.permute(1, 2, 0))  # add to column j of each direction
+        G.index_add_(2, column[part], sq.permute(1, 2, 0))  # add to column j of each direction
     return G.cpu()
 
 
 def squared_norms_estimate(
-    cw: Any, x0: Tensor, samples: int, seed: int, chunk: int | None = None
+    cw: Any,
+    x0: Tensor,
+    samples: int,
+    seed: int,
+    chunk: int | None = None,
+    inputs: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Hutchinson estimates of ``||J^l_ij||_F^2`` and their standard errors ``[L+1, T, T]``:
     ``samples`` Gaussian tangents supported on input token j, ``E ||J^l_ij u||^2 = ||J^l_ij||_F^2``
-    (draws for different j are independent)."""
+    (draws for different j are independent). ``inputs``: only these input tokens j (the same
+    draws as the full run), results ``[L+1, T, k]``."""
     _, T, d = x0.shape
     L1 = len(cw.layers) + 1
     chunk = chunk or _auto_chunk(x0, L1)
@@ -129,14 +142,19 @@ def squared_norms_estimate(
     batched = torch.func.vmap(lambda t: torch.func.jvp(f, (x0,), (t,))[1])
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(T * samples, d, generator=g, dtype=torch.float64).to(x0.device, x0.dtype)
-    token = torch.arange(T, device=x0.device).repeat_interleave(samples)  # pair p -> token j
-    draws = torch.zeros(samples, L1, T, T, dtype=torch.float64, device=x0.device)
-    for start in range(0, T * samples, chunk):
-        p = torch.arange(start, min(start + chunk, T * samples), device=x0.device)
+    columns = torch.tensor(list(range(T)) if inputs is None else list(inputs), device=x0.device)
+    token = columns.repeat_interleave(samples)  # pair p -> input token j
+    column = torch.arange(len(columns), device=x0.device).repeat_interleave(samples)
+    draw = torch.arange(samples, device=x0.device).repeat(len(columns))
+    draws = torch.zeros(samples, L1, T, len(columns), dtype=torch.float64, device=x0.device)
+    for start in range(0, len(token), chunk):
+        p = torch.arange(start, min(start + chunk, len(token)), device=x0.device)
         tangents = torch.zeros(len(p), 1, T, d, dtype=x0.dtype, device=x0.device)
-        tangents[torch.arange(len(p), device=x0.device), 0, token[p]] = u[p]
+        tangents[torch.arange(len(p), device=x0.device), 0, token[p]] = u[
+            token[p] * samples + draw[p]
+        ]
         sq = (batched(tangents).double() ** 2).sum(-1)  # [m, L+1, T(i)]
-        draws[p % samples, :, :, token[p]] = sq
+        draws[draw[p], :, :, column[p]] = sq
     mean = draws.mean(0)
     se = draws.std(0) / samples**0.5 if samples > 1 else torch.full_like(mean, float("nan"))
     return mean.cpu(), se.cpu()

@@ -11,10 +11,15 @@ same head output (``A_eff T = A T``) and equals ``A`` when the null space is tri
 
 Computation (exact, cheaper than a full SVD of ``T``): with ``W_O[h]^T = Q R`` (thin QR, ``Q``
 ``[d, dh]`` orthonormal), ``T = (V R^T) Q^T`` has the singular values and left singular vectors
-of the small ``V R^T [n, dh]``. With ``U_r`` its left singular vectors above the tolerance,
-``I - N N^T = U_r U_r^T`` and ``A_eff = (A U_r) U_r^T``; heads with a trivial null space keep
-``A`` bit for bit. Every head of every layer of a batch is computed at once, each sequence cut to
-its own length (padding never enters ``T``).
+of the small ``M = V R^T [n, dh]``, and ``A_eff = A P`` with ``P`` the projector on the range
+of ``M`` (:mod:`tgeom.analyses.identifiability.projection`: a ``[dh, dh]`` Gram
+eigendecomposition with refinement, or an SVD of ``M`` for tolerances below 1e-5); heads with a
+trivial null space keep ``A`` bit for bit. Every head of every layer of a batch is computed at
+once, each sequence cut to its own length (padding never enters ``T``).
+
+Causal (decoder) heads: query ``i`` sees only ``T[:i+1]``, so its null space is that of the prefix
+(:mod:`tgeom.analyses.identifiability.causal`): effective attention stays causal and a query's
+row does not change when text is appended. ``null_dim`` is always that of the whole sequence.
 
 Effective attention can be negative and need not sum to 1: the token-type summaries report both
 the signed mean and the mean of absolute values (figures use the signed one and say so).
@@ -25,12 +30,14 @@ from __future__ import annotations
 import string
 import unicodedata
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from tgeom.analyses.identifiability.causal import prefix_effective_attention
+from tgeom.analyses.identifiability.projection import sequence_effective_attention, sequence_rank
 from tgeom.capture import capture
 from tgeom.linalg.nullspace import default_rtol
 from tgeom.runtime import Runtime
@@ -63,13 +70,9 @@ def output_factors(lm: Any, device: torch.device) -> Tensor:
     return R.transpose(-1, -2)
 
 
-def range_basis(V: Tensor, Rt: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
-    """Column-space basis of ``T = V W_O`` from ``V [..., n, dh]`` and ``R^T [..., dh, dh]``:
-    ``U_r [..., n, k]`` (columns beyond the rank zeroed) and ``rank [...]``."""
-    U, s, _ = torch.linalg.svd(V @ Rt, full_matrices=False)  # U [..., n, min(n, dh)]
-    tol = rtol * s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
-    keep = s > tol
-    return U * keep[..., None, :].to(U.dtype), keep.sum(-1)
+def _prefix_rtol(m: int, *, d: int, dtype: torch.dtype, rtol: float | None) -> float:
+    """Relative rank tolerance for a prefix of ``m`` tokens (causal heads)."""
+    return default_rtol(m, d, dtype) if rtol is None else rtol
 
 
 def effective_attention_batch(
@@ -90,16 +93,26 @@ def effective_attention_batch(
     for b, n in enumerate(real_lengths(token_ids, attention_mask)):
         V = captured.values[:, b, :, :n]  # [L, H, n, dh]
         tol = default_rtol(n, lm.summary.d_model, V.dtype) if rtol is None else rtol
-        U, rank = range_basis(V.double(), Rt, tol)
-        null_dim = n - rank
+        M = V.double() @ Rt  # T = M Q^T: same rank and left singular vectors as T
         if need_attention:
             assert captured.attentions is not None
             A = captured.attentions[:, b, :, :n, :n].double()
-            A_eff = (A @ U) @ U.transpose(-1, -2)
-            A_eff = torch.where((null_dim == 0)[..., None, None], A, A_eff)
+            if lm.summary.is_causal:  # per query prefix, see identifiability/causal.py
+                rtol_for = partial(_prefix_rtol, d=lm.summary.d_model, dtype=V.dtype, rtol=rtol)
+                A_eff = torch.stack(
+                    [
+                        prefix_effective_attention(A[lay], M[lay], rtol_for)[0]
+                        for lay in range(len(A))
+                    ]
+                )
+                rank = sequence_rank(M, tol)
+            else:
+                A_eff, rank = sequence_effective_attention(A, M, tol)
             A, A_eff = A.cpu(), A_eff.cpu()
         else:
+            rank = sequence_rank(M, tol)
             A = A_eff = torch.empty(0, dtype=torch.float64)
+        null_dim = n - rank
         ids = token_ids[b, :n].tolist()
         out.append(SequenceAttention(ids, A, A_eff, null_dim.cpu(), rank.cpu()))
     return out

@@ -1,0 +1,140 @@
+"""Causal effective attention per query prefix [BRU]: against per-prefix full SVDs (float64),
+on both computation paths (prefix Gram + refinement for float32-level tolerances, prefix SVDs
+for smaller ones)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgeom.analyses.identifiability.causal import (
+    FAST_PATH_MIN_RTOL,
+    certified_full_rank,
+    prefix_effective_attention,
+)
+from tgeom.linalg.nullspace import left_null_space
+
+FAST, EXACT = 4 * FAST_PATH_MIN_RTOL, 1e-10
+
+
+def causal_softmax(scores: torch.Tensor) -> torch.Tensor:
+    n = scores.shape[-1]
+    future = ~torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+def per_prefix_reference(A, M, rtol):
+    """Row i: a_i - a_i N_i N_i^T with N_i from a full SVD of the prefix M[:i+1]."""
+    n = A.shape[-1]
+    expected, ranks = torch.zeros_like(A), []
+    for i in range(n):
+        N = left_null_space(M[: i + 1], rtol=rtol)
+        a = A[i, : i + 1]
+        expected[i, : i + 1] = a - a @ N @ N.T
+        ranks.append(i + 1 - N.shape[1])
+    return expected, ranks
+
+
+@pytest.mark.parametrize("rtol", [FAST, EXACT])
+def test_prefix_effective_attention_matches_per_prefix_svd_with_repeated_rows(rtol):
+    """Repeated value rows (a repeated token where x carries no position) make short prefixes
+    rank deficient; ranks and effective rows must still match the per-prefix SVD."""
+    g = torch.Generator().manual_seed(0)
+    n, dh = 30, 6
+    M = torch.randn(n, dh, generator=g, dtype=torch.float64)
+    M[4], M[9], M[10] = M[1], M[2], M[1]
+    A = causal_softmax(torch.randn(n, n, generator=g, dtype=torch.float64))
+    effective, rank = prefix_effective_attention(A, M, lambda m: rtol)
+    expected, ranks = per_prefix_reference(A, M, rtol)
+    assert rank.tolist() == ranks
+    assert ranks[4] == 4  # the first repeat already leaves a one-dimensional null space
+    assert torch.allclose(effective, expected, atol=1e-10)
+    assert ((effective - A) @ M).norm() <= 1e-9 * (A @ M).norm()  # same head output
+    full_rank_rows = torch.tensor(ranks) == torch.arange(1, n + 1)
+    assert torch.equal(effective[full_rank_rows], A[full_rank_rows])  # bit for bit
+    assert effective.triu(1).abs().max() == 0
+
+
+@pytest.mark.parametrize("rtol", [FAST, EXACT])
+def test_prefix_effective_attention_batched_and_ill_conditioned(rtol):
+    """Singular values down to 3 * FAST (condition ~1e4): the Gram path stays at float64-SVD
+    accuracy thanks to its refinement step."""
+    g = torch.Generator().manual_seed(1)
+    H, n, dh = 3, 24, 5
+    Q = torch.linalg.qr(torch.randn(H, n, dh, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, float(torch.log10(torch.tensor(3 * FAST))), dh, dtype=torch.float64)
+    M = (Q * s) @ torch.linalg.qr(torch.randn(H, dh, dh, generator=g, dtype=torch.float64)).Q
+    A = causal_softmax(torch.randn(H, n, n, generator=g, dtype=torch.float64))
+    effective, rank = prefix_effective_attention(A, M, lambda m: rtol)
+    for h in range(H):
+        expected, ranks = per_prefix_reference(A[h], M[h], rtol)
+        assert rank[h].tolist() == ranks
+        assert torch.allclose(effective[h], expected, atol=1e-10)
+
+
+def test_fast_and_exact_paths_agree_on_random_heads():
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(4, 40, 8, generator=g, dtype=torch.float64)
+    A = causal_softmax(torch.randn(4, 40, 40, generator=g, dtype=torch.float64))
+    fast, rank_fast = prefix_effective_attention(A, M, lambda m: FAST)
+    exact, rank_exact = prefix_effective_attention(A, M, lambda m: EXACT)
+    assert torch.equal(rank_fast, rank_exact)
+    assert torch.equal(rank_fast[0], torch.arange(1, 41).clamp_max(8))  # generic: min(i+1, dh)
+    assert torch.allclose(fast, exact, atol=1e-12)
+
+
+def test_certified_full_row_rank_never_certifies_a_deficient_prefix():
+    """The cheap screen may say "not proven" but never certifies a prefix whose smallest singular
+    value is at or below rtol * s_max (checked against float64 singular values)."""
+    g = torch.Generator().manual_seed(3)
+    n, dh, rtol = 12, 10, 1e-3
+    M = torch.randn(50, n, dh, generator=g, dtype=torch.float64)
+    # plant near-dependent rows: row 5 = row 2 + a tiny multiple of noise, scaled per batch item
+    scale = torch.logspace(-6, 0, 50, dtype=torch.float64)[:, None]
+    M[:, 5] = M[:, 2] + scale * torch.randn(50, dh, generator=g, dtype=torch.float64)
+    proven, _ = certified_full_rank(M, torch.full((n,), rtol, dtype=torch.float64))
+    for b in range(50):
+        for i in range(n):
+            s = torch.linalg.svdvals(M[b, : i + 1])
+            full = bool(s[-1] > rtol * s[0]) and i < dh
+            assert not proven[b, i] or full
+    assert proven[:, :5].all()  # generic Gaussian prefixes are proven
+    assert not proven[:6, 5:].any()  # the near-copies at 1e-6..1e-5 are not
+
+
+def test_certified_full_column_rank_never_certifies_a_deficient_prefix():
+    g = torch.Generator().manual_seed(4)
+    n, dh, rtol = 16, 4, 1e-4
+    M = torch.randn(40, n, dh, generator=g, dtype=torch.float64)
+    # a column that is nearly zero in the first rows: long prefixes regain full column rank
+    M[:, :10, 3] *= torch.logspace(-7, 0, 40, dtype=torch.float64)[:, None]
+    _, proven = certified_full_rank(M, torch.full((n,), rtol, dtype=torch.float64))
+    for b in range(40):
+        for i in range(n):
+            s = torch.linalg.svdvals(M[b, : i + 1])
+            full = i >= dh - 1 and bool(s[dh - 1] > rtol * s[0])
+            assert not proven[b, i] or full
+    assert proven[-5:, dh - 1 :].all()  # well-conditioned prefixes are proven
+    assert not proven[:5, :10].any()  # the nearly-zero column is not, while it stays tiny
+
+
+def test_generic_heads_need_no_eigendecomposition(monkeypatch):
+    """Well-conditioned prefixes are proven full rank: rows up to d_head keep A, longer ones go
+    through Cholesky solves; the result equals the per-prefix SVD path. (A random square
+    prefix can be too ill-conditioned to prove, so the first d_head rows are made orthogonal.)"""
+    import tgeom.analyses.identifiability.causal as causal
+
+    g = torch.Generator().manual_seed(5)
+    M = torch.randn(3, 36, 8, generator=g, dtype=torch.float64)
+    M[:, :8] = torch.linalg.qr(M[:, :8]).Q * torch.linspace(1, 3, 8, dtype=torch.float64)
+    A = causal_softmax(torch.randn(3, 36, 36, generator=g, dtype=torch.float64))
+    exact, rank_exact = prefix_effective_attention(A, M, lambda m: EXACT)
+
+    def no_eigh(*args):
+        raise AssertionError("eigendecomposition path used on generic heads")
+
+    monkeypatch.setattr(causal, "_gram_projection", no_eigh)
+    fast, rank_fast = prefix_effective_attention(A, M, lambda m: FAST)
+    assert torch.equal(rank_fast, rank_exact)
+    assert torch.allclose(fast, exact, atol=1e-12)
+    assert torch.equal(fast[..., :8, :], A[..., :8, :])
