@@ -103,21 +103,18 @@ def nullspace_cmd(
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
     """Null-space dimension of every head over a corpus' windows, and Pearson vs length."""
-    import torch
-
     from tgeom.analyses.identifiability import effective_attention, null_space_dims
+    from tgeom.analyses.identifiability.sequences import varied_length_batch
     from tgeom.models import load_model
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
 
     lm = load_model(model, trust_remote_code=trust_remote_code)
     docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
-    # Vary the length: prefixes of the windows from 2 tokens to T, so dims can be read vs length.
-    lengths = torch.linspace(2, seq_len, steps=min(8, seq_len - 1)).round().long().tolist()
-    ids = windows.token_ids
-    mask = torch.zeros_like(ids)
-    for row in range(ids.shape[0]):
-        mask[row, : lengths[row % len(lengths)]] = 1
+    # Prefixes of the windows with lengths spread from 8 to T, wrapped in [CLS]/[SEP] (encoders)
+    # or BOS (decoders), so dims and Pearson read against length and special tokens show.
+    ids, mask = varied_length_batch(lm, windows.token_ids)
+    lengths = mask.sum(1).tolist()
     nulls = null_space_dims(lm, ids, mask)
     effective = effective_attention(lm, ids, mask)
     out_dir = prepare_out_dir(out)
@@ -166,6 +163,8 @@ def tokens_cmd(
     last = [r for r in result.rows if r["layer"] == lm.summary.n_layers]
     summary = ", ".join(f"{r['g']}/{r['distance']} {r['rate']:.2f}" for r in last)
     Console().print(f"last layer: {summary} -> {out_dir}", markup=False)
+    if "warning" in result.options:
+        Console(stderr=True).print(f"warning: {result.options['warning']}", markup=False)
 
 
 @identify_app.command("attribution")

@@ -29,12 +29,12 @@ def plot_effective_attention(result: Any, layer: int, head: int, sequence: int =
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(f"{title} attention, layer {layer} head {head}", fontsize=9)
         ax.set_xlabel("key token")
-        ax.set_ylabel("query token")
         n = matrix.shape[0]
         if n <= 40:
             labels = _labels(result.tokens[sequence])
             ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
             ax.set_yticks(range(n), labels, fontsize=6)
+    axes[0].set_ylabel("query token")
     fig.colorbar(image, ax=axes, shrink=0.8)
     fig.suptitle(f"null-space dimension {int(seq.null_dim[layer, head])}", fontsize=9)
     return fig

@@ -48,3 +48,14 @@ def test_orthogonal_layers_are_fully_identified_by_linear_g_end_to_end(monkeypat
     assert result.rate(3, "identity", "l2") < 0.5
     n_test = result.options["n_sequences"]["test"]
     assert n_test == 20 - 14 - 3 and all(r["n_tokens"] == n_test * 12 for r in result.rows)
+
+
+def test_underdetermined_linear_g_is_flagged(monkeypatch):
+    ids = torch.randint(0, 50, (10, 3), generator=torch.Generator().manual_seed(13))
+    hidden = orthogonal_layers_hidden(ids, d=32, n_layers=1)  # 7 x 3 = 21 tokens < 33
+    monkeypatch.setattr(
+        identify, "iter_captures", lambda *a: iter([(0, SimpleNamespace(hidden=hidden))])
+    )
+    result = token_identifiability(SimpleNamespace(), ids, g=("linear",), runtime=Runtime.auto())
+    assert result.options["n_train_tokens"] == 21
+    assert "underdetermined" in result.options["warning"]

@@ -217,13 +217,21 @@ def token_identifiability(
                         "n_tokens": total,
                     }
                 )
-    options = {
+    n_train_tokens = len(train) * int(token_ids.shape[1])
+    options: dict[str, Any] = {
         "candidates": candidates,
         "seed": seed,
         "split": list(split),
         "n_sequences": {"train": len(train), "validation": len(val), "test": len(test)},
+        "n_train_tokens": n_train_tokens,
         "ties": "a tie with the own input counts as identified",
     }
+    if "linear" in g and n_train_tokens < hidden.shape[-1] + 1:
+        options["warning"] = (
+            f"linear g is underdetermined: {n_train_tokens} training tokens for "
+            f"{hidden.shape[-1] + 1} coefficients per input coordinate (minimum-norm fit); "
+            "use more sequences"
+        )
     return IdentifiabilityResult(rows, options)
 
 
