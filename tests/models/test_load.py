@@ -140,7 +140,7 @@ def test_cached_gguf_loads_fast(smollm2):
     folder = cached_folder(offline_model_path("smollm2"))
     assert (folder / "model.safetensors").is_file()
     timings = []
-    for _ in range(2):  # the best of two: the first may pay for a cold page cache
+    for _ in range(3):  # the best of three: a load may pay for a cold page cache or a busy CPU
         start = time.perf_counter()
         again = load_model("smollm2", device="cpu")
         timings.append(time.perf_counter() - start)
