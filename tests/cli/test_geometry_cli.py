@@ -129,6 +129,13 @@ def test_collect_then_measure_and_collect_again_resumes(
     assert run_main(args, capsys)[0] == 0  # complete checkpoint: nothing to redo
     assert run_main(["geometry", "measure", str(tmp_out)], capsys)[0] == 0
     assert len(json.loads((tmp_out / "results.json").read_text())["layers"]) == 3
+    options = ["--ctx-map", "tsne", "--rank-threshold", "exact"]
+    assert run_main(["geometry", "measure", str(tmp_out), *options], capsys)[0] == 0
+    results = json.loads((tmp_out / "results.json").read_text())
+    assert results["options"]["ctx_map"] == "tsne"
+    assert results["options"]["rank_method"] == "exact"
+    n_windows = results["n_windows"]
+    assert all(len(row["ctx_map_2d"]) == n_windows for row in results["layers"])
 
 
 @pytest.mark.parametrize(
@@ -139,6 +146,7 @@ def test_collect_then_measure_and_collect_again_resumes(
         ("mismatch", "another --seq-len"),
         ("layer", "layer 9 is out of range"),
         ("no_stats", "no geometry statistics"),
+        ("ctx_map", "--ctx-map must be one of pca, tsne"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(
@@ -173,12 +181,17 @@ def test_bad_input_is_one_line_exit_2(
             run_main([*collect, "--seq-len", "16", "--max-windows-per-topic", "2"], capsys)[0] == 0
         )
         argv = ["geometry", "measure", str(tmp_out), "--layer", "9"]
+    elif case == "ctx_map":
+        argv = ["geometry", "run", model, corpus, "--seq-len", "8", "--out", str(tmp_out)]
+        argv += ["--ctx-map", "umap"]
     else:
         argv = ["geometry", "measure", str(tmp_out)]
     code, err = run_main(argv, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tgeom: error:") and message in lines[0], err
+    if case == "ctx_map":  # refused before any forward pass: nothing written
+        assert not tmp_out.exists()
 
 
 def test_bad_seq_len_exits_2_as_a_subprocess(inputs: dict[str, Path], tmp_out: Path) -> None:

@@ -34,6 +34,10 @@ LOWF_OPT = typer.Option(10, "--low-freq", help="Frequencies counted as low (DCT 
 DROP_OPT = typer.Option(0, "--drop-channels", help="Remove each layer's top-m |h| channels.")
 SEED_OPT = typer.Option(0, "--seed", help="Seed of k-means and random baselines.")
 LAYER_OPT = typer.Option(None, "--layer", help="Layer drawn in per-layer figures (default last).")
+MAP_OPT = typer.Option("pca", "--ctx-map", help="Context map: pca or tsne (slower).")
+RANK_OPT = typer.Option(
+    "cubic", "--rank-threshold", help="Gavish-Donoho omega(beta): cubic (paper) or exact."
+)
 
 
 def _collect(
@@ -95,7 +99,14 @@ def _collect(
 
 
 def _measure(
-    out: Path, k_subspace: int, low_freq: int, drop_channels: int, seed: int, layer: int | None
+    out: Path,
+    k_subspace: int,
+    low_freq: int,
+    drop_channels: int,
+    seed: int,
+    layer: int | None,
+    ctx_map: str = "pca",
+    rank_threshold: str = "cubic",
 ) -> None:
     from tgeom.analyses.geometry import GeometryStats, measure
     from tgeom.plots import geometry as figs
@@ -104,7 +115,13 @@ def _measure(
     stats = GeometryStats.load(out)
     out_dir = prepare_out_dir(out)
     result = measure(
-        stats, k_subspace=k_subspace, low_freq=low_freq, drop_channels=drop_channels, seed=seed
+        stats,
+        k_subspace=k_subspace,
+        low_freq=low_freq,
+        drop_channels=drop_channels,
+        seed=seed,
+        ctx_map=ctx_map,
+        rank_method=rank_threshold,
     )
     chosen = result.n_layers_plus_one - 1 if layer is None else result.check_layer(layer)
     write_results(out_dir, "geometry measure", result.to_json(gram_layer=chosen))
@@ -193,9 +210,11 @@ def measure_cmd(
     drop_channels: int = DROP_OPT,
     seed: int = SEED_OPT,
     layer: int | None = LAYER_OPT,
+    ctx_map: str = MAP_OPT,
+    rank_threshold: str = RANK_OPT,
 ) -> None:
     """Measure the saved statistics: shares, spectra, spiral, clusters, incoherence, figures."""
-    _measure(out, k_subspace, low_freq, drop_channels, seed, layer)
+    _measure(out, k_subspace, low_freq, drop_channels, seed, layer, ctx_map, rank_threshold)
 
 
 @geometry_app.command("run")
@@ -213,8 +232,13 @@ def run_cmd(
     drop_channels: int = DROP_OPT,
     seed: int = SEED_OPT,
     layer: int | None = LAYER_OPT,
+    ctx_map: str = MAP_OPT,
+    rank_threshold: str = RANK_OPT,
 ) -> None:
     """collect, then measure, into the same --out."""
+    from tgeom.analyses.geometry.measure import check_measure_options
+
+    check_measure_options(ctx_map, rank_threshold)  # before spending the forward passes
     stats = _collect(
         model,
         corpus,
@@ -227,7 +251,7 @@ def run_cmd(
         need_topics=True,
     )
     if stats is not None:  # rank 0 (or the only process) measures
-        _measure(out, k_subspace, low_freq, drop_channels, seed, layer)
+        _measure(out, k_subspace, low_freq, drop_channels, seed, layer, ctx_map, rank_threshold)
 
 
 @geometry_app.command("qk")

@@ -111,14 +111,16 @@ def plot_gram_dct(result: Any, layer: int) -> Figure:
 
 
 def plot_context_map(result: Any, layer: int) -> Figure:
-    """2-D PCA of ctx_c coloured by topic."""
+    """2-D map of ctx_c (PCA, or t-SNE when measured with ``ctx_map="tsne"``) by topic."""
     coords = result.ctx_map[result.check_layer(layer)]
     ids = np.asarray(result.topic_ids)
     fig, ax = plt.subplots(figsize=(5, 4))
     for index, topic in enumerate(result.topics):
         mask = ids == index
         ax.scatter(coords[mask, 0], coords[mask, 1], s=14, label=topic)
-    ax.set(xlabel="PC1", ylabel="PC2", title=f"Context part, layer {layer}")
+    tsne = result.options.get("ctx_map") == "tsne"
+    axes = ("t-SNE 1", "t-SNE 2") if tsne else ("PC1", "PC2")
+    ax.set(xlabel=axes[0], ylabel=axes[1], title=f"Context part, layer {layer}")
     ax.legend(fontsize=7, markerscale=1, loc="best")
     fig.tight_layout()
     return fig

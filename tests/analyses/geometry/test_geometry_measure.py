@@ -160,3 +160,23 @@ def test_context_metrics_need_two_windows_and_topics(n_topics: int, per_topic: i
     )
     with pytest.raises(TgeomError, match=r"found 1 window|in 1 topic"):
         measure(stats)
+
+
+def test_tsne_map_separates_planted_topics() -> None:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    stats = _stats()
+    result = measure(stats, ctx_map="tsne")
+    assert result.options["ctx_map"] == "tsne"
+    coords = result.ctx_map[0]
+    assert coords.shape == (stats.n_windows, 2)
+    labels = KMeans(n_clusters=3, n_init=10, random_state=0).fit(coords).labels_
+    assert adjusted_rand_score(stats.topic_ids.numpy(), labels) == 1.0
+
+
+def test_unknown_map_or_rank_method_is_a_one_line_error() -> None:
+    with pytest.raises(TgeomError, match="--ctx-map"):
+        measure(_stats(), ctx_map="umap")
+    with pytest.raises(TgeomError, match="--rank-threshold"):
+        measure(_stats(), rank_method="quartic")

@@ -1,7 +1,9 @@
 """Context-part and incoherence metrics of one layer [SZ] (SPEC section 4).
 
 - :func:`context_metrics`: within/between-topic mean ``|cos|`` of ``ctx_c``, k-means ARI and
-  silhouette (cosine metric) against the topic labels, and a 2-D PCA map.
+  silhouette (cosine metric) against the topic labels, and a 2-D map: PCA of the centred ctx
+  (default) or t-SNE (``map_method="tsne"``: sklearn, PCA initialisation, seeded, perplexity
+  ``min(30, (C - 1) / 3)``; slower, and distances between clusters are not meaningful).
 - :func:`incoherence`: ``|cos(pos_t, ctx_c)|`` over all pairs (max, mean), principal angles
   between the top-k positional and context subspaces, and random baselines for the same d:
   the mean ``|cos|`` of two independent uniform directions, ``~ sqrt(2 / (pi d))``, and the
@@ -38,8 +40,15 @@ def check_context_design(n_windows: int, topic_ids: Tensor) -> int:
     return n_topics
 
 
-def context_metrics(ctx: Tensor, topic_ids: Tensor, seed: int = 0) -> dict[str, Any]:
+MAP_METHODS = ("pca", "tsne")
+
+
+def context_metrics(
+    ctx: Tensor, topic_ids: Tensor, seed: int = 0, map_method: str = "pca"
+) -> dict[str, Any]:
     """``ctx [C, d]`` float64, ``topic_ids [C]``: cosine, clustering and map of the context part."""
+    if map_method not in MAP_METHODS:
+        raise TgeomError(f"--ctx-map must be one of {', '.join(MAP_METHODS)}, got {map_method!r}.")
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, silhouette_score
 
@@ -58,11 +67,7 @@ def context_metrics(ctx: Tensor, topic_ids: Tensor, seed: int = 0) -> dict[str, 
         if n_topics < ctx.shape[0]
         else float("nan")
     )
-    centred = ctx - ctx.mean(dim=0)
-    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
-    coords = (u[:, :2] * s[:2]).numpy()
-    if coords.shape[1] < 2:
-        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    coords = _tsne_map(x, seed) if map_method == "tsne" else _pca_map(ctx)
     return {
         "ctx_within_cos": float(within.mean()) if within.numel() else float("nan"),
         "ctx_between_cos": float(between.mean()),
@@ -70,6 +75,25 @@ def context_metrics(ctx: Tensor, topic_ids: Tensor, seed: int = 0) -> dict[str, 
         "ctx_silhouette": silhouette,
         "ctx_map_2d": coords,
     }
+
+
+def _pca_map(ctx: Tensor) -> np.ndarray:
+    """Top-2 principal coordinates ``[C, 2]`` of the centred rows."""
+    centred = ctx - ctx.mean(dim=0)
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    coords = (u[:, :2] * s[:2]).numpy()
+    if coords.shape[1] < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    return coords
+
+
+def _tsne_map(x: np.ndarray, seed: int) -> np.ndarray:
+    """2-D t-SNE embedding ``[C, 2]`` of the rows of ``x`` (seeded, PCA initialisation)."""
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, max((x.shape[0] - 1) / 3, 0.5))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return np.asarray(tsne.fit_transform(x), dtype=np.float64)
 
 
 def random_mean_abs_cos(d: int) -> float:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tgeom.analyses.geometry.context import (
+    MAP_METHODS,
     check_context_design,
     context_metrics,
     incoherence,
@@ -29,7 +30,7 @@ from tgeom.analyses.geometry.context import (
 )
 from tgeom.analyses.geometry.stats import GeometryStats
 from tgeom.errors import TgeomError, check_index
-from tgeom.linalg.spectral import dct_matrix, optimal_rank, stable_rank
+from tgeom.linalg.spectral import RANK_METHODS, dct_matrix, optimal_rank, stable_rank
 
 N_MASSIVE = 5  # channels listed per layer in the massive-activation report
 
@@ -92,6 +93,16 @@ class GeometryResult:
         }
 
 
+def check_measure_options(ctx_map: str, rank_method: str) -> None:
+    """One-line error for an unknown ``--ctx-map`` or ``--rank-threshold``."""
+    if ctx_map not in MAP_METHODS:
+        raise TgeomError(f"--ctx-map must be one of {', '.join(MAP_METHODS)}, got {ctx_map!r}.")
+    if rank_method not in RANK_METHODS:
+        raise TgeomError(
+            f"--rank-threshold must be one of {', '.join(RANK_METHODS)}, got {rank_method!r}."
+        )
+
+
 def measure(
     stats: GeometryStats,
     *,
@@ -99,8 +110,15 @@ def measure(
     low_freq: int = 10,
     drop_channels: int = 0,
     seed: int = 0,
+    ctx_map: str = "pca",
+    rank_method: str = "cubic",
 ) -> GeometryResult:
-    """Measure every layer of ``stats`` (see the module docstring for each quantity)."""
+    """Measure every layer of ``stats`` (see the module docstring for each quantity).
+
+    ``ctx_map``: "pca" or "tsne" (the 2-D context map); ``rank_method``: how the Gavish-Donoho
+    coefficient omega(beta) is computed for ``pos_rank`` ("cubic" or "exact", see
+    :func:`tgeom.linalg.spectral.optimal_rank`)."""
+    check_measure_options(ctx_map, rank_method)
     topic_ids = stats.topic_ids
     check_context_design(stats.n_windows, topic_ids)
     d = stats.d_model
@@ -122,6 +140,8 @@ def measure(
             "low_freq": low_freq,
             "drop_channels": drop_channels,
             "seed": seed,
+            "ctx_map": ctx_map,
+            "rank_method": rank_method,
             **stats.meta.get("options", {}),
         },
         pos_singular_values=[],
@@ -166,6 +186,7 @@ def _measure_layer(
     low_freq: int,
     seed: int,
 ) -> None:
+    ctx_map, rank_method = result.options["ctx_map"], result.options["rank_method"]
     dec = stats.decomposition(layer, keep)
     share_pos, share_ctx, share_resid = dec.shares()
     pos, ctx = dec.pos, dec.ctx
@@ -191,7 +212,7 @@ def _measure_layer(
     if coords.shape[1] < 3:
         coords = np.pad(coords, ((0, 0), (0, 3 - coords.shape[1])))
 
-    ctx_part = context_metrics(ctx, stats.topic_ids, seed)
+    ctx_part = context_metrics(ctx, stats.topic_ids, seed, ctx_map)
     inc = incoherence(pos, ctx, k_subspace, seed)
     result.layers.append(
         {
@@ -201,7 +222,7 @@ def _measure_layer(
             "var_share_resid": share_resid,
             "ss_total": dec.ss_total,
             "pos_stable_rank": stable_rank(s),
-            "pos_rank": optimal_rank(s, tuple(pos.shape)),
+            "pos_rank": optimal_rank(s, tuple(pos.shape), rank_method),
             "pos_explained_top2": explained(2),
             "pos_explained_top3": explained(3),
             "pos_explained_top10": explained(10),
