@@ -8,7 +8,7 @@ Hugging Face applies the final norm to the last entry for some models.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,51 @@ def _first_tensor(output: Any) -> Tensor:
 
 
 @torch.no_grad()
+def stream_hidden(
+    lm: LoadedModel,
+    input_ids: Tensor,
+    fold: Callable[[int, Tensor], None],
+    attention_mask: Tensor | None = None,
+    *,
+    attentions: bool = False,
+) -> Any:
+    """Run ``lm`` on ``input_ids [B, T]`` and hand each ``hidden[l] [B, T, d]`` (float32, on the
+    model's device, ``l = 0..L``) to ``fold(l, hidden_l)`` as soon as block ``l`` produces it.
+
+    Nothing is kept: a running statistic folds each layer while it is still in cache and the
+    allocator can reuse its memory. ``attention_mask [B, T]`` is 1 for real tokens (right
+    padding). Returns the Hugging Face output (with ``.attentions`` when ``attentions``).
+    """
+    device = lm.device
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    blocks = list(lm.blocks())
+
+    def block_input(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        fold(0, (args[0] if args else kwargs["hidden_states"]).detach())
+
+    def block_output(index: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            fold(index + 1, _first_tensor(output).detach())
+
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(block_input, with_kwargs=True)]
+    handles += [block.register_forward_hook(block_output(i)) for i, block in enumerate(blocks)]
+    try:
+        return lm.hf(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=attentions,
+            use_cache=False,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
 def capture(
     lm: LoadedModel,
     input_ids: Tensor,
@@ -51,34 +96,12 @@ def capture(
 
     ``attention_mask [B, T]`` is 1 for real tokens (right padding).
     """
-    device = lm.device
-    input_ids = input_ids.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-    blocks = list(lm.blocks())
-    hidden: list[Tensor | None] = [None] * (len(blocks) + 1)
+    hidden: list[Tensor | None] = [None] * (int(lm.summary.n_layers) + 1)
 
-    def block_input(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden[0] = (args[0] if args else kwargs["hidden_states"]).detach()
+    def keep(layer: int, h: Tensor) -> None:
+        hidden[layer] = h
 
-    def block_output(index: int) -> Any:
-        def hook(_module: Any, _args: Any, output: Any) -> None:
-            hidden[index + 1] = _first_tensor(output).detach()
-
-        return hook
-
-    handles = [blocks[0].register_forward_pre_hook(block_input, with_kwargs=True)]
-    handles += [block.register_forward_hook(block_output(i)) for i, block in enumerate(blocks)]
-    try:
-        output = lm.hf(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_attentions=attentions,
-            use_cache=False,
-        )
-    finally:
-        for handle in handles:
-            handle.remove()
+    output = stream_hidden(lm, input_ids, keep, attention_mask, attentions=attentions)
     stacked = torch.stack([h for h in hidden if h is not None])
     probs = torch.stack(list(output.attentions)) if attentions else None
     return Captured(

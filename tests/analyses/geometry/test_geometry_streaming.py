@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,22 +110,29 @@ def test_interrupted_collection_resumes_without_double_counting(
     runtime = Runtime(torch.device("cpu"), batch_size=2)
     full = collect_statistics(lm, windows, runtime, progress=False)
     checkpoint = tmp_path / "stats.safetensors"
-    real = collect_module.iter_captures
+    real = collect_module.stream_hidden
+    calls = []
 
-    def crashing(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        for k, item in enumerate(real(*args, **kwargs)):
-            if k == 3:
+    def crashing(lm: Any, ids: Any, fold: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) < 4:
+            return real(lm, ids, fold, *args, **kwargs)
+
+        def dying(layer: int, hidden: Any) -> None:  # the 4th batch dies mid-forward,
+            if layer == 2:  # after layers 0 and 1 were folded into the running sums
                 raise _Crash
-            yield item
+            fold(layer, hidden)
 
-    monkeypatch.setattr(collect_module, "iter_captures", crashing)
+        return real(lm, ids, dying, *args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "stream_hidden", crashing)
     with pytest.raises(_Crash):
         collect_statistics(
             lm, windows, runtime, checkpoint_path=checkpoint, checkpoint_every=2, progress=False
         )
     partial = GeometryStats.load(checkpoint)
     assert partial.n_done == 4 and not partial.complete
-    monkeypatch.setattr(collect_module, "iter_captures", real)
+    monkeypatch.setattr(collect_module, "stream_hidden", real)
     resumed = collect_statistics(
         lm,
         windows,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from tgeom.analyses.geometry.stats import GeometryStats
-from tgeom.capture import iter_captures
+from tgeom.capture import stream_hidden
 from tgeom.capture.distributed import Shard, shard_from_env
 from tgeom.errors import TgeomError
 from tgeom.runtime import Runtime
@@ -131,17 +131,20 @@ def collect_statistics(
     }
     token_ids = windows.token_ids[stats.n_done :]
     bar = _progress(progress, len(windows), stats.n_done)
-    for batches, (_, captured) in enumerate(iter_captures(lm, token_ids, runtime), start=1):
-        h = captured.hidden[:, :, first:].to(device=device, dtype=torch.float64)  # [L+1,B,T',d]
-        batch_pos = h.sum(dim=1)  # [L+1, T', d]
-        acc["sum_pos"] += batch_pos
-        acc["sum_total"] += batch_pos.sum(dim=1)
-        acc["sumsq"] += torch.linalg.vector_norm(h, ord=2, dim=(1, 2)) ** 2
-        acc["sum_abs"] += torch.linalg.vector_norm(h, ord=1, dim=(1, 2))
+    n_positions = seq_len - first
+    for batches, start in enumerate(range(0, token_ids.shape[0], runtime.batch_size), start=1):
+        batch_ids = token_ids[start : start + runtime.batch_size]
+        window_sums = torch.empty(
+            batch_ids.shape[0], n_layers_plus_one, d, dtype=torch.float64, device=device
+        )
+
+        def fold(layer: int, hidden: Tensor, window_sums: Tensor = window_sums) -> None:
+            window_sums[:, layer] = _fold_layer(acc, layer, hidden, first)
+
+        stream_hidden(lm, batch_ids, fold)
         row = stats.n_done
-        stats.ctx_means[row : row + h.shape[1]] = h.mean(dim=2).transpose(0, 1).cpu()
-        stats.n_done = row + h.shape[1]
-        del h, captured
+        stats.ctx_means[row : row + batch_ids.shape[0]] = (window_sums / n_positions).cpu()
+        stats.n_done = row + batch_ids.shape[0]
         if bar is not None:
             bar.update(stats.n_done)
         if checkpoint_path is not None and batches % max(checkpoint_every, 1) == 0:
@@ -231,6 +234,23 @@ def _collect_sharded(
         total.save(checkpoint_path)
     shard.barrier()
     return total
+
+
+def _fold_layer(acc: dict[str, Tensor], layer: int, hidden: Tensor, first: int) -> Tensor:
+    """Fold one layer's batch ``hidden [B, T, d]`` (positions ``first:``) into the float64 sums
+    ``acc[...][layer]``; return its per-window sums over positions ``[B, d]`` (float64).
+
+    Called from the block's forward hook, while the layer output is still in cache. One float64
+    copy (exact: float32 -> float64 loses nothing), two sums read from it, then ``|h|`` and
+    ``h^2`` are formed *in place* in that copy, so no other temporary of its size is allocated.
+    """
+    h = hidden[:, first:].to(device=acc["sum_pos"].device, dtype=torch.float64)  # [B, T', d]
+    acc["sum_pos"][layer] += h.sum(dim=0)
+    window_sums = h.sum(dim=1)
+    acc["sum_total"][layer] += window_sums.sum(dim=0)
+    acc["sum_abs"][layer] += h.abs_().sum(dim=(0, 1))
+    acc["sumsq"][layer] += h.mul_(h).sum(dim=(0, 1))
+    return window_sums
 
 
 def _store(stats: GeometryStats, acc: dict[str, Tensor]) -> GeometryStats:
