@@ -111,15 +111,18 @@ def capture(
     )
 
 
+def layer_values(lm: LoadedModel, layer: int, hidden: Tensor) -> Tensor:
+    """Per-head value vectors ``[B, H, T, d_head]`` of block ``layer`` from its input
+    ``hidden [B, T, d]`` (``hidden[layer]``): ``x W_V + b_V`` with ``x`` the attention input."""
+    cw = lm.weights()
+    lw = cw.layers[layer]
+    x = lw.ln_attn(hidden) if cw.summary.norm_placement == "pre" else hidden
+    return head_values(lw, x)
+
+
 def _values(lm: LoadedModel, hidden: Tensor) -> Tensor:
     """Per-head value vectors of every layer, ``[L, B, H, T, d_head]``."""
-    cw = lm.weights()
-    pre_norm = cw.summary.norm_placement == "pre"
-    out = []
-    for layer, lw in enumerate(cw.layers):
-        x = lw.ln_attn(hidden[layer]) if pre_norm else hidden[layer]
-        out.append(head_values(lw, x))
-    return torch.stack(out)
+    return torch.stack([layer_values(lm, layer, hidden[layer]) for layer in range(len(hidden) - 1)])
 
 
 def iter_captures(

@@ -138,3 +138,44 @@ def test_generic_heads_need_no_eigendecomposition(monkeypatch):
     assert torch.equal(rank_fast, rank_exact)
     assert torch.allclose(fast, exact, atol=1e-12)
     assert torch.equal(fast[..., :8, :], A[..., :8, :])
+
+
+def test_repeated_rows_finds_bitwise_copies_only():
+    from tgeom.analyses.identifiability.causal import repeated_rows
+
+    g = torch.Generator().manual_seed(6)
+    M = torch.randn(2, 9, 4, generator=g, dtype=torch.float64)
+    M[0, 5], M[0, 7], M[0, 8] = M[0, 2], M[0, 2], M[0, 1]
+    M[1, 3] = torch.nextafter(M[1, 0], torch.tensor(torch.inf, dtype=torch.float64))  # 1 ulp
+    first = repeated_rows(M)
+    assert first[0].tolist() == [0, 1, 2, 3, 4, 2, 6, 2, 1]
+    assert first[1].tolist() == list(range(9))
+
+
+def test_repeated_tokens_beyond_d_head_need_no_eigendecomposition(monkeypatch):
+    """A first layer without positions: value rows repeat with the tokens. While the distinct rows
+    are independent, the range of a prefix is the vectors constant on each class of equal rows
+    (class averages); once they span R^dh, the anchored solve takes over. Both equal the
+    per-prefix SVD, and no eigendecomposition is needed."""
+    import tgeom.analyses.identifiability.causal as causal
+
+    g = torch.Generator().manual_seed(7)
+    n, dh, vocab = 48, 6, 9
+    table = torch.linalg.qr(torch.randn(vocab, dh, generator=g, dtype=torch.float64)).Q
+    table = table * torch.linspace(1, 2, dh, dtype=torch.float64)  # well-conditioned rows
+    tokens = torch.cat(
+        [torch.tensor([0, 1, 0, 2, 1, 3, 4, 4, 5]), torch.randint(0, vocab, (n - 9,), generator=g)]
+    )
+    M = table[tokens]
+    A = causal_softmax(torch.randn(n, n, generator=g, dtype=torch.float64))
+    expected, ranks = per_prefix_reference(A, M, FAST)
+
+    def no_eigh(*args):
+        raise AssertionError("eigendecomposition path used")
+
+    monkeypatch.setattr(causal, "_gram_projection", no_eigh)
+    effective, rank = prefix_effective_attention(A, M, lambda m: FAST)
+    assert rank.tolist() == ranks
+    assert ranks[2] == 2 and ranks[8] == 6  # a repeat at row 2; six distinct tokens by row 8
+    assert torch.allclose(effective, expected, atol=1e-10)
+    assert effective.triu(1).abs().max() == 0

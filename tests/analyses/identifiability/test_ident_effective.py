@@ -29,7 +29,7 @@ def test_effective_attention_preserves_head_output(tiny_model, family):
     for b, seq in enumerate(seqs):
         for layer, lw in enumerate(cw.layers):
             T = cap.values[layer, b].double() @ lw.W_O.double()  # [H, n, d]
-            raw, eff = seq.raw[layer] @ T, seq.effective[layer] @ T
+            raw, eff = seq.raw[layer].double() @ T, seq.effective[layer] @ T
             assert (raw - eff).norm() <= 1e-6 * raw.norm()
         # generic random heads: null dim = d_s - d_head when d_s > d_head
         assert (seq.null_dim == 20 - lm.summary.d_head).all()
@@ -40,7 +40,7 @@ def test_short_sequences_have_trivial_null_space(tiny_model):
     ids = torch.randint(4, 96, (1, 6), generator=torch.Generator().manual_seed(1))  # 6 <= d_head 8
     (seq,) = effective_attention_batch(lm, ids)
     assert (seq.null_dim == 0).all()
-    assert torch.equal(seq.raw, seq.effective)
+    assert torch.equal(seq.raw.double(), seq.effective)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -115,9 +115,9 @@ def test_causal_effective_attention_is_causal_and_ignores_later_tokens(tiny_mode
     (prefix,) = effective_attention_batch(lm, ids[:, :13])
     assert full.effective.triu(1).abs().max() == 0
     assert torch.allclose(full.effective[..., :13, :13], prefix.effective, atol=1e-9)
-    assert not torch.equal(full.effective, full.raw)  # 21 > d_head: something was removed
+    assert not torch.equal(full.effective, full.raw.double())  # 21 > d_head: something was removed
     d_head = lm.summary.d_head
-    assert torch.equal(full.effective[..., :d_head, :], full.raw[..., :d_head, :])
+    assert torch.equal(full.effective[..., :d_head, :], full.raw[..., :d_head, :].double())
 
 
 def test_rank_deficient_head_has_larger_null_space(tiny_model):

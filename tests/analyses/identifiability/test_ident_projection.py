@@ -60,3 +60,40 @@ def test_tiny_encoder_on_the_gram_path_matches_full_svd(tiny_model):
             expected, r = reference(cap.attentions[layer, 0, head].double(), T, FAST)
             assert torch.allclose(seq.effective[layer, head], expected, atol=1e-10)
             assert int(seq.rank[layer, head]) == r == lm.summary.d_head
+
+
+def test_generic_heads_are_proven_and_need_no_eigendecomposition(monkeypatch):
+    """Well-conditioned heads take the Cholesky-certified path (n > d_head: A Q Q^T; n <= d_head:
+    A itself) and still equal the full-SVD definition."""
+    import tgeom.analyses.identifiability.projection as projection
+
+    def no_eigh(*args):
+        raise AssertionError("eigendecomposition path used on generic heads")
+
+    monkeypatch.setattr(projection, "_gram_projection", no_eigh)
+    g = torch.Generator().manual_seed(3)
+    for n in (5, 40):
+        M = torch.randn(3, n, 8, generator=g, dtype=torch.float64)
+        A = torch.softmax(torch.randn(3, n, n, generator=g, dtype=torch.float64), dim=-1)
+        effective, rank = sequence_effective_attention(A, M, FAST)
+        for h in range(3):
+            expected, r = reference(A[h], M[h], FAST)
+            assert int(rank[h]) == r == min(n, 8)
+            assert torch.allclose(effective[h], expected, atol=1e-11)
+        if n <= 8:
+            assert torch.equal(effective, A)
+
+
+def test_certificate_never_proves_a_deficient_head():
+    from tgeom.analyses.identifiability.projection import certified_full_rank
+
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(40, 30, 6, generator=g, dtype=torch.float64)
+    M[:, :, 5] = M[:, :, 4] + torch.logspace(-8, 0, 40, dtype=torch.float64)[:, None] * torch.randn(
+        40, 30, generator=g, dtype=torch.float64
+    )
+    proven, _, _ = certified_full_rank(M, FAST)
+    s = torch.linalg.svdvals(M)
+    full = s[:, -1] > FAST * s[:, 0]
+    assert not (proven & ~full).any()
+    assert proven[-5:].all() and not proven[:5].any()

@@ -18,23 +18,32 @@ Computation: ``T[:i+1] = M[:i+1] Q^T`` with ``M = V R^T [n, d_head]`` and ``Q`` 
 ``a_i`` on the range of ``M_i = M[:i+1]``.
 
 - Fast path (relative tolerances >= :data:`FAST_PATH_MIN_RTOL`, which the defaults for float32
-  data are whenever ``d_model >= 84``): ``M_i G_i^+ M_i^T a_i`` with the prefix Gram matrix
-  ``G_i = M_i^T M_i`` (``[d_head, d_head]``) and ``M_i^T a_i = (A M)_i`` (A is causal). Cheap
-  proofs (:func:`certified_full_rank`) settle most prefixes: those proven full row rank keep
-  ``a_i``; those proven full column rank use a Cholesky solve. The rest take ``G_i^+`` from a
-  float64 eigendecomposition, keeping eigenvalues whose square roots (the singular values of
-  ``M_i``) exceed ``rtol * s_max``: the SVD's rank rule. Eigenvalues carry absolute errors near
-  ``eps64 * s_max^2``, so singular values are resolved down to about ``1e-7 s_max``, far below
-  the tolerance; one step of iterative refinement against ``M`` itself removes the
-  ``eps * cond^2`` error of the Gram matrix. Cost: ``O(n d_head^3)`` per head at worst (about
-  3 s for SmolLM2's 30 layers on a 128-token sequence, one CPU thread); nothing beyond the
-  proofs while ``n <= d_head``.
+  data are whenever ``d_model >= 84``). With ``tau = 1.1 rtol s`` (``s^2 = ||M^T M||_F``, an
+  upper bound of every prefix's ``s_max^2``; the factor 1.1 absorbs the float64 error of the
+  Gram matrices), :func:`certified_full_rank` proves, by *shifted* Cholesky factorisations,
+
+  * full row rank for every prefix ``i < d_head`` whose leading block of ``M M^T - tau^2 I``
+    is positive definite (one factorisation gives every leading block at once), and
+  * full column rank for every prefix ``i >= c`` with ``M[:c+1]^T M[:c+1] - tau^2 I`` positive
+    definite (``s_dh`` never falls as rows are added, so ``c`` is found by bisection).
+
+  Rows proven full row rank keep ``a_i``. Rows proven full column rank need
+  ``z_i = G_i^{-1} (A M)_i`` for every prefix Gram ``G_i = M_i^T M_i``; all of them come from one
+  anchor: with ``G_c = L L^T`` and ``X = M[c+1:] L^{-T}``, ``G_i^{-1} = L^{-T} (I - Y_i^T Y_i)
+  L^{-1}`` where ``Y = chol(I + X X^T)^{-1} X`` and ``Y_i`` its rows up to ``i`` (leading blocks
+  of one Cholesky factor: Woodbury), then one step of iterative refinement against ``M`` itself.
+  Cost ``O(n^2 d_head)`` per head, like the attention itself: no ``[n, d_head, d_head]``
+  per-prefix matrices. Only the rows proven neither way (a rank-deficient or borderline prefix,
+  e.g. repeated tokens where values carry no position) take a float64 eigendecomposition of
+  their prefix Gram matrix, keeping eigenvalues whose square roots exceed ``rtol * s_max`` (the
+  SVD's rank rule), refined the same way.
 - Exact path (smaller tolerances, e.g. float64 models): an SVD of every prefix ``M_i``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -51,7 +60,8 @@ def prefix_effective_attention(
     ``V R^T`` (float64); ``rtol_for(m)``: relative rank tolerance for a prefix of ``m`` tokens.
     Rows whose prefix has full row rank keep ``A`` bit for bit. On the fast path, prefixes that
     :func:`certified_full_rank` proves full row rank cost nothing more, those it proves full
-    column rank one Cholesky solve; only the rest need an eigendecomposition."""
+    column rank share one anchored Woodbury solve per head; only the rest need an
+    eigendecomposition."""
     n, dh = M.shape[-2:]
     rows = torch.arange(n, device=M.device)
     visible = (rows[None, :] <= rows[:, None]).to(M.dtype)  # [i, j]: key j visible to query i
@@ -59,108 +69,203 @@ def prefix_effective_attention(
     if float(rtol.min()) < FAST_PATH_MIN_RTOL:
         effective, rank = _svd_projection(A * visible, M, visible, rtol, rows)
         return torch.where((rank == rows + 1).unsqueeze(-1), A, effective), rank
-    row_ok, col_ok = certified_full_rank(M, rtol)
-    every_row, every_col = row_ok.reshape(-1, n).all(0), col_ok.reshape(-1, n).all(0)
-    rank = torch.where(row_ok, rows + 1, dh)
-    effective = A.clone()
-    by_cholesky = (every_col & ~every_row).nonzero()[:, 0]
-    by_eigh = (~every_row & ~every_col).nonzero()[:, 0]
-    for todo, path in ((by_cholesky, _cholesky_projection), (by_eigh, _gram_projection)):
-        if len(todo):
-            A_sub = A[..., todo, :] * visible[todo]
-            eff_sub, rank_sub = path(A_sub, M, visible[todo], rtol[todo], todo)
-            full_rank = (rank_sub == todo + 1).unsqueeze(-1)
-            effective[..., todo, :] = torch.where(full_rank, A[..., todo, :], eff_sub)
-            rank[..., todo] = rank_sub
-    return effective, rank
+    batch = M.shape[:-2]
+    A_f, M_f = A.reshape(-1, n, n), M.reshape(-1, n, dh)
+    cert = _certify(M_f, float(rtol.max()))
+    rank = torch.where(cert.row_ok, cert.distinct, dh)
+    effective = A_f.clone()
+    heads = cert.repeated.any(-1).nonzero()[:, 0]
+    if len(heads):  # repeated rows, distinct rows independent: average over each class
+        averaged = _class_average(A_f[heads], cert.first[heads], visible)
+        effective[heads] = torch.where(cert.repeated[heads].unsqueeze(-1), averaged, A_f[heads])
+    heads = cert.col_ok.any(-1).nonzero()[:, 0]
+    if len(heads):  # rows proven full column rank: one anchored solve per head
+        anchored = _anchored_projection(A_f[heads], M_f[heads], visible, cert.anchor[heads])
+        proven = (cert.col_ok[heads] & ~cert.row_ok[heads]).unsqueeze(-1)
+        effective[heads] = torch.where(proven, anchored, effective[heads])
+    pairs = (~(cert.row_ok | cert.col_ok)).nonzero()  # [P, 2]: (head, row) proven neither way
+    if len(pairs):
+        eff_rows, rank_rows = _gram_projection(A_f, M_f, rtol, pairs)
+        head, row = pairs[:, 0], pairs[:, 1]
+        full_rank = (rank_rows == row + 1).unsqueeze(-1)
+        effective[head, row] = torch.where(full_rank, A_f[head, row], eff_rows)
+        rank[head, row] = rank_rows
+    return effective.reshape(A.shape), rank.reshape(*batch, n)
+
+
+@dataclass
+class _Certificate:
+    """Per head ``[b, n]``: ``row_ok`` (prefix proven to have rank ``distinct``: its distinct
+    rows are independent), ``distinct`` (distinct rows in the prefix), ``first`` (index of the
+    first row equal to row ``t``), ``col_ok`` (proven full column rank); ``anchor [b]``: the first
+    row proven full column rank (``n`` when none)."""
+
+    row_ok: Tensor
+    distinct: Tensor
+    first: Tensor
+    col_ok: Tensor
+    anchor: Tensor
+
+    @property
+    def repeated(self) -> Tensor:
+        """Rows proven by their distinct rows whose prefix repeats a row: class averages."""
+        rows = torch.arange(self.row_ok.shape[-1], device=self.row_ok.device)
+        return self.row_ok & (self.distinct < rows + 1)
 
 
 def certified_full_rank(M: Tensor, rtol: Tensor) -> tuple[Tensor, Tensor]:
-    """Cheap, conservative proofs for the prefixes ``M[:i+1]`` of ``M [..., n, dh]``: ``[..., n]``
-    bools "proven full row rank" (``i < dh``) and "proven full column rank" (``i >= dh - 1``),
-    meaning ``min(i + 1, dh)`` singular values above ``rtol[i] * s_max``; False: not proven.
-
-    With ``K = M_k M_k^T = L L^T`` (``k = min(n, dh)``), the leading block of ``L^{-1}`` is the
-    inverse of the leading block of ``L``, so ``s_min(M[:i+1]) >= 1 / ||L^{-1}[:i+1, :i+1]||_F``,
-    a cumulative sum over rows; adding rows never lowers the ``dh``-th singular value, so the
-    bound for ``M[:c+1]`` (``c >= dh - 1``, from a Cholesky factor of its ``[dh, dh]`` Gram
-    matrix, at checkpoints every ``dh / 4`` rows) holds for every longer prefix;
-    ``s_max <= ||M[:i+1]||_F``. Proven when the lower bound exceeds twice
-    ``rtol * ||M[:i+1]||_F`` (the factor 2 absorbs the float64 error of the Gram matrices for
-    ``rtol >= FAST_PATH_MIN_RTOL``)."""
+    """Proofs for the prefixes ``M[:i+1]`` of ``M [..., n, dh]``: ``[..., n]`` bools "proven full
+    row rank" (``i < dh``) and "proven full column rank" (``i >= dh - 1``), meaning
+    ``min(i + 1, dh)`` singular values above ``rtol[i] * s_max(M[:i+1])``; False: not proven.
+    See the module docstring (shifted Cholesky factorisations, threshold ``1.1 max(rtol) s``)."""
     n, dh = M.shape[-2:]
+    cert = _certify(M.reshape(-1, n, dh), float(rtol.max()))
+    full_row = cert.row_ok & ~cert.repeated
+    return full_row.reshape(M.shape[:-1]), cert.col_ok.reshape(M.shape[:-1])
+
+
+def repeated_rows(M: Tensor) -> Tensor:
+    """``first [b, n]``: for each row ``t`` of ``M [b, n, dh]``, the index of the first row
+    bitwise equal to it (``t`` itself when it is new). A repeated token gives repeated value rows
+    where the attention input carries no position (RoPE models' first layer)."""
+    n, dh = M.shape[-2:]
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(dh, generator=generator, dtype=M.dtype).to(M.device)
+    key = M @ probe  # equal rows have equal keys; equal keys are checked row by row
+    rows = torch.arange(n, device=M.device)
+    candidate = (key[:, :, None] == key[:, None, :]) & (rows[None, :] < rows[:, None])
+    same = torch.zeros_like(candidate)
+    if bool(candidate.any()):
+        h, t, j = candidate.nonzero().unbind(-1)
+        exact = (M[h, t] == M[h, j]).all(-1)
+        same[h[exact], t[exact], j[exact]] = True
+    same |= torch.eye(n, dtype=torch.bool, device=M.device)
+    return same.to(torch.uint8).argmax(-1)  # the first equal row (argmax: first maximum)
+
+
+def _certify(M: Tensor, rtol: float) -> _Certificate:
+    """:func:`certified_full_rank` for ``M [b, n, dh]`` and one tolerance, with the anchors."""
+    b, n, dh = M.shape
+    G = M.transpose(-1, -2) @ M
+    shift = (1.1 * rtol) ** 2 * torch.linalg.matrix_norm(G)  # tau^2 >= (1.1 rtol s_max(M_i))^2
     k = min(n, dh)
-    Mk = M[..., :k, :]
-    L, info = torch.linalg.cholesky_ex(Mk @ Mk.transpose(-1, -2))
-    eye = torch.eye(k, dtype=M.dtype, device=M.device).expand_as(L)
-    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-    inverse_fro = torch.cumsum((Linv**2).sum(-1), dim=-1)  # ||L_i^{-1}||_F^2, [..., k]
-    order = torch.arange(1, k + 1, device=M.device)
-    factored = (info[..., None] == 0) | (order < info[..., None])  # leading minors that worked
-    inverse_fro = torch.where(factored, inverse_fro, torch.inf)  # not factored: not proven
-    fro = torch.cumsum((M**2).sum(-1), dim=-1)  # ||M_i||_F^2, [..., n]
-    top = torch.linalg.eigvalsh(M.transpose(-1, -2) @ M)[..., -1:]  # s_max(M)^2 >= s_max(M_i)^2
-    upper = torch.minimum(fro, top)
-    row_ok = torch.zeros(M.shape[:-1], dtype=torch.bool, device=M.device)
-    row_ok[..., :k] = (2 * rtol[:k]) ** 2 * inverse_fro * upper[..., :k] < 1  # NaN: not proven
+    rows = torch.arange(n, device=M.device)
+    first = repeated_rows(M)
+    new_row = first == rows
+    distinct = new_row.cumsum(-1)  # distinct rows in each prefix, [b, n]
+    # the first k distinct rows of each head, in order (zero rows pad heads with fewer)
+    picked = torch.sort((~new_row).to(torch.uint8), dim=-1, stable=True).indices[:, :k]
+    valid = torch.arange(k, device=M.device)[None, :] < distinct[:, -1:]
+    D = torch.gather(M, 1, picked[..., None].expand(b, k, dh)) * valid[..., None]
+    eye_k = torch.eye(k, dtype=M.dtype, device=M.device)
+    info = torch.linalg.cholesky_ex(D @ D.transpose(-1, -2) - shift[:, None, None] * eye_k).info
+    positive = torch.where(info == 0, k, info - 1)  # leading distinct rows that factored
+    # repeating a row adds nothing to the range and scales no singular value down (weights >= 1)
+    row_ok = distinct <= positive[:, None]
     col_ok = torch.zeros_like(row_ok)
-    if n >= dh:  # checkpoints c: s_dh(M[:i+1]) >= s_min(M[:c+1]) for every c <= i
-        checkpoints = torch.arange(dh - 1, n, max(1, dh // 8), device=M.device)
-        lowest = torch.linalg.eigvalsh(prefix_grams(M, checkpoints))[..., 0]  # [..., C]
-        lowest = lowest.nan_to_num(0.0).cummax(-1).values
-        i = torch.arange(dh - 1, n, device=M.device)
-        latest = torch.searchsorted(checkpoints, i, right=True) - 1
-        col_ok[..., dh - 1 :] = (2 * rtol[dh - 1 :]) ** 2 * upper[..., dh - 1 :] < lowest[
-            ..., latest
-        ]
-    return row_ok, col_ok
+    anchor = torch.full((b,), n, dtype=torch.long, device=M.device)
+    if n >= dh:
+        eye = torch.eye(dh, dtype=M.dtype, device=M.device)
+
+        def proven(heads: Tensor, rows: Tensor) -> Tensor:  # is G_row - tau^2 I pos. definite
+            shifted = prefix_gram_per_head(M[heads], rows) - shift[heads, None, None] * eye
+            return torch.linalg.cholesky_ex(shifted).info == 0
+
+        # smallest c in [dh - 1, n - 1] with a proof (monotone in c); n when there is none.
+        # Most heads have one at dh - 1 already: try it first, bisect only the others.
+        lo = torch.full((b,), dh - 1, dtype=torch.long, device=M.device)
+        every = torch.arange(b, device=M.device)
+        hi = torch.where(proven(every, lo), lo, n)  # invariant: proof at hi (or hi = n)
+        lo = torch.where(hi == lo, lo, lo + 1)
+        while bool((lo < hi).any()):
+            active = (lo < hi).nonzero()[:, 0]
+            mid = torch.div(lo[active] + hi[active], 2, rounding_mode="floor")
+            ok = proven(active, mid)
+            hi[active] = torch.where(ok, mid, hi[active])
+            lo[active] = torch.where(ok, lo[active], mid + 1)
+        anchor = hi
+        col_ok = rows[None, :] >= anchor[:, None]
+    return _Certificate(row_ok, distinct, first, col_ok, anchor)
 
 
-def prefix_grams(M: Tensor, rows: Tensor) -> Tensor:
-    """``G_i = M[:i+1]^T M[:i+1]`` for the prefixes ``rows [p]`` of ``M [..., n, dh]``:
-    ``[..., p, dh, dh]``."""
+def _class_average(A: Tensor, first: Tensor, visible: Tensor) -> Tensor:
+    """``A_eff [b, n, n]`` when each prefix's distinct rows are independent: the range of ``M_i``
+    is then the vectors constant on each class of equal rows, so ``a_eff_i[t]`` is the mean of
+    ``a_i`` over the rows ``<= i`` equal to row ``t``."""
+    n = A.shape[-1]
+    onehot = torch.nn.functional.one_hot(first, n).to(A.dtype)  # [b, n(t), n(class)]
+    sums = A @ onehot  # [b, n(i), n(class)]: A is causal, so only rows <= i count
+    counts = onehot.cumsum(-2)  # [b, n(i), n(class)]: members among the rows <= i
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), 0.0)
+    return (means @ onehot.transpose(-1, -2)) * visible
+
+
+def prefix_gram_per_head(M: Tensor, rows: Tensor) -> Tensor:
+    """``G = M[h, :rows[h]+1]^T M[h, :rows[h]+1]`` for each head of ``M [b, n, dh]``: ``[b, dh,
+    dh]``."""
+    mask = (torch.arange(M.shape[-2], device=M.device)[None, :] <= rows[:, None]).to(M.dtype)
+    return M.transpose(-1, -2) @ (M * mask[..., None])
+
+
+def _anchored_projection(A: Tensor, M: Tensor, visible: Tensor, anchor: Tensor) -> Tensor:
+    """Effective attention ``[b, n, n]`` of the rows ``i >= anchor[h]`` (other rows: not
+    meaningful) for heads whose prefix ``M[:anchor+1]`` has full column rank: ``z_i = G_i^{-1}
+    (A M)_i`` by the anchored Woodbury identity of the module docstring, ``a_eff_i = z_i
+    M_i^T``, then one step of iterative refinement."""
     n = M.shape[-2]
-    visible = (torch.arange(n, device=M.device)[None, :] <= rows[:, None]).to(M.dtype)  # [p, n]
-    return torch.einsum("...nd,pn,...ne->...pde", M, visible, M)
+    rows = torch.arange(n, device=M.device)
+    later = (rows[None, :] > anchor[:, None]).to(M.dtype)  # [b, n]: rows after the anchor
+    first = int(anchor.min()) + 1  # rows before this are at or before every anchor
+    L = torch.linalg.cholesky(prefix_gram_per_head(M, anchor))  # G_c = L L^T
+    Lt = L.transpose(-1, -2)
+    X = torch.linalg.solve_triangular(
+        Lt, M[:, first:] * later[:, first:, None], upper=True, left=False
+    )  # rows after the anchor, whitened: [b, m, dh]
+    eye = torch.eye(n - first, dtype=M.dtype, device=M.device)
+    LK = torch.linalg.cholesky(eye + X @ X.transpose(-1, -2))
+    Y = torch.linalg.solve_triangular(LK, X, upper=False)  # [b, m, dh]
+    Yt = Y.transpose(-1, -2).contiguous()
+    sees = visible[:, first:]  # [n, m]: query i sees the added row t
 
+    def solve(C: Tensor) -> Tensor:  # rows c_i -> z_i = G_i^{-1} c_i, [b, n, dh]
+        Ch = torch.linalg.solve_triangular(Lt, C, upper=True, left=False)  # C L^{-T}
+        Zh = Ch - ((Ch @ Yt) * sees) @ Y
+        return torch.linalg.solve_triangular(L, Zh, upper=False, left=False)  # Zh L^{-1}
 
-def _cholesky_projection(
-    A: Tensor, M: Tensor, visible: Tensor, rtol: Tensor, rows: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Rows ``rows``, every head proven full column rank: ``G_i^{-1}`` by Cholesky, refined."""
-    L, info = torch.linalg.cholesky_ex(prefix_grams(M, rows))
-    if bool((info != 0).any()):  # cannot happen for proven prefixes; stay exact regardless
-        return _gram_projection(A, M, visible, rtol, rows)
-
-    def solve(rhs: Tensor) -> Tensor:
-        return torch.cholesky_solve(rhs.unsqueeze(-1), L)[..., 0]
-
-    z = solve(A @ M)
-    effective = (z @ M.transpose(-1, -2)) * visible
-    z = z + solve(((A - effective) * visible) @ M)  # one step of iterative refinement
-    rank = torch.full(z.shape[:-1], M.shape[-1], dtype=torch.long, device=M.device)
-    return (z @ M.transpose(-1, -2)) * visible, rank
+    Mt = M.transpose(-1, -2).contiguous()
+    Z = solve(A @ M)
+    effective = (Z @ Mt) * visible
+    Z = Z + solve((A - effective) @ M)  # one step of iterative refinement
+    return (Z @ Mt) * visible
 
 
 def _gram_projection(
-    A: Tensor, M: Tensor, visible: Tensor, rtol: Tensor, rows: Tensor
+    A: Tensor, M: Tensor, rtol: Tensor, pairs: Tensor, chunk: int = 512
 ) -> tuple[Tensor, Tensor]:
-    """Rows ``rows`` (``A``, ``visible``, ``rtol`` already cut to them) by prefix Grams."""
-    G = prefix_grams(M, rows)  # [..., p, dh, dh]
-    lam, W = torch.linalg.eigh(G)  # ascending
-    s = lam.clamp_min(0).sqrt()
-    keep = s > rtol[:, None] * s[..., -1:].clamp_min(torch.finfo(s.dtype).tiny)
-    inv = torch.where(keep, 1.0 / lam.clamp_min(torch.finfo(s.dtype).tiny), 0.0)  # [..., n, dh]
+    """Rows ``pairs [P, 2]`` = (head, row) of ``A [b, n, n]`` / ``M [b, n, dh]``, by an
+    eigendecomposition of each prefix Gram matrix (the SVD's rank rule), refined once:
+    effective rows ``[P, n]`` and prefix ranks ``[P]``, ``chunk`` pairs at a time."""
+    n = M.shape[-2]
+    out_rows, out_rank = [], []
+    for start in range(0, len(pairs), chunk):
+        head, row = pairs[start : start + chunk, 0], pairs[start : start + chunk, 1]
+        mask = (torch.arange(n, device=M.device)[None, :] <= row[:, None]).to(M.dtype)  # [p, n]
+        Mp = M[head] * mask[..., None]  # [p, n, dh]: the prefix, later rows zeroed
+        lam, W = torch.linalg.eigh(Mp.transpose(-1, -2) @ Mp)  # ascending
+        s = lam.clamp_min(0).sqrt()
+        keep = s > rtol[row, None] * s[:, -1:].clamp_min(torch.finfo(s.dtype).tiny)
+        inv = torch.where(keep, 1.0 / lam.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
 
-    def solve(rhs: Tensor) -> Tensor:  # G_i^+ rhs_i for every prefix i: [..., n, dh]
-        return (W @ (inv * (W.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1))[
-            ..., 0
-        ]
+        def solve(rhs: Tensor, W: Tensor = W, inv: Tensor = inv) -> Tensor:  # G^+ rhs, [p, dh]
+            return (W @ (inv * (W.transpose(-1, -2) @ rhs[..., None])[..., 0])[..., None])[..., 0]
 
-    z = solve(A @ M)  # coefficients of each row's projection in the basis of M's columns
-    effective = (z @ M.transpose(-1, -2)) * visible
-    z = z + solve(((A - effective) * visible) @ M)  # one step of iterative refinement
-    return (z @ M.transpose(-1, -2)) * visible, keep.sum(-1)
+        a = A[head, row] * mask  # [p, n]
+        z = solve((a[:, None, :] @ Mp)[:, 0])
+        effective = (Mp @ z[..., None])[..., 0]
+        z = z + solve(((a - effective)[:, None, :] @ Mp)[:, 0])  # iterative refinement
+        out_rows.append((Mp @ z[..., None])[..., 0])
+        out_rank.append(keep.sum(-1))
+    return torch.cat(out_rows), torch.cat(out_rank)
 
 
 def _svd_projection(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import string
 import unicodedata
+import weakref
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from tgeom.analyses.identifiability.causal import prefix_effective_attention
 from tgeom.analyses.identifiability.projection import sequence_effective_attention, sequence_rank
-from tgeom.capture import capture
+from tgeom.capture import layer_values, stream_hidden
 from tgeom.linalg.nullspace import default_rtol
 from tgeom.runtime import Runtime
 
@@ -47,7 +48,8 @@ TOKEN_TYPES = ("cls/bos", "sep/eos", "punctuation", "other")
 
 @dataclass
 class SequenceAttention:
-    """One sequence: ``raw, effective [L, H, n, n]`` (float64, CPU), ``null_dim, rank [L, H]``."""
+    """One sequence: ``raw [L, H, n, n]`` (the model's attention probabilities, in its dtype),
+    ``effective [L, H, n, n]`` (float64), both on the CPU; ``null_dim, rank [L, H]``."""
 
     token_ids: list[int]
     raw: Tensor
@@ -63,11 +65,26 @@ def real_lengths(token_ids: Tensor, attention_mask: Tensor | None) -> list[int]:
     return [int(n) for n in attention_mask.sum(1).tolist()]
 
 
+_FACTORS: dict[int, tuple[weakref.ref[Any], tuple[Any, ...], Tensor]] = {}  # id(lm) -> ...
+
+
 def output_factors(lm: Any, device: torch.device) -> Tensor:
-    """``R^T [L, H, dh, dh]`` float64 with ``W_O[l, h] = R^T Q^T`` (``Q`` orthonormal columns)."""
-    W_O = torch.stack([lw.W_O for lw in lm.weights().layers]).to(device, torch.float64)
+    """``R^T [L, H, dh, dh]`` float64 with ``W_O[l, h] = R^T Q^T`` (``Q`` orthonormal columns).
+
+    Cached per model; the key holds each ``W_O``'s storage and version counter, so an in-place
+    edit of a weight (as in a test planting a rank-deficient head) recomputes it."""
+    W_Os = [lw.W_O for lw in lm.weights().layers]
+    key = (str(device), *((w.data_ptr(), w._version) for w in W_Os))
+    cached = _FACTORS.get(id(lm))
+    if cached is not None and cached[0]() is lm and cached[1] == key:
+        return cached[2]
+    W_O = torch.stack(W_Os).to(device, torch.float64)
     R = torch.linalg.qr(W_O.transpose(-1, -2), mode="reduced").R  # [L, H, dh, dh]
-    return R.transpose(-1, -2)
+    factors = R.transpose(-1, -2)
+    for stale in [k for k, (ref, _, _) in _FACTORS.items() if ref() is None]:
+        del _FACTORS[stale]
+    _FACTORS[id(lm)] = (weakref.ref(lm), key, factors)
+    return factors
 
 
 def _prefix_rtol(m: int, *, d: int, dtype: torch.dtype, rtol: float | None) -> float:
@@ -75,6 +92,7 @@ def _prefix_rtol(m: int, *, d: int, dtype: torch.dtype, rtol: float | None) -> f
     return default_rtol(m, d, dtype) if rtol is None else rtol
 
 
+@torch.no_grad()
 def effective_attention_batch(
     lm: Any,
     token_ids: Tensor,
@@ -85,37 +103,94 @@ def effective_attention_batch(
 ) -> list[SequenceAttention]:
     """Raw and effective attention of every layer and head for each sequence of a batch
     (``token_ids [B, T]``, right padding marked by ``attention_mask``); ``rtol`` is the relative
-    rank tolerance (default ``max(n, d) * eps`` of the stored values' dtype)."""
-    captured = capture(lm, token_ids, attention_mask, attentions=need_attention, values=True)
-    assert captured.values is not None
-    Rt = output_factors(lm, captured.values.device)
-    out = []
-    for b, n in enumerate(real_lengths(token_ids, attention_mask)):
-        V = captured.values[:, b, :, :n]  # [L, H, n, dh]
-        tol = default_rtol(n, lm.summary.d_model, V.dtype) if rtol is None else rtol
-        M = V.double() @ Rt  # T = M Q^T: same rank and left singular vectors as T
-        if need_attention:
-            assert captured.attentions is not None
-            A = captured.attentions[:, b, :, :n, :n].double()
-            if lm.summary.is_causal:  # per query prefix, see identifiability/causal.py
-                rtol_for = partial(_prefix_rtol, d=lm.summary.d_model, dtype=V.dtype, rtol=rtol)
-                A_eff = torch.stack(
-                    [
-                        prefix_effective_attention(A[lay], M[lay], rtol_for)[0]
-                        for lay in range(len(A))
-                    ]
-                )
-                rank = sequence_rank(M, tol)
+    rank tolerance (default ``max(n, d) * eps`` of the stored values' dtype).
+
+    One forward pass; then, layer by layer, the sequences of each length are processed together
+    (float64), straight from the layer's attention probabilities and value vectors: nothing of
+    size ``[L, B, H, T, T]`` is stacked."""
+    n_layers = int(lm.summary.n_layers)
+    hidden: list[Tensor | None] = [None] * (n_layers + 1)
+
+    def keep(layer: int, h: Tensor) -> None:
+        if layer < n_layers:  # block inputs; the last output is not needed
+            hidden[layer] = h
+
+    output = stream_hidden(lm, token_ids, keep, attention_mask, attentions=need_attention)
+    lengths = real_lengths(token_ids, attention_mask)
+    device = lm.device
+    Rt = output_factors(lm, device)
+    d, n_heads = int(lm.summary.d_model), int(lm.summary.n_heads)
+    groups: dict[int, list[int]] = {}
+    for b, n in enumerate(lengths):
+        groups.setdefault(n, []).append(b)
+    # per length group, [L, g, H, n, n] float64 buffers; each sequence's matrices are views
+    raw: dict[int, Tensor] = {}
+    eff: dict[int, Tensor] = {}
+    work: dict[int, Tensor] = {}
+    ranks = torch.empty(len(lengths), n_layers, n_heads, dtype=torch.long)
+    for layer in range(n_layers):
+        h = hidden[layer]
+        assert h is not None
+        V = layer_values(lm, layer, h)  # [B, H, T, dh]
+        hidden[layer] = None
+        for n, members in groups.items():
+            idx: Tensor | slice = (
+                slice(members[0], members[-1] + 1)  # a view, no gather
+                if members == list(range(members[0], members[-1] + 1))
+                else torch.tensor(members, device=device)
+            )
+            tol = default_rtol(n, d, V.dtype) if rtol is None else rtol
+            # T = M Q^T: same rank and left singular vectors (einsum: one bmm per head)
+            M = torch.einsum("bhtd,hde->bhte", V[idx, :, :n].double(), Rt[layer])
+            if need_attention:
+                if n not in raw:
+                    shape = (n_layers, len(members), n_heads, n, n)
+                    raw[n] = torch.empty(shape, dtype=output.attentions[layer].dtype, device=device)
+                    eff[n] = torch.empty(shape, dtype=torch.float64, device=device)
+                    work[n] = torch.empty(shape[1:], dtype=torch.float64, device=device)
+                raw[n][layer] = output.attentions[layer][idx, :, :n, :n]
+                A = work[n].copy_(raw[n][layer])  # float64, one buffer reused by every layer
+                rank = _layer_effective(lm, A, M, tol, rtol, V.dtype, out=eff[n][layer])
             else:
-                A_eff, rank = sequence_effective_attention(A, M, tol)
-            A, A_eff = A.cpu(), A_eff.cpu()
-        else:
-            rank = sequence_rank(M, tol)
-            A = A_eff = torch.empty(0, dtype=torch.float64)
-        null_dim = n - rank
-        ids = token_ids[b, :n].tolist()
-        out.append(SequenceAttention(ids, A, A_eff, null_dim.cpu(), rank.cpu()))
-    return out
+                rank = sequence_rank(M, tol)
+            ranks[members, layer] = rank.cpu()
+    raw = {n: t.cpu() for n, t in raw.items()}
+    eff = {n: t.cpu() for n, t in eff.items()}
+    empty = torch.empty(0, dtype=torch.float64)
+    position = {b: j for members in groups.values() for j, b in enumerate(members)}
+    ids = token_ids.tolist()
+    return [
+        SequenceAttention(
+            ids[b][:n],
+            raw[n][:, position[b]] if need_attention else empty,
+            eff[n][:, position[b]] if need_attention else empty,
+            n - ranks[b],
+            ranks[b],
+        )
+        for b, n in enumerate(lengths)
+    ]
+
+
+def _layer_effective(
+    lm: Any,
+    A: Tensor,
+    M: Tensor,
+    tol: float,
+    rtol: float | None,
+    dtype: torch.dtype,
+    *,
+    out: Tensor,
+) -> Tensor:
+    """Effective attention of one layer for ``g`` sequences of the same length (``A [g, H, n,
+    n]``, ``M [g, H, n, dh]`` float64), written into ``out``; returns the rank of the whole
+    sequence ``[g, H]``."""
+    if not lm.summary.is_causal:
+        return sequence_effective_attention(A, M, tol, out=out)[1]
+    # per query prefix, see identifiability/causal.py
+    rtol_for = partial(_prefix_rtol, d=lm.summary.d_model, dtype=dtype, rtol=rtol)
+    effective, prefix_rank = prefix_effective_attention(A, M, rtol_for)
+    out.copy_(effective)
+    return prefix_rank[..., -1]  # the last query's prefix is the whole sequence
 
 
 def token_type(token: str, token_id: int, lm: Any) -> str:
@@ -195,7 +270,7 @@ class EffectiveAttentionResult:
             allowed = torch.ones(n, n, dtype=torch.bool)
             if self.causal:
                 allowed = allowed.tril()
-            raw, eff = seq.raw[..., allowed], seq.effective[..., allowed]  # [L, H, m]
+            raw, eff = seq.raw[..., allowed].double(), seq.effective[..., allowed]  # [L, H, m]
             out.append(torch.vmap(torch.vmap(pearson_t))(raw, eff))
         return PearsonTable(torch.stack(out), self.lengths)
 
@@ -212,7 +287,7 @@ class EffectiveAttentionResult:
             onehot = torch.tensor(
                 [[t == k for k in TOKEN_TYPES] for t in types], dtype=torch.float64
             )
-            for name, matrix in (("raw", seq.raw), ("effective", seq.effective)):
+            for name, matrix in (("raw", seq.raw.double()), ("effective", seq.effective)):
                 sums[f"{name}_signed"] += (matrix @ onehot).sum(-2)
                 sums[f"{name}_abs"] += (matrix.abs() @ onehot).sum(-2)
             count += len(types)
