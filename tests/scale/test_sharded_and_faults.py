@@ -132,3 +132,45 @@ def test_a_dead_rank_stops_the_job_without_a_result(tiny_model_dir, corpus, tmp_
     assert not (out / STATS).exists()  # no silent partial result
     assert not (out / "results.json").exists()
     assert "FAILED" in stderr or "failed" in stderr.lower()
+
+
+def nullspace_args(model: Path, corpus: Path, out: Path) -> list[str]:
+    return [
+        *("-m", "tgeom", "attention", "nullspace", str(model), "--out", str(out)),
+        *("--corpus", str(corpus), "--seq-len", "20", "--max-windows-per-topic", "3"),
+        *("--batch-size", "2"),
+    ]
+
+
+def test_two_gloo_ranks_survey_null_spaces_like_one_process(tiny_model_dir, corpus, tmp_path):
+    """The identifiability statistics over sequences (null dims, ranks, Pearson per sequence;
+    token-type sums) sharded by batches: per-sequence numbers identical, sums to 1e-12."""
+    import json
+
+    model = tiny_model_dir("llama")  # causal: per-prefix null spaces
+    single = subprocess.run(
+        [sys.executable, *nullspace_args(model, corpus, tmp_path / "single")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+    )
+    assert single.returncode == 0, single.stderr
+    launcher = [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29519"]
+    sharded = subprocess.run(
+        [*launcher, *nullspace_args(model, corpus, tmp_path / "sharded")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+    )
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    a = json.loads((tmp_path / "single" / "results.json").read_text())
+    b = json.loads((tmp_path / "sharded" / "results.json").read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert len(a["null_space"]["lengths"]) == 9 and a["null_space"] == b["null_space"]
+    assert a["effective"]["pearson"] == b["effective"]["pearson"]  # per sequence: bit for bit
+    for name, rows in a["effective"]["token_type_attention"].items():
+        for x, y in zip(rows, b["effective"]["token_type_attention"][name], strict=True):
+            assert x.keys() == y.keys()
+            assert all(abs(x[k] - y[k]) <= 1e-12 for k in x), (name, x, y)

@@ -100,14 +100,22 @@ def nullspace_cmd(
     corpus: str = CORPUS_OPT,
     seq_len: int = SEQ_OPT,
     max_windows_per_topic: int = MAXW_OPT,
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Sequences per forward pass (default 8 on CPU, 32 on GPU)."
+    ),
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
-    """Null-space dimension of every head over a corpus' windows, and Pearson vs length."""
-    from tgeom.analyses.identifiability import effective_attention, null_space_dims
+    """Null-space dimension of every head over a corpus' windows, and Pearson vs length.
+
+    Runs sharded under ``torchrun --nproc-per-node N -m tgeom attention nullspace ...`` (gloo on
+    CPU, nccl on GPU): each rank takes whole batches, rank 0 writes the result."""
     from tgeom.analyses.identifiability.sequences import varied_length_batch
+    from tgeom.analyses.identifiability.survey import attention_survey
+    from tgeom.capture.distributed import shard_from_env
     from tgeom.models import load_model
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
+    from tgeom.runtime import Runtime
 
     lm = load_model(model, trust_remote_code=trust_remote_code)
     docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
@@ -115,8 +123,10 @@ def nullspace_cmd(
     # or BOS (decoders), so dims and Pearson read against length and special tokens show.
     ids, mask = varied_length_batch(lm, windows.token_ids)
     lengths = mask.sum(1).tolist()
-    nulls = null_space_dims(lm, ids, mask)
-    effective = effective_attention(lm, ids, mask)
+    shard = shard_from_env()
+    nulls, effective = attention_survey(lm, ids, mask, Runtime.auto(batch_size), shard)
+    if not shard.is_main:  # rank 0 alone writes and reports
+        return
     out_dir = prepare_out_dir(out)
     write_results(
         out_dir,
@@ -124,8 +134,9 @@ def nullspace_cmd(
         {
             "model": lm.source,
             "corpus": docs.source,
+            "world_size": shard.world_size,
             "null_space": nulls.to_json(),
-            "effective": effective.to_json(matrices_of=None),
+            "effective": effective.to_json(),
         },
     )
     _save(P.plot_pearson_vs_length(effective), out_dir / "pearson_vs_length.png")

@@ -170,3 +170,32 @@ def test_causal_effective_attention_equals_per_prefix_svd_reference_on_smollm2(s
         assert torch.allclose(seq.effective[layer, head], expected, atol=1e-6)
         assert int(seq.null_dim[layer, head]) == null_dim
     assert seq.effective.triu(1).abs().max() == 0
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_survey_equals_the_whole_effective_attention_result(tiny_model, family):
+    """Batch by batch (matrices dropped as it goes) the survey gives the same per-sequence tables
+    and token-type sums as one EffectiveAttentionResult over every sequence."""
+    from tgeom.analyses.identifiability import effective_attention
+    from tgeom.analyses.identifiability.survey import attention_survey
+    from tgeom.capture.distributed import Shard
+    from tgeom.runtime import Runtime
+
+    lm = tiny_model(family)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(4, 96, (5, 17), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate([17, 9, 12, 17, 5]):
+        mask[row, n:] = 0
+    whole = effective_attention(lm, ids, mask, Runtime(torch.device("cpu"), batch_size=5))
+    nulls, summary = attention_survey(
+        lm, ids, mask, Runtime(torch.device("cpu"), batch_size=2), Shard()
+    )
+    assert torch.equal(nulls.null_dim, torch.stack([s.null_dim for s in whole.sequences]))
+    assert nulls.lengths == whole.lengths == [17, 9, 12, 17, 5]
+    torch.testing.assert_close(
+        summary.pearson.values, whole.pearson.values, rtol=0, atol=1e-9, equal_nan=True
+    )
+    for name, value in whole.token_type_attention.items():
+        torch.testing.assert_close(summary.token_type_attention[name], value, rtol=0, atol=1e-9)
+    assert summary.to_json().keys() == whole.to_json(matrices_of=None).keys()

@@ -245,60 +245,34 @@ class PearsonTable:
 
 
 @dataclass
-class EffectiveAttentionResult:
-    """Effective attention over a set of sequences, with its summaries.
+class EffectiveSummary:
+    """What a corpus-wide effective-attention run keeps once the matrices are dropped:
+    Pearson(raw, effective) per sequence, layer and head (:class:`PearsonTable`), the
+    token-type attention *sums* ``type_sums[name] [L, H, 4]`` over ``n_queries`` queries (names
+    ``raw_signed``, ``raw_abs``, ``effective_signed``, ``effective_abs``; order
+    :data:`TOKEN_TYPES`). Sums, so the summaries of disjoint sets of sequences add up."""
 
-    ``sequences[s].raw / .effective [L, H, n_s, n_s]``, ``.null_dim [L, H]``; ``tokens`` and
-    ``types`` (one of :data:`TOKEN_TYPES`) per sequence and token."""
-
-    sequences: list[SequenceAttention]
-    tokens: list[list[str]]
-    types: list[list[str]]
+    pearson: PearsonTable
+    type_sums: dict[str, Tensor]
+    n_queries: int
     d_head: int
     causal: bool
 
     @property
     def lengths(self) -> list[int]:
-        return [len(s.token_ids) for s in self.sequences]
+        return self.pearson.lengths
 
-    @cached_property
-    def pearson(self) -> PearsonTable:
-        """Pearson(raw, effective) per sequence, layer and head (see :class:`PearsonTable`)."""
-        out = []
-        for seq in self.sequences:
-            n = seq.raw.shape[-1]
-            allowed = torch.ones(n, n, dtype=torch.bool)
-            if self.causal:
-                allowed = allowed.tril()
-            raw, eff = seq.raw[..., allowed].double(), seq.effective[..., allowed]  # [L, H, m]
-            out.append(torch.vmap(torch.vmap(pearson_t))(raw, eff))
-        return PearsonTable(torch.stack(out), self.lengths)
-
-    @cached_property
+    @property
     def token_type_attention(self) -> dict[str, Tensor]:
         """Mean over sequences and queries of the attention each query gives to each token type,
-        ``[L, H, 4]`` (order :data:`TOKEN_TYPES`) for ``raw_signed``, ``raw_abs``,
-        ``effective_signed``, ``effective_abs`` (abs = summed ``|weight|``)."""
-        L, H = self.sequences[0].raw.shape[:2]
-        names = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")
-        sums = {k: torch.zeros(L, H, len(TOKEN_TYPES), dtype=torch.float64) for k in names}
-        count = 0
-        for seq, types in zip(self.sequences, self.types, strict=True):
-            onehot = torch.tensor(
-                [[t == k for k in TOKEN_TYPES] for t in types], dtype=torch.float64
-            )
-            for name, matrix in (("raw", seq.raw.double()), ("effective", seq.effective)):
-                sums[f"{name}_signed"] += (matrix @ onehot).sum(-2)
-                sums[f"{name}_abs"] += (matrix.abs() @ onehot).sum(-2)
-            count += len(types)
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        ``[L, H, 4]`` (abs = summed ``|weight|``)."""
+        return {k: v / max(self.n_queries, 1) for k, v in self.type_sums.items()}
 
-    def to_json(self, matrices_of: int | None = 0) -> dict[str, Any]:
-        """Summaries, plus per-head raw/effective matrices of sequence ``matrices_of``."""
+    def to_json(self) -> dict[str, Any]:
         r = self.pearson.values
         types = self.token_type_attention
         L, H = r.shape[1:]
-        data: dict[str, Any] = {
+        return {
             "d_head": self.d_head,
             "lengths": self.lengths,
             "token_types": list(TOKEN_TYPES),
@@ -325,7 +299,66 @@ class EffectiveAttentionResult:
             },
             "summary_note": "signed = mean summed weight per query; abs = mean summed |weight|",
         }
+
+
+@dataclass
+class EffectiveAttentionResult:
+    """Effective attention over a set of sequences, with its summaries.
+
+    ``sequences[s].raw / .effective [L, H, n_s, n_s]``, ``.null_dim [L, H]``; ``tokens`` and
+    ``types`` (one of :data:`TOKEN_TYPES`) per sequence and token."""
+
+    sequences: list[SequenceAttention]
+    tokens: list[list[str]]
+    types: list[list[str]]
+    d_head: int
+    causal: bool
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s.token_ids) for s in self.sequences]
+
+    @cached_property
+    def summary(self) -> EffectiveSummary:
+        """Pearson per sequence (over each sequence's allowed entries: the lower triangle for
+        causal heads) and the token-type attention sums."""
+        pearson, count = [], 0
+        L, H = self.sequences[0].raw.shape[:2]
+        names = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")
+        sums = {k: torch.zeros(L, H, len(TOKEN_TYPES), dtype=torch.float64) for k in names}
+        for seq, types in zip(self.sequences, self.types, strict=True):
+            n = seq.raw.shape[-1]
+            allowed = torch.ones(n, n, dtype=torch.bool)
+            if self.causal:
+                allowed = allowed.tril()
+            raw = seq.raw.double()
+            pair = raw[..., allowed], seq.effective[..., allowed]  # [L, H, m]
+            pearson.append(torch.vmap(torch.vmap(pearson_t))(*pair))
+            onehot = torch.tensor(
+                [[t == k for k in TOKEN_TYPES] for t in types], dtype=torch.float64
+            )
+            for name, matrix in (("raw", raw), ("effective", seq.effective)):
+                sums[f"{name}_signed"] += (matrix @ onehot).sum(-2)
+                sums[f"{name}_abs"] += (matrix.abs() @ onehot).sum(-2)
+            count += len(types)
+        table = PearsonTable(torch.stack(pearson), self.lengths)
+        return EffectiveSummary(table, sums, count, self.d_head, self.causal)
+
+    @property
+    def pearson(self) -> PearsonTable:
+        """Pearson(raw, effective) per sequence, layer and head (see :class:`PearsonTable`)."""
+        return self.summary.pearson
+
+    @property
+    def token_type_attention(self) -> dict[str, Tensor]:
+        """See :attr:`EffectiveSummary.token_type_attention`."""
+        return self.summary.token_type_attention
+
+    def to_json(self, matrices_of: int | None = 0) -> dict[str, Any]:
+        """Summaries, plus per-head raw/effective matrices of sequence ``matrices_of``."""
+        data = self.summary.to_json()
         if matrices_of is not None:
+            L, H = self.sequences[0].raw.shape[:2]
             seq = self.sequences[matrices_of]
             data["tokens"] = self.tokens[matrices_of]
             data["heads"] = [
