@@ -1,4 +1,6 @@
-"""The same command with the same seed gives bit-identical results.json numbers on CPU."""
+"""The same command with the same seed gives bit-identical results.json numbers on CPU: every
+analysis family (weights, geometry with t-SNE, effective attention and null spaces, token
+identifiability with its MLP, attribution by random tangents)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,28 @@ COMMANDS = {
     "weights validate": [
         *("weights", "validate", "{model}", "--corpus", "{corpus}", "--k", "5", "--sim-k", "5"),
         *("--seq-len", "16"),
+    ],
+    "geometry run": [
+        *("geometry", "run", "{model}", "{corpus}", "--seq-len", "12", "--seed", "5"),
+        *("--ctx-map", "tsne"),
+    ],
+    "attention effective": [
+        "attention",
+        "effective",
+        "{model}",
+        "--text",
+        "alpha beta gamma delta epsilon",
+    ],
+    "attention nullspace": [
+        *("attention", "nullspace", "{model}", "--corpus", "{corpus}", "--seq-len", "12"),
+    ],
+    "identify tokens": [
+        *("identify", "tokens", "{model}", "--corpus", "{corpus}", "--seq-len", "12"),
+        *("--max-windows-per-topic", "8", "--seed", "2"),
+    ],
+    "identify attribution": [
+        *("identify", "attribution", "{model}", "--text", "one two three four five six"),
+        *("--mode", "estimate", "--samples", "8", "--seed", "4"),
     ],
 }
 
