@@ -8,6 +8,11 @@ still shows its traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 class TgeomError(Exception):
     """A bad input, with a one-line message naming the problem and the fix."""
@@ -21,3 +26,18 @@ def check_index(name: str, value: int, size: int) -> int:
     if not 0 <= value < size:
         raise TgeomError(f"{name} {value} is out of range: valid {name}s are 0..{size - 1}.")
     return value
+
+
+def check_finite(name: str, tensor: Tensor) -> Tensor:
+    """Return ``tensor`` if every entry is finite, else raise a TgeomError naming it and where
+    the first NaN or inf sits (row of its last-but-one axis)."""
+    import torch
+
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise TgeomError(
+            f"{name} contains NaN or inf (first at index {where}); the model's weights or "
+            "activations overflowed or are corrupt: check them or load another checkpoint."
+        )
+    return tensor

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tgeom.errors import check_finite
+
 
 def default_rtol(n: int, m: int, dtype: torch.dtype) -> float:
     """``max(n, m) * eps(dtype)``, the relative rank tolerance for data stored in ``dtype``."""
@@ -20,7 +22,7 @@ def default_rtol(n: int, m: int, dtype: torch.dtype) -> float:
 
 def singular_values(T: Tensor) -> Tensor:
     """Singular values ``[..., min(n, m)]`` of ``T [..., n, m]`` in float64, largest first."""
-    return torch.linalg.svdvals(T.double())
+    return torch.linalg.svdvals(check_finite("the matrix", T).double())
 
 
 def numerical_rank(T: Tensor, rtol: float | None = None) -> Tensor | int:
@@ -39,7 +41,7 @@ def left_null_space(T: Tensor, rtol: float | None = None) -> Tensor:
     (full SVD: the slow, obvious route, used as the reference)."""
     n, m = T.shape
     rtol = default_rtol(n, m, T.dtype) if rtol is None else rtol
-    U, s, _ = torch.linalg.svd(T.double(), full_matrices=True)
+    U, s, _ = torch.linalg.svd(check_finite("the matrix", T).double(), full_matrices=True)
     tol = rtol * (float(s[0]) if s.numel() else 0.0)
     rank = int((s > tol).sum()) if s.numel() else 0
     return U[:, rank:]
@@ -50,7 +52,7 @@ def null_space_projectors(T: Tensor, rtol: float | None = None) -> tuple[Tensor,
     and the ranks ``[...]``, float64."""
     n, m = T.shape[-2:]
     rtol = default_rtol(n, m, T.dtype) if rtol is None else rtol
-    U, s, _ = torch.linalg.svd(T.double(), full_matrices=True)
+    U, s, _ = torch.linalg.svd(check_finite("the matrix", T).double(), full_matrices=True)
     tol = rtol * s[..., :1]
     rank = (s > tol).sum(-1)  # [...]
     keep = torch.arange(n, device=T.device) >= rank[..., None]  # columns of U beyond the rank

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from tgeom.errors import check_finite
+
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """Orthonormal DCT-II matrix ``D [n, n]``: ``(D x)_k = scipy.fft.dct(x, norm='ortho')_k``.
@@ -39,7 +41,7 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
 
 def stable_rank(singular_values: Tensor) -> float:
     """``sum s^2 / max s^2`` (1 <= stable rank <= rank); 0.0 for a zero matrix."""
-    s = singular_values.double()
+    s = check_finite("the singular values", singular_values).double()
     top = float(s.max()) if s.numel() else 0.0
     if top == 0.0:
         return 0.0
@@ -93,7 +95,7 @@ def optimal_rank(singular_values: Tensor, shape: Sequence[int], method: str = "c
     computed, see :func:`gavish_donoho_omega`).
     """
     m, n = int(shape[0]), int(shape[1])
-    s = singular_values.double().flatten()
+    s = check_finite("the singular values", singular_values).double().flatten()
     if s.numel() != min(m, n):
         raise ValueError(
             f"expected {min(m, n)} singular values for shape {(m, n)}, got {s.numel()}"

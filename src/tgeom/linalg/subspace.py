@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tgeom.errors import check_finite
+
 
 def _orthonormal_basis(a: Tensor) -> Tensor:
     """An orthonormal basis ``[d, r]`` of the column span of ``a [d, k]`` (float64, SVD-based)."""
-    u, s, _ = torch.linalg.svd(a.double(), full_matrices=False)
+    u, s, _ = torch.linalg.svd(check_finite("the subspace basis", a).double(), full_matrices=False)
     tol = s.max() * max(a.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
     return u[:, s > tol]
 
@@ -40,5 +42,5 @@ def principal_angles(u: Tensor, w: Tensor) -> Tensor:
 def top_subspace(x: Tensor, k: int) -> Tensor:
     """The top-``k`` right singular vectors ``[d, k']`` of ``x [n, d]`` (``k' = min(k, n, d)``),
     float64: the span of the rows that carries most of their energy (no centring)."""
-    _, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    _, _, vh = torch.linalg.svd(check_finite("the matrix", x).double(), full_matrices=False)
     return vh[: min(k, vh.shape[0])].T

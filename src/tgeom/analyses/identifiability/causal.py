@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tgeom.errors import check_finite
+
 FAST_PATH_MIN_RTOL = 1e-5
 
 
@@ -62,6 +64,8 @@ def prefix_effective_attention(
     :func:`certified_full_rank` proves full row rank cost nothing more, those it proves full
     column rank share one anchored Woodbury solve per head; only the rest need an
     eigendecomposition."""
+    check_finite("the attention", A)
+    check_finite("the value-output factor", M)
     n, dh = M.shape[-2:]
     rows = torch.arange(n, device=M.device)
     visible = (rows[None, :] <= rows[:, None]).to(M.dtype)  # [i, j]: key j visible to query i

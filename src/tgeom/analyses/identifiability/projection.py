@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from tgeom.analyses.identifiability.causal import FAST_PATH_MIN_RTOL
+from tgeom.errors import check_finite
 
 
 def sequence_effective_attention(
@@ -34,6 +35,8 @@ def sequence_effective_attention(
     """``A_eff [..., n, n]`` and ``rank [...]`` for attention ``A [..., n, n]`` and
     ``M [..., n, dh]`` (both float64); ``A_eff`` is written into ``out`` when given (a
     contiguous float64 tensor shaped like ``A``)."""
+    check_finite("the attention", A)
+    check_finite("the value-output factor", M)
     n = M.shape[-2]
     batch = M.shape[:-2]
     if rtol < FAST_PATH_MIN_RTOL:
