@@ -158,3 +158,13 @@ def test_non_finite_input_is_a_one_line_error(T, value, where):
         sequence_effective_attention(A, T, RTOL)
     with pytest.raises(TgeomError, match="contains NaN or inf"):
         prefix_effective_attention(A.tril(), T, lambda m: RTOL)
+
+
+def test_check_finite_is_exact_when_the_sum_overflows():
+    from tgeom.errors import check_finite
+
+    huge = torch.full((4,), torch.finfo(torch.float64).max, dtype=torch.float64)
+    assert check_finite("huge", huge) is huge  # the sum is inf, every entry is finite
+    huge[2] = float("nan")
+    with pytest.raises(TgeomError, match=r"huge contains NaN or inf \(first at index \[2\]\)"):
+        check_finite("huge", huge)
