@@ -1,5 +1,13 @@
 """Every CLI command against every bad input: one line, exit code 2, no traceback, no output left.
 
+The matrix: 17 model-taking commands x 7 bad models (missing path, folder without config.json,
+not-a-GGUF, truncated GGUF, unsupported architecture, pickle-only checkpoint, inf weights);
+9 corpus-taking commands x 5 bad corpora (empty, non-UTF-8, shorter than T, JSONL line without
+text, missing); an unwritable --out for every command that writes one; layer, head, neuron and
+split-layer indices out of range; texts under 2 tokens; a corpus too small for the 70/15/15
+split; statistics of another model; mismatched vocabularies; seq-len beyond the context; a report
+folder holding foreign files.
+
 Runs ``tgeom.cli.main`` in-process (same code path as the console script, minus interpreter
 start-up) so that the whole matrix stays fast; ``tests/models/test_load.py`` and the CLI tests
 of each group also run a few cases as real subprocesses.
@@ -81,6 +89,35 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["foreign_out"] = root / "foreign-out"
     paths["foreign_out"].mkdir()
     (paths["foreign_out"] / "thesis.tex").write_text("precious")
+    paths["good_topics"] = root / "topics"
+    for topic, text in {
+        "sea": "waves roll over the sea ",
+        "code": "for x in items: y = x ",
+    }.items():
+        (paths["good_topics"] / topic).mkdir(parents=True)
+        for i in range(3):
+            (paths["good_topics"] / topic / f"{i}.txt").write_text(text * (30 + i))
+    paths["stats"] = root / "stats"
+    paths["classifier"] = root / "classifier"
+    for argv in (
+        ["geometry", "collect", str(good), str(paths["good_topics"]), "--seq-len", "8"],
+        ["weights", "finetune", str(good), "--corpus", str(paths["good_topics"]), "--seq-len", "8"],
+    ):
+        out = paths["stats"] if argv[0] == "geometry" else paths["classifier"]
+        old_argv = sys.argv
+        sys.argv = [
+            "tgeom",
+            *argv,
+            "--out",
+            str(out),
+            *(["--steps", "2"] if argv[0] == "weights" else []),
+        ]
+        try:
+            with pytest.raises(SystemExit) as done:
+                main()
+            assert not done.value.code, argv
+        finally:
+            sys.argv = old_argv
     return paths
 
 
@@ -138,6 +175,27 @@ MODEL_COMMANDS = {
         "{out}",
     ],
     "report": ["report", "{model}", "--corpus", "{good_corpus}", "--out", "{out}", "--quiet"],
+    "weights project": ["weights", "project", "{model}", "--neuron", "0:1", "--out", "{out}"],
+    "weights validate": [
+        *("weights", "validate", "{model}", "--corpus", "{good_corpus}", "--seq-len", "8"),
+        *("--out", "{out}"),
+    ],
+    "weights align": ["weights", "align", "{model}", "{good}", "--out", "{out}"],
+    "weights finetune": [
+        *("weights", "finetune", "{model}", "--corpus", "{good_corpus}", "--seq-len", "8"),
+        *("--out", "{out}"),
+    ],
+    "weights stitch": ["weights", "stitch", "{model}", "{classifier}", "--out", "{out}"],
+    "weights diff": ["weights", "diff", "{good}", "{model}", "--out", "{out}"],
+    "geometry collect": [
+        *("geometry", "collect", "{model}", "{good_corpus}", "--seq-len", "8"),
+        *("--out", "{out}"),
+    ],
+    "geometry qk": ["geometry", "qk", "{model}", "{stats}", "--layer", "0"],
+    "attention nullspace": [
+        *("attention", "nullspace", "{model}", "--corpus", "{good_corpus}", "--seq-len", "8"),
+        *("--out", "{out}"),
+    ],
 }
 
 
@@ -171,10 +229,7 @@ def test_bad_model_fails_cleanly(bad, tmp_path, capsys, command, case):
     values = {k: str(v) for k, v in bad.items()} | {"root": str(tmp_path)}
     model = source.format(**values)
     out = tmp_path / "out"
-    argv = fill(
-        MODEL_COMMANDS[command],
-        {"model": model, "out": str(out), "good_corpus": str(bad["good_corpus"])},
-    )
+    argv = fill(MODEL_COMMANDS[command], {**values, "model": model, "out": str(out)})
     code, err = run_main(argv, capsys)
     assert_clean_failure(code, err, needle, out)
 
@@ -188,12 +243,110 @@ CORPUS_CASES = {
 }
 
 
+CORPUS_COMMANDS = {
+    "corpus": ["corpus", "{corpus}", "--model", "{good}", "--seq-len", "16"],
+    "geometry collect": ["geometry", "collect", "{good}", "{corpus}", "--seq-len", "16"],
+    "geometry run": ["geometry", "run", "{good}", "{corpus}", "--seq-len", "16"],
+    "attention nullspace": ["attention", "nullspace", "{good}", "--corpus", "{corpus}"],
+    "identify tokens": ["identify", "tokens", "{good}", "--corpus", "{corpus}"],
+    "weights validate": ["weights", "validate", "{good}", "--corpus", "{corpus}"],
+    "weights finetune": ["weights", "finetune", "{good}", "--corpus", "{corpus}"],
+    "weights stitch": ["weights", "stitch", "{good}", "{classifier}", "--corpus", "{corpus}"],
+    "report": ["report", "{good}", "--corpus", "{corpus}", "--quiet"],
+}
+
+
+# a classifier is evaluated on its own topics: a one-topic file is refused for that first
+CORPUS_NEEDLE = {("weights stitch", "too short"): "none of the classifier's topics"}
+
+
 @pytest.mark.parametrize("case", list(CORPUS_CASES))
-def test_bad_corpus_fails_cleanly(bad, capsys, case):
+@pytest.mark.parametrize("command", list(CORPUS_COMMANDS))
+def test_bad_corpus_fails_cleanly(bad, tmp_path, capsys, command, case):
     source, needle = CORPUS_CASES[case]
-    corpus = source.format(**{k: str(v) for k, v in bad.items()})
-    code, err = run_main(["corpus", corpus, "--model", str(bad["good"]), "--seq-len", "16"], capsys)
-    assert_clean_failure(code, err, needle)
+    needle = CORPUS_NEEDLE.get((command, case), needle)
+    values = {k: str(v) for k, v in bad.items()}
+    argv = fill(CORPUS_COMMANDS[command], {**values, "corpus": source.format(**values)})
+    out = tmp_path / "out"
+    if command != "corpus":
+        argv += ["--out", str(out)]
+    code, err = run_main(argv, capsys)
+    assert_clean_failure(code, err, needle, out)
+
+
+OUT_COMMANDS = [c for c in MODEL_COMMANDS if "{out}" in " ".join(MODEL_COMMANDS[c])]
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+def test_unwritable_output_for_every_command(bad, capsys, command):
+    values = {k: str(v) for k, v in bad.items()}
+    values |= {"model": str(bad["good"]), "good_corpus": str(bad["good_topics"])}
+    out = bad["a_file"] / "sub"  # a folder inside a plain file cannot be created
+    code, err = run_main(fill(MODEL_COMMANDS[command], {**values, "out": str(out)}), capsys)
+    assert_clean_failure(code, err, "cannot create output folder")
+
+
+RANGE_CASES = {
+    "project layer": (["weights", "project", "{good}", "--neuron", "9:0"], "layer 9"),
+    "project neuron": (["weights", "project", "{good}", "--neuron", "0:99999"], "neuron 99999"),
+    "project head": (["weights", "project", "{good}", "--head", "0:9", "--subhead", "q"], "head 9"),
+    "effective layer": (
+        ["attention", "effective", "{good}", "--text", "{text}", "--layer", "9"],
+        "layer 9",
+    ),
+    "effective head": (
+        ["attention", "effective", "{good}", "--text", "{text}", "--head", "9"],
+        "head 9",
+    ),
+    "qk layer": (["geometry", "qk", "{good}", "{stats}", "--layer", "9"], "layer 9"),
+    "measure layer": (["geometry", "measure", "{stats_copy}", "--layer", "9"], "layer 9"),
+    "stitch layers": (["weights", "stitch", "{good}", "{classifier}", "--layers", "0,99"], "99"),
+}
+
+
+@pytest.mark.parametrize("case", list(RANGE_CASES))
+def test_layer_head_or_neuron_out_of_range(bad, tmp_path, capsys, case):
+    import shutil
+
+    argv, needle = RANGE_CASES[case]
+    stats_copy = tmp_path / "stats"
+    shutil.copytree(bad["stats"], stats_copy)
+    values = {k: str(v) for k, v in bad.items()}
+    values |= {"text": "waves roll over the sea", "stats_copy": str(stats_copy)}
+    argv = fill(argv, values)
+    out = tmp_path / "out"
+    if "--out" not in argv and argv[:2] not in (["geometry", "qk"], ["geometry", "measure"]):
+        argv += ["--out", str(out)]
+    code, err = run_main(argv, capsys)
+    assert_clean_failure(code, err, needle, out)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["attention", "effective", "{good}", "--text", ""],
+        ["identify", "attribution", "{good}", "--text", ""],
+        ["weights", "lens", "{good}", "--text", ""],
+    ],
+)
+def test_text_shorter_than_two_tokens(bad, tmp_path, capsys, argv):
+    values = {k: str(v) for k, v in bad.items()}
+    out = tmp_path / "out"
+    code, err = run_main([*fill(argv, values), "--out", str(out)], capsys)
+    assert_clean_failure(code, err, "text", out)
+
+
+def test_corpus_too_small_for_the_identifiability_split(bad, tmp_path, capsys):
+    argv = ["identify", "tokens", str(bad["good"]), "--corpus", str(bad["good_topics"])]
+    argv += ["--seq-len", "8", "--max-windows-per-topic", "1", "--out", str(tmp_path / "out")]
+    code, err = run_main(argv, capsys)
+    assert_clean_failure(code, err, "sequences", tmp_path / "out")
+
+
+def test_statistics_of_another_model(bad, tmp_path, capsys):
+    argv = ["geometry", "qk", str(bad["other_vocab"]), str(bad["stats"]), "--layer", "0"]
+    code, err = run_main(argv, capsys)
+    assert_clean_failure(code, err, "another model")
 
 
 def test_seq_len_beyond_model_context(bad, capsys):
