@@ -1,6 +1,6 @@
 """Every CLI command against every bad input: one line, exit code 2, no traceback, no output left.
 
-The matrix: 17 model-taking commands x 7 bad models (missing path, folder without config.json,
+The matrix: 19 model-taking commands x 7 bad models (missing path, folder without config.json,
 not-a-GGUF, truncated GGUF, unsupported architecture, pickle-only checkpoint, inf weights);
 9 corpus-taking commands x 5 bad corpora (empty, non-UTF-8, shorter than T, JSONL line without
 text, missing); an unwritable --out for every command that writes one; layer, head, neuron and
