@@ -13,7 +13,14 @@ TINY_CONFIGS = {
     "gpt2": (
         "GPT2LMHeadModel",
         transformers.GPT2Config(
-            vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48
+            vocab_size=VOCAB,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_inner=48,
+            bos_token_id=1,
+            eos_token_id=2,  # the tiny tokenizer's <s> and </s>
         ),
     ),
     "bert": (
