@@ -300,7 +300,10 @@ RANGE_CASES = {
     ),
     "qk layer": (["geometry", "qk", "{good}", "{stats}", "--layer", "9"], "layer 9"),
     "measure layer": (["geometry", "measure", "{stats_copy}", "--layer", "9"], "layer 9"),
-    "stitch layers": (["weights", "stitch", "{good}", "{classifier}", "--layers", "0,99"], "99"),
+    "stitch layers": (
+        ["weights", "stitch", "{good}", "{classifier}", "--layers", "0,99"],
+        "split layer 99 is out of range",
+    ),
 }
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from tgeom.report.build import ReportContext, Section
 
 
@@ -24,12 +22,7 @@ def identifiability_section(ctx: ReportContext) -> Section:
     ids, mask = varied_length_batch(lm, windows)
     with ctx.progress.stage("identifiability: null spaces and effective attention"):
         effective = effective_attention(lm, ids, mask)
-        nulls = NullSpaceResult(
-            torch.stack([s.null_dim for s in effective.sequences]),
-            torch.stack([s.rank for s in effective.sequences]),
-            effective.lengths,
-            lm.summary.d_head,
-        )
+        nulls = NullSpaceResult.from_sequences(effective.sequences, lm.summary.d_head)
     with ctx.progress.stage("identifiability: token identifiability"):
         ident = token_identifiability(lm, windows, seed=opts.seed, layers=_layers(lm, opts))
     with ctx.progress.stage(f"identifiability: attribution ({opts.attribution_mode})"):

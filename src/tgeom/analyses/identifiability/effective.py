@@ -44,6 +44,7 @@ from tgeom.linalg.nullspace import default_rtol
 from tgeom.runtime import Runtime
 
 TOKEN_TYPES = ("cls/bos", "sep/eos", "punctuation", "other")
+TYPE_SUMS = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")  # token-type summaries
 
 
 @dataclass
@@ -324,8 +325,7 @@ class EffectiveAttentionResult:
         causal heads) and the token-type attention sums."""
         pearson, count = [], 0
         L, H = self.sequences[0].raw.shape[:2]
-        names = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")
-        sums = {k: torch.zeros(L, H, len(TOKEN_TYPES), dtype=torch.float64) for k in names}
+        sums = {k: torch.zeros(L, H, len(TOKEN_TYPES), dtype=torch.float64) for k in TYPE_SUMS}
         for seq, types in zip(self.sequences, self.types, strict=True):
             n = seq.raw.shape[-1]
             allowed = torch.ones(n, n, dtype=torch.bool)

@@ -23,6 +23,16 @@ class NullSpaceResult:
     lengths: list[int]
     d_head: int
 
+    @classmethod
+    def from_sequences(cls, sequences: list[Any], d_head: int) -> NullSpaceResult:
+        """From :class:`~tgeom.analyses.identifiability.effective.SequenceAttention` objects."""
+        return cls(
+            torch.stack([s.null_dim for s in sequences]),
+            torch.stack([s.rank for s in sequences]),
+            [len(s.token_ids) for s in sequences],
+            d_head,
+        )
+
     def by_length(self) -> list[dict[str, Any]]:
         """Per distinct length: mean null dimension ``[L][H]`` over its sequences."""
         rows = []
@@ -74,12 +84,11 @@ def null_space_dims(
     """Null-space dimension of every head for every sequence of ``token_ids [N, T]`` (right
     padding marked by ``attention_mask``; no attention matrices are formed)."""
     runtime = runtime or Runtime.auto()
-    dims, ranks, lengths = [], [], []
+    sequences = []
     for start in range(0, token_ids.shape[0], runtime.batch_size):
         stop = start + runtime.batch_size
         mask = attention_mask[start:stop] if attention_mask is not None else None
-        for seq in effective_attention_batch(lm, token_ids[start:stop], mask, need_attention=False):
-            dims.append(seq.null_dim)
-            ranks.append(seq.rank)
-            lengths.append(len(seq.token_ids))
-    return NullSpaceResult(torch.stack(dims), torch.stack(ranks), lengths, lm.summary.d_head)
+        sequences += effective_attention_batch(
+            lm, token_ids[start:stop], mask, need_attention=False
+        )
+    return NullSpaceResult.from_sequences(sequences, lm.summary.d_head)

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from tgeom.analyses.identifiability.effective import (
+    TOKEN_TYPES,
+    TYPE_SUMS,
     EffectiveSummary,
     PearsonTable,
     effective_attention,
@@ -50,8 +52,7 @@ def attention_survey(
     tables = {
         name: torch.zeros(S, L, H, dtype=torch.float64) for name in ("null_dim", "rank", "pearson")
     }
-    names = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")
-    sums = {name: torch.zeros(L, H, 4, dtype=torch.float64) for name in names}
+    sums = {name: torch.zeros(L, H, len(TOKEN_TYPES), dtype=torch.float64) for name in TYPE_SUMS}
     counts = {
         name: torch.zeros(size, dtype=torch.float64)
         for name, size in (("n_queries", 1), ("covered", S))
@@ -61,14 +62,15 @@ def attention_survey(
         rows = slice(index * batch, min(S, (index + 1) * batch))
         part = effective_attention(lm, token_ids[rows], mask[rows], runtime)
         summary = part.summary
+        part_nulls = NullSpaceResult.from_sequences(part.sequences, int(lm.summary.d_head))
         tables["pearson"][rows] = summary.pearson.values
-        tables["null_dim"][rows] = torch.stack([s.null_dim for s in part.sequences]).double()
-        tables["rank"][rows] = torch.stack([s.rank for s in part.sequences]).double()
-        for name in names:
+        tables["null_dim"][rows] = part_nulls.null_dim.double()
+        tables["rank"][rows] = part_nulls.rank.double()
+        for name in TYPE_SUMS:
             sums[name] += summary.type_sums[name]
         counts["n_queries"] += summary.n_queries
         counts["covered"][rows] += 1
-        del part, summary
+        del part, summary, part_nulls
     shard.all_reduce_sum({**tables, **{f"sum_{k}": v for k, v in sums.items()}, **counts})
     if not bool((counts["covered"] == 1).all()):  # every sequence exactly once, or no result
         raise TgeomError("the sharded survey did not cover every sequence exactly once.")
