@@ -179,3 +179,16 @@ def test_repeated_tokens_beyond_d_head_need_no_eigendecomposition(monkeypatch):
     assert ranks[2] == 2 and ranks[8] == 6  # a repeat at row 2; six distinct tokens by row 8
     assert torch.allclose(effective, expected, atol=1e-10)
     assert effective.triu(1).abs().max() == 0
+
+
+@pytest.mark.parametrize("rtol", [FAST, EXACT])
+def test_out_buffer_receives_the_same_result(rtol):
+    g = torch.Generator().manual_seed(8)
+    M = torch.randn(2, 20, 6, generator=g, dtype=torch.float64)
+    M[1, 7] = M[1, 3]  # a repeated row takes the class-average path
+    A = causal_softmax(torch.randn(2, 20, 20, generator=g, dtype=torch.float64))
+    expected, rank = prefix_effective_attention(A, M, lambda m: rtol)
+    out = torch.full_like(A, float("nan"))
+    effective, rank_out = prefix_effective_attention(A, M, lambda m: rtol, out=out)
+    assert effective.data_ptr() == out.data_ptr()
+    assert torch.equal(out, expected) and torch.equal(rank_out, rank)

@@ -54,9 +54,10 @@ FAST_PATH_MIN_RTOL = 1e-5
 
 
 def prefix_effective_attention(
-    A: Tensor, M: Tensor, rtol_for: Callable[[int], float]
+    A: Tensor, M: Tensor, rtol_for: Callable[[int], float], *, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Causal effective attention ``[..., n, n]`` and the rank of every prefix ``[..., n]``.
+    """Causal effective attention ``[..., n, n]`` and the rank of every prefix ``[..., n]``;
+    written into ``out`` when given (a contiguous float64 tensor shaped like ``A``).
 
     ``A [..., n, n]``: causal attention (float64, zero above the diagonal); ``M [..., n, dh]``:
     ``V R^T`` (float64); ``rtol_for(m)``: relative rank tolerance for a prefix of ``m`` tokens.
@@ -72,12 +73,13 @@ def prefix_effective_attention(
     rtol = torch.tensor([rtol_for(i + 1) for i in range(n)], dtype=M.dtype, device=M.device)
     if float(rtol.min()) < FAST_PATH_MIN_RTOL:
         effective, rank = _svd_projection(A * visible, M, visible, rtol, rows)
-        return torch.where((rank == rows + 1).unsqueeze(-1), A, effective), rank
+        effective = torch.where((rank == rows + 1).unsqueeze(-1), A, effective)
+        return (effective if out is None else out.copy_(effective)), rank
     batch = M.shape[:-2]
     A_f, M_f = A.reshape(-1, n, n), M.reshape(-1, n, dh)
     cert = _certify(M_f, float(rtol.max()))
     rank = torch.where(cert.row_ok, cert.distinct, dh)
-    effective = A_f.clone()
+    effective = A_f.clone() if out is None else out.view(-1, n, n).copy_(A_f)
     heads = cert.repeated.any(-1).nonzero()[:, 0]
     if len(heads):  # repeated rows, distinct rows independent: average over each class
         averaged = _class_average(A_f[heads], cert.first[heads], visible)

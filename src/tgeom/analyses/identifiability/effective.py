@@ -189,8 +189,7 @@ def _layer_effective(
         return sequence_effective_attention(A, M, tol, out=out)[1]
     # per query prefix, see identifiability/causal.py
     rtol_for = partial(_prefix_rtol, d=lm.summary.d_model, dtype=dtype, rtol=rtol)
-    effective, prefix_rank = prefix_effective_attention(A, M, rtol_for)
-    out.copy_(effective)
+    prefix_rank = prefix_effective_attention(A, M, rtol_for, out=out)[1]
     return prefix_rank[..., -1]  # the last query's prefix is the whole sequence
 
 
