@@ -43,15 +43,20 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def single_process(model: Path, corpus: Path, out: Path) -> dict:
+def run_tgeom(args: list[str], ranks: int = 1, port: int = 29517) -> None:
+    """``python -m tgeom ARGS``, under ``torchrun`` with ``ranks`` gloo workers when > 1;
+    asserts success."""
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher = [TORCHRUN, "--nproc-per-node", str(ranks), "--master-port", str(port)]
     done = subprocess.run(
-        [sys.executable, *collect_args(model, corpus, out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env(),
+        [*launcher, *args], capture_output=True, text=True, timeout=300, env=env()
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def single_process(model: Path, corpus: Path, out: Path) -> dict:
+    run_tgeom(collect_args(model, corpus, out))
     return load_file(str(out / STATS))
 
 
@@ -65,15 +70,7 @@ def assert_same_stats(a: dict, b: dict, atol: float) -> None:
 def test_two_gloo_ranks_equal_one_process(tiny_model_dir, corpus, tmp_path):
     model = tiny_model_dir("gpt2")
     reference = single_process(model, corpus, tmp_path / "single")
-    launcher = [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29517"]
-    done = subprocess.run(
-        [*launcher, *collect_args(model, corpus, tmp_path / "sharded")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env(),
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_tgeom(collect_args(model, corpus, tmp_path / "sharded"), ranks=2, port=29517)
     sharded = load_file(str(tmp_path / "sharded" / STATS))
     assert_same_stats(sharded, reference, atol=1e-9)
     assert (tmp_path / "sharded" / "results.json").is_file()
@@ -100,10 +97,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, corpus, tmp_pa
 
     partial = GeometryStats.load(out)  # a complete, loadable checkpoint (atomic writes)
     assert 0 < partial.n_done < partial.n_windows  # killed mid-collection
-    resumed = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=300, env=env()
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    run_tgeom(args)  # the resumed run
     assert_same_stats(load_file(str(out / STATS)), reference, atol=1e-12)
 
 
@@ -148,23 +142,8 @@ def test_two_gloo_ranks_survey_null_spaces_like_one_process(tiny_model_dir, corp
     import json
 
     model = tiny_model_dir("llama")  # causal: per-prefix null spaces
-    single = subprocess.run(
-        [sys.executable, *nullspace_args(model, corpus, tmp_path / "single")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env(),
-    )
-    assert single.returncode == 0, single.stderr
-    launcher = [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29519"]
-    sharded = subprocess.run(
-        [*launcher, *nullspace_args(model, corpus, tmp_path / "sharded")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env(),
-    )
-    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    run_tgeom(nullspace_args(model, corpus, tmp_path / "single"))
+    run_tgeom(nullspace_args(model, corpus, tmp_path / "sharded"), ranks=2, port=29519)
     a = json.loads((tmp_path / "single" / "results.json").read_text())
     b = json.loads((tmp_path / "sharded" / "results.json").read_text())
     assert (a["world_size"], b["world_size"]) == (1, 2)
