@@ -3,7 +3,8 @@
 Throughput, in one process, on the same windows (built-in corpus, T=64) and batch size, in
 ``--rounds`` rounds that each run, back to back:
 
-- ``plain``: batched forward passes of the Hugging Face model, nothing kept;
+- ``plain``: batched forward passes of the Hugging Face model's body (``lm.body``: no output
+  head, as collection runs it), nothing kept;
 - ``collect``: :func:`tgeom.analyses.geometry.collect_statistics` (hooks + float64 sums).
 
 Shared machines are noisy, so both are reported as best-of-rounds tokens/s, their ratio, and the
@@ -53,7 +54,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def _plain(lm: Any, token_ids: torch.Tensor, batch: int, device: torch.device) -> None:
     for start in range(0, token_ids.shape[0], batch):
-        lm.hf(input_ids=token_ids[start : start + batch].to(device), use_cache=False)
+        lm.body(input_ids=token_ids[start : start + batch].to(device), use_cache=False)
     _sync(device)
 
 

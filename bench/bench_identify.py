@@ -12,7 +12,8 @@
    full-length sequence and its time is scaled to the whole sequence; the output says which
    numbers are measured and which are scaled. On a GPU everything runs in full by default.
 2. Effective attention of a batch (every layer and head) against the plain Hugging Face forward
-   pass with attentions (target <= 1.5x), for MiniLM (bidirectional) and, with ``--decoder``,
+   pass with attentions (target <= 1.5x) of the model's body (``lm.body``: no output head, which
+   effective attention does not run either), for MiniLM (bidirectional) and, with ``--decoder``,
    SmolLM2 (causal: per-prefix null spaces). Both run back to back in each of ``--rounds``
    rounds; reported are the best times and the median of the per-round ratios.
 
@@ -116,11 +117,16 @@ def effective_bench(lm, windows, batch_size, device, rounds=7):  # type: ignore[
     per-round ratios."""
     batch = windows.token_ids[:batch_size].to(device)
     with torch.no_grad():
-        lm.hf(input_ids=batch[:2], output_attentions=True)  # warm-up
+        lm.body(input_ids=batch[:2], output_attentions=True, use_cache=False)  # warm-up
         effective_attention_batch(lm, batch[:2])
         plain, eff = [], []
         for _ in range(rounds):
-            plain.append(timed(lambda: lm.hf(input_ids=batch, output_attentions=True), device)[1])
+            plain.append(
+                timed(
+                    lambda: lm.body(input_ids=batch, output_attentions=True, use_cache=False),
+                    device,
+                )[1]
+            )
             eff.append(timed(lambda: effective_attention_batch(lm, batch), device)[1])
     ratios = sorted(e / p for e, p in zip(eff, plain, strict=True))
     return {

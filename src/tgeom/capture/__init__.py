@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tgeom.capture.capture import Captured, capture, iter_captures, layer_values, stream_hidden
+from tgeom.capture.capture import Captured, capture, iter_captures, stream_hidden
 
-__all__ = ["Captured", "capture", "iter_captures", "layer_values", "stream_hidden"]
+__all__ = ["Captured", "capture", "iter_captures", "stream_hidden"]

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from tgeom.models.load import LoadedModel
-from tgeom.models.reference import values as head_values
 from tgeom.runtime import Runtime
 
 
@@ -46,13 +45,20 @@ def stream_hidden(
     attention_mask: Tensor | None = None,
     *,
     attentions: bool = False,
+    values: Callable[[int, Tensor], None] | None = None,
+    attention_weights: Callable[[int, Tensor], None] | None = None,
 ) -> Any:
     """Run ``lm`` on ``input_ids [B, T]`` and hand each ``hidden[l] [B, T, d]`` (float32, on the
     model's device, ``l = 0..L``) to ``fold(l, hidden_l)`` as soon as block ``l`` produces it.
 
     Nothing is kept: a running statistic folds each layer while it is still in cache and the
     allocator can reuse its memory. ``attention_mask [B, T]`` is 1 for real tokens (right
-    padding). Returns the Hugging Face output (with ``.attentions`` when ``attentions``).
+    padding). ``values(l, V)``, when given, receives block ``l``'s value vectors ``V [B, H, T,
+    d_head]`` (``x W_V + b_V``, KV heads expanded to query heads) as the model computes them;
+    ``attention_weights(l, A)`` block ``l``'s attention probabilities ``A [B, H, T, T]`` as soon
+    as they exist (with ``attentions=True``), after ``values(l, ...)``.
+    Runs the model's body only (no output head, no logits); returns its Hugging Face output
+    (with ``.attentions`` when ``attentions``).
     """
     device = lm.device
     input_ids = input_ids.to(device)
@@ -71,8 +77,14 @@ def stream_hidden(
 
     handles = [blocks[0].register_forward_pre_hook(block_input, with_kwargs=True)]
     handles += [block.register_forward_hook(block_output(i)) for i, block in enumerate(blocks)]
+    if values is not None:
+        handles += [_value_hook(lm, i, block, values) for i, block in enumerate(blocks)]
+    if attention_weights is not None:
+        handles += [
+            _weights_hook(lm, i, block, attention_weights) for i, block in enumerate(blocks)
+        ]
     try:
-        return lm.hf(
+        return lm.body(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_attentions=attentions,
@@ -81,6 +93,31 @@ def stream_hidden(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _value_hook(
+    lm: LoadedModel, index: int, block: Any, sink: Callable[[int, Tensor], None]
+) -> Any:
+    """Hook the module computing block ``index``'s values; hand ``V [B, H, T, dh]`` to ``sink``."""
+    module, heads = lm.adapter.value_projection(block, lm.summary)
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        sink(index, heads(_first_tensor(output).detach()))
+
+    return module.register_forward_hook(hook)
+
+
+def _weights_hook(
+    lm: LoadedModel, index: int, block: Any, sink: Callable[[int, Tensor], None]
+) -> Any:
+    """Hook block ``index``'s attention module; hand its probabilities ``[B, H, T, T]`` to
+    ``sink`` (Hugging Face attention modules return ``(output, weights)``)."""
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        if output[1] is not None:
+            sink(index, output[1].detach())
+
+    return lm.adapter.attention_module(block).register_forward_hook(hook)
 
 
 @torch.no_grad()
@@ -97,32 +134,23 @@ def capture(
     ``attention_mask [B, T]`` is 1 for real tokens (right padding).
     """
     hidden: list[Tensor | None] = [None] * (int(lm.summary.n_layers) + 1)
+    per_layer: list[Tensor | None] = [None] * int(lm.summary.n_layers)
 
     def keep(layer: int, h: Tensor) -> None:
         hidden[layer] = h
 
-    output = stream_hidden(lm, input_ids, keep, attention_mask, attentions=attentions)
+    def keep_values(layer: int, v: Tensor) -> None:
+        per_layer[layer] = v
+
+    sink = keep_values if values else None
+    output = stream_hidden(lm, input_ids, keep, attention_mask, attentions=attentions, values=sink)
     stacked = torch.stack([h for h in hidden if h is not None])
     probs = torch.stack(list(output.attentions)) if attentions else None
     return Captured(
         hidden=stacked,
         attentions=probs,
-        values=_values(lm, stacked) if values else None,
+        values=torch.stack([v for v in per_layer if v is not None]) if values else None,
     )
-
-
-def layer_values(lm: LoadedModel, layer: int, hidden: Tensor) -> Tensor:
-    """Per-head value vectors ``[B, H, T, d_head]`` of block ``layer`` from its input
-    ``hidden [B, T, d]`` (``hidden[layer]``): ``x W_V + b_V`` with ``x`` the attention input."""
-    cw = lm.weights()
-    lw = cw.layers[layer]
-    x = lw.ln_attn(hidden) if cw.summary.norm_placement == "pre" else hidden
-    return head_values(lw, x)
-
-
-def _values(lm: LoadedModel, hidden: Tensor) -> Tensor:
-    """Per-head value vectors of every layer, ``[L, B, H, T, d_head]``."""
-    return torch.stack([layer_values(lm, layer, hidden[layer]) for layer in range(len(hidden) - 1)])
 
 
 def iter_captures(

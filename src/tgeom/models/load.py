@@ -19,6 +19,7 @@ from torch import nn
 
 from tgeom.errors import TgeomError
 from tgeom.models.adapters import adapter_for
+from tgeom.models.adapters.common import base_model
 from tgeom.models.gguf import convert_gguf
 from tgeom.models.offline import OFFLINE_MODELS, offline_model_path
 from tgeom.models.weights import ArchitectureSummary, CanonicalWeights
@@ -48,6 +49,13 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+    @property
+    def body(self) -> nn.Module:
+        """The transformer without its output head (``hf.base_model``: embeddings, blocks,
+        final norm): what hidden states and attentions need, without the ``[B, T, vocab]``
+        logits a language-model head would add."""
+        return base_model(self.hf)
 
     def weights(self) -> CanonicalWeights:
         """Canonical weights (SPEC section 0), extracted once and checked for NaN/inf."""

@@ -11,7 +11,14 @@ from typing import Any
 
 from torch import nn
 
-from tgeom.models.adapters.common import activation, base_model, detached, is_tied, unembedding
+from tgeom.models.adapters.common import (
+    ValueHeads,
+    activation,
+    base_model,
+    detached,
+    is_tied,
+    unembedding,
+)
 from tgeom.models.weights import (
     ArchitectureSummary,
     CanonicalWeights,
@@ -112,3 +119,15 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         attn_scale=1.0 / math.sqrt(dh),
         layers=layers,
     )
+
+
+def value_projection(block: Any, summary: ArchitectureSummary) -> tuple[Any, ValueHeads]:
+    """The module whose output holds the block's value vectors, and the map from that output
+    ``[B, T, H dh]`` to ``V [B, H, T, dh]``."""
+    H, dh = summary.n_heads, summary.d_head
+    return block.attention.self.value, lambda out: out.unflatten(-1, (H, dh)).transpose(1, 2)
+
+
+def attention_module(block: Any) -> Any:
+    """The block's attention module (returns ``(output, attention probabilities)``)."""
+    return block.attention.self

@@ -9,6 +9,9 @@ import torch
 from torch import Tensor
 from transformers.activations import ACT2FN
 
+ValueHeads = Callable[[Tensor], Tensor]
+"""Maps the output of a block's value-producing module to ``V [B, H, T, d_head]``."""
+
 
 def base_model(hf: Any) -> Any:
     """The bare transformer under any task head (``GPT2LMHeadModel`` -> ``GPT2Model``)."""

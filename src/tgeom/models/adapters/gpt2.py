@@ -7,7 +7,14 @@ from typing import Any
 
 from torch import nn
 
-from tgeom.models.adapters.common import activation, base_model, detached, is_tied, unembedding
+from tgeom.models.adapters.common import (
+    ValueHeads,
+    activation,
+    base_model,
+    detached,
+    is_tied,
+    unembedding,
+)
 from tgeom.models.weights import ArchitectureSummary, CanonicalWeights, LayerWeights, Norm
 
 FAMILY = "gpt2"
@@ -98,3 +105,18 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
 def _inverse_layer_scale(config: Any, index: int) -> float:
     """GPT-2's optional ``scale_attn_by_inverse_layer_idx``, folded into the query side."""
     return 1.0 / (index + 1) if getattr(config, "scale_attn_by_inverse_layer_idx", False) else 1.0
+
+
+def value_projection(block: Any, summary: ArchitectureSummary) -> tuple[Any, ValueHeads]:
+    """The module whose output holds the block's value vectors (``c_attn``, ``[q | k | v]``),
+    and the map from that output ``[B, T, 3d]`` to ``V [B, H, T, dh]``."""
+    H, dh = summary.n_heads, summary.d_head
+    return (
+        block.attn.c_attn,
+        lambda out: out[..., 2 * H * dh :].unflatten(-1, (H, dh)).transpose(1, 2),
+    )
+
+
+def attention_module(block: Any) -> Any:
+    """The block's attention module (returns ``(output, attention probabilities)``)."""
+    return block.attn

@@ -6,7 +6,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tgeom.models.adapters.common import activation, base_model, detached, is_tied, unembedding
+from tgeom.models.adapters.common import (
+    ValueHeads,
+    activation,
+    base_model,
+    detached,
+    is_tied,
+    unembedding,
+)
 from tgeom.models.weights import (
     ArchitectureSummary,
     CanonicalWeights,
@@ -115,3 +122,21 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         attn_scale=dh**-0.5,
         layers=layers,
     )
+
+
+def value_projection(block: Any, summary: ArchitectureSummary) -> tuple[Any, ValueHeads]:
+    """The module whose output holds the block's value vectors (``v_proj``, KV heads), and the
+    map from that output ``[B, T, K dh]`` to ``V [B, H, T, dh]`` (query head h reads KV head
+    ``h // (H / K)``)."""
+    H, dh = summary.n_heads, summary.d_head
+
+    def heads(out: Tensor) -> Tensor:
+        v = out.unflatten(-1, (-1, dh)).transpose(1, 2)  # [B, K, T, dh]
+        return v.repeat_interleave(H // v.shape[1], dim=1) if v.shape[1] != H else v
+
+    return block.self_attn.v_proj, heads
+
+
+def attention_module(block: Any) -> Any:
+    """The block's attention module (returns ``(output, attention probabilities)``)."""
+    return block.self_attn

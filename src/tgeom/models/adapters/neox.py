@@ -9,7 +9,14 @@ from typing import Any
 
 from torch import nn
 
-from tgeom.models.adapters.common import activation, base_model, detached, is_tied, unembedding
+from tgeom.models.adapters.common import (
+    ValueHeads,
+    activation,
+    base_model,
+    detached,
+    is_tied,
+    unembedding,
+)
 from tgeom.models.weights import (
     ArchitectureSummary,
     CanonicalWeights,
@@ -102,3 +109,17 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         attn_scale=dh**-0.5,
         layers=layers,
     )
+
+
+def value_projection(block: Any, summary: ArchitectureSummary) -> tuple[Any, ValueHeads]:
+    """The module whose output holds the block's value vectors (``query_key_value``, per head
+    ``[q | k | v]``), and the map from that output ``[B, T, 3 H dh]`` to ``V [B, H, T, dh]``."""
+    H, dh = summary.n_heads, summary.d_head
+    return block.attention.query_key_value, lambda out: out.unflatten(-1, (H, 3, dh))[
+        ..., 2, :
+    ].transpose(1, 2)
+
+
+def attention_module(block: Any) -> Any:
+    """The block's attention module (returns ``(output, attention probabilities)``)."""
+    return block.attention
