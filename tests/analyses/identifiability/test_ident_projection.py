@@ -70,7 +70,7 @@ def test_generic_heads_are_proven_and_need_no_eigendecomposition(monkeypatch):
     def no_eigh(*args):
         raise AssertionError("eigendecomposition path used on generic heads")
 
-    monkeypatch.setattr(projection, "_gram_projection", no_eigh)
+    monkeypatch.setattr(projection.HeadProjectors, "_gram", classmethod(no_eigh))
     g = torch.Generator().manual_seed(3)
     for n in (5, 40):
         M = torch.randn(3, n, 8, generator=g, dtype=torch.float64)
@@ -97,3 +97,30 @@ def test_certificate_never_proves_a_deficient_head():
     full = s[:, -1] > FAST * s[:, 0]
     assert not (proven & ~full).any()
     assert proven[-5:].all() and not proven[:5].any()
+
+
+@pytest.mark.parametrize("rtol", [FAST, EXACT])
+def test_values_route_equals_the_definition_on_m(rtol):
+    """Given V and the right factor (M = V R), heads whose V proves M full rank use V's range;
+    a singular R (rank-deficient W_O) and an ill-conditioned R fall back to M. Every head equals
+    the full-SVD definition on M = V R, in both shapes (n > d_head and n <= d_head)."""
+    g = torch.Generator().manual_seed(7)
+    H, dh = 4, 6
+    right = torch.randn(H, dh, dh, generator=g, dtype=torch.float64)
+    right[1, :, 3] = right[1, :, 0]  # singular: rank(M) <= dh - 1
+    U, _, Vh = torch.linalg.svd(right[2])
+    right[2] = U @ torch.diag(torch.logspace(0, -6, dh, dtype=torch.float64)) @ Vh  # cond 1e6
+    s = torch.linalg.svdvals(right)
+    cond2 = torch.where(s[:, -1] > 0, (s[:, 0] / s[:, -1]) ** 2, torch.inf)
+    for n in (15, 5):
+        V = torch.randn(3, H, n, dh, generator=g, dtype=torch.float64)
+        A = torch.softmax(torch.randn(3, H, n, n, generator=g, dtype=torch.float64), dim=-1)
+        effective, rank = sequence_effective_attention(A, V, rtol, right=right, right_cond2=cond2)
+        M = V @ right
+        assert torch.equal(rank, sequence_rank(M, rtol))
+        for b in range(3):
+            for h in range(H):
+                expected, r = reference(A[b, h], M[b, h], rtol)
+                assert int(rank[b, h]) == r
+                assert torch.allclose(effective[b, h], expected, atol=1e-10)
+        assert (rank[:, 1] == min(n, dh - 1)).all()  # the singular head lost a dimension

@@ -86,9 +86,9 @@ def prefix_effective_attention(
         effective[heads] = torch.where(cert.repeated[heads].unsqueeze(-1), averaged, A_f[heads])
     heads = cert.col_ok.any(-1).nonzero()[:, 0]
     if len(heads):  # rows proven full column rank: one anchored solve per head
-        anchored = _anchored_projection(A_f[heads], M_f[heads], visible, cert.anchor[heads])
-        proven = (cert.col_ok[heads] & ~cert.row_ok[heads]).unsqueeze(-1)
-        effective[heads] = torch.where(proven, anchored, effective[heads])
+        start, anchored = _anchored_projection(A_f[heads], M_f[heads], visible, cert.anchor[heads])
+        proven = (cert.col_ok[heads] & ~cert.row_ok[heads])[:, start:, None]
+        effective[heads, start:] = torch.where(proven, anchored, effective[heads, start:])
     pairs = (~(cert.row_ok | cert.col_ok)).nonzero()  # [P, 2]: (head, row) proven neither way
     if len(pairs):
         eff_rows, rank_rows = _gram_projection(A_f, M_f, rtol, pairs)
@@ -213,15 +213,19 @@ def prefix_gram_per_head(M: Tensor, rows: Tensor) -> Tensor:
     return M.transpose(-1, -2) @ (M * mask[..., None])
 
 
-def _anchored_projection(A: Tensor, M: Tensor, visible: Tensor, anchor: Tensor) -> Tensor:
-    """Effective attention ``[b, n, n]`` of the rows ``i >= anchor[h]`` (other rows: not
-    meaningful) for heads whose prefix ``M[:anchor+1]`` has full column rank: ``z_i = G_i^{-1}
-    (A M)_i`` by the anchored Woodbury identity of the module docstring, ``a_eff_i = z_i
-    M_i^T``, then one step of iterative refinement."""
+def _anchored_projection(
+    A: Tensor, M: Tensor, visible: Tensor, anchor: Tensor
+) -> tuple[int, Tensor]:
+    """Effective attention of the rows ``i >= anchor[h]`` for heads whose prefix
+    ``M[:anchor+1]`` has full column rank: ``z_i = G_i^{-1} (A M)_i`` by the anchored Woodbury
+    identity of the module docstring, ``a_eff_i = z_i M_i^T``, then one step of iterative
+    refinement. Returns ``start = min(anchor)`` and the rows ``start..n-1`` ``[b, n - start,
+    n]`` (rows before a head's own anchor: not meaningful); earlier rows are never computed."""
     n = M.shape[-2]
     rows = torch.arange(n, device=M.device)
     later = (rows[None, :] > anchor[:, None]).to(M.dtype)  # [b, n]: rows after the anchor
-    first = int(anchor.min()) + 1  # rows before this are at or before every anchor
+    start = int(anchor.min())  # the first query row any head needs
+    first = start + 1  # rows before this are at or before every anchor
     L = torch.linalg.cholesky(prefix_gram_per_head(M, anchor))  # G_c = L L^T
     Lt = L.transpose(-1, -2)
     X = torch.linalg.solve_triangular(
@@ -231,18 +235,20 @@ def _anchored_projection(A: Tensor, M: Tensor, visible: Tensor, anchor: Tensor) 
     LK = torch.linalg.cholesky(eye + X @ X.transpose(-1, -2))
     Y = torch.linalg.solve_triangular(LK, X, upper=False)  # [b, m, dh]
     Yt = Y.transpose(-1, -2).contiguous()
-    sees = visible[:, first:]  # [n, m]: query i sees the added row t
+    sees = visible[start:, first:]  # [n - start, m]: query i sees the added row t
+    shown = visible[start:]  # [n - start, n]: the keys each needed query sees
 
-    def solve(C: Tensor) -> Tensor:  # rows c_i -> z_i = G_i^{-1} c_i, [b, n, dh]
+    def solve(C: Tensor) -> Tensor:  # rows c_i -> z_i = G_i^{-1} c_i, [b, n - start, dh]
         Ch = torch.linalg.solve_triangular(Lt, C, upper=True, left=False)  # C L^{-T}
         Zh = Ch - ((Ch @ Yt) * sees) @ Y
         return torch.linalg.solve_triangular(L, Zh, upper=False, left=False)  # Zh L^{-1}
 
     Mt = M.transpose(-1, -2).contiguous()
-    Z = solve(A @ M)
-    effective = (Z @ Mt) * visible
-    Z = Z + solve((A - effective) @ M)  # one step of iterative refinement
-    return (Z @ Mt) * visible
+    A_rows = A[:, start:]  # the queries that need it
+    Z = solve(A_rows @ M)
+    effective = (Z @ Mt) * shown
+    Z = Z + solve((A_rows - effective) @ M)  # one step of iterative refinement
+    return start, (Z @ Mt) * shown
 
 
 def _gram_projection(

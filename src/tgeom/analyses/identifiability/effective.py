@@ -12,10 +12,13 @@ same head output (``A_eff T = A T``) and equals ``A`` when the null space is tri
 Computation (exact, cheaper than a full SVD of ``T``): with ``W_O[h]^T = Q R`` (thin QR, ``Q``
 ``[d, dh]`` orthonormal), ``T = (V R^T) Q^T`` has the singular values and left singular vectors
 of the small ``M = V R^T [n, dh]``, and ``A_eff = A P`` with ``P`` the projector on the range
-of ``M`` (:mod:`tgeom.analyses.identifiability.projection`: a ``[dh, dh]`` Gram
-eigendecomposition with refinement, or an SVD of ``M`` for tolerances below 1e-5); heads with a
-trivial null space keep ``A`` bit for bit. Every head of every layer of a batch is computed at
-once, each sequence cut to its own length (padding never enters ``T``).
+of ``M`` (:mod:`tgeom.analyses.identifiability.projection`: a Cholesky-certified basis, a
+``[dh, dh]`` Gram eigendecomposition with refinement, or an SVD of ``M`` for tolerances below
+1e-5). When ``R`` is invertible the range of ``M`` is that of ``V``, so heads whose ``V``
+proves ``M`` full rank (``cond(M) <= cond(V) cond(R)``) never form ``M``. Heads with a trivial
+null space keep ``A`` bit for bit. ``V`` and ``A`` are the ones the model computes, taken by
+hooks during its forward pass, and each layer is processed as soon as its attention exists;
+each sequence is cut to its own length (padding never enters ``T``).
 
 Causal (decoder) heads: query ``i`` sees only ``T[:i+1]``, so its null space is that of the prefix
 (:mod:`tgeom.analyses.identifiability.causal`): effective attention stays causal and a query's
@@ -28,6 +31,7 @@ the signed mean and the mean of absolute values (figures use the signed one and 
 from __future__ import annotations
 
 import string
+import threading
 import unicodedata
 import weakref
 from dataclasses import dataclass
@@ -38,8 +42,8 @@ import torch
 from torch import Tensor
 
 from tgeom.analyses.identifiability.causal import prefix_effective_attention
-from tgeom.analyses.identifiability.projection import sequence_effective_attention, sequence_rank
-from tgeom.capture import layer_values, stream_hidden
+from tgeom.analyses.identifiability.projection import HeadProjectors, sequence_rank
+from tgeom.capture import stream_hidden
 from tgeom.linalg.nullspace import default_rtol
 from tgeom.runtime import Runtime
 
@@ -66,11 +70,12 @@ def real_lengths(token_ids: Tensor, attention_mask: Tensor | None) -> list[int]:
     return [int(n) for n in attention_mask.sum(1).tolist()]
 
 
-_FACTORS: dict[int, tuple[weakref.ref[Any], tuple[Any, ...], Tensor]] = {}  # id(lm) -> ...
+_FACTORS: dict[int, tuple[weakref.ref[Any], tuple[Any, ...], tuple[Tensor, Tensor]]] = {}
 
 
-def output_factors(lm: Any, device: torch.device) -> Tensor:
-    """``R^T [L, H, dh, dh]`` float64 with ``W_O[l, h] = R^T Q^T`` (``Q`` orthonormal columns).
+def output_factors(lm: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``R^T [L, H, dh, dh]`` float64 with ``W_O[l, h] = R^T Q^T`` (``Q`` orthonormal columns),
+    and ``cond(R)^2 [L, H]`` (inf for a rank-deficient ``W_O[l, h]``).
 
     Cached per model; the key holds each ``W_O``'s storage and version counter, so an in-place
     edit of a weight (as in a test planting a rank-deficient head) recomputes it."""
@@ -81,7 +86,9 @@ def output_factors(lm: Any, device: torch.device) -> Tensor:
         return cached[2]
     W_O = torch.stack(W_Os).to(device, torch.float64)
     R = torch.linalg.qr(W_O.transpose(-1, -2), mode="reduced").R  # [L, H, dh, dh]
-    factors = R.transpose(-1, -2)
+    s = torch.linalg.svdvals(R)
+    cond2 = torch.where(s[..., -1] > 0, (s[..., 0] / s[..., -1]) ** 2, torch.inf)
+    factors = (R.transpose(-1, -2), cond2)
     for stale in [k for k, (ref, _, _) in _FACTORS.items() if ref() is None]:
         del _FACTORS[stale]
     _FACTORS[id(lm)] = (weakref.ref(lm), key, factors)
@@ -106,34 +113,34 @@ def effective_attention_batch(
     (``token_ids [B, T]``, right padding marked by ``attention_mask``); ``rtol`` is the relative
     rank tolerance (default ``max(n, d) * eps`` of the stored values' dtype).
 
-    One forward pass; then, layer by layer, the sequences of each length are processed together
-    (float64), straight from the layer's attention probabilities and value vectors: nothing of
-    size ``[L, B, H, T, T]`` is stacked."""
-    n_layers = int(lm.summary.n_layers)
-    hidden: list[Tensor | None] = [None] * (n_layers + 1)
-
-    def keep(layer: int, h: Tensor) -> None:
-        if layer < n_layers:  # block inputs; the last output is not needed
-            hidden[layer] = h
-
-    output = stream_hidden(lm, token_ids, keep, attention_mask, attentions=need_attention)
+    One forward pass; each layer is processed inside it, as soon as the layer's attention
+    probabilities exist (they and the value vectors are still in cache), the sequences of each
+    length together (float64): nothing of size ``[L, B, H, T, T]`` is stacked. Each sequence's
+    result tensors are its own, filled layer by layer. Bidirectional heads: one projector per
+    head, applied one sequence at a time so that its float64 copy of the attention stays in
+    cache; causal heads: a length group at a time. Work buffers are reused by every layer and
+    call (see :func:`_workspace`)."""
+    n_layers, n_heads = int(lm.summary.n_layers), int(lm.summary.n_heads)
+    device, d = lm.device, int(lm.summary.d_model)
     lengths = real_lengths(token_ids, attention_mask)
-    device = lm.device
-    Rt = output_factors(lm, device)
-    d, n_heads = int(lm.summary.d_model), int(lm.summary.n_heads)
     groups: dict[int, list[int]] = {}
     for b, n in enumerate(lengths):
         groups.setdefault(n, []).append(b)
-    # per length group, [L, g, H, n, n] float64 buffers; each sequence's matrices are views
-    raw: dict[int, Tensor] = {}
-    eff: dict[int, Tensor] = {}
-    work: dict[int, Tensor] = {}
+    Rt, right_cond2 = output_factors(lm, device)
+    raw = [torch.empty(n_layers, n_heads, n, n, device=device) for n in lengths]
+    eff = [
+        torch.empty(n_layers, n_heads, n, n, dtype=torch.float64, device=device) for n in lengths
+    ]
     ranks = torch.empty(len(lengths), n_layers, n_heads, dtype=torch.long)
-    for layer in range(n_layers):
-        h = hidden[layer]
-        assert h is not None
-        V = layer_values(lm, layer, h)  # [B, H, T, dh]
-        hidden[layer] = None
+    values: list[Tensor | None] = [None] * n_layers  # [B, H, T, dh], as the model computed them
+
+    def keep_values(layer: int, v: Tensor) -> None:
+        values[layer] = v
+
+    def process(layer: int, attention: Tensor) -> None:  # attention [B, H, T, T]
+        V = values[layer]
+        assert V is not None
+        values[layer] = None
         for n, members in groups.items():
             idx: Tensor | slice = (
                 slice(members[0], members[-1] + 1)  # a view, no gather
@@ -141,30 +148,47 @@ def effective_attention_batch(
                 else torch.tensor(members, device=device)
             )
             tol = default_rtol(n, d, V.dtype) if rtol is None else rtol
-            # T = M Q^T: same rank and left singular vectors (einsum: one bmm per head)
-            M = torch.einsum("bhtd,hde->bhte", V[idx, :, :n].double(), Rt[layer])
-            if need_attention:
-                if n not in raw:
-                    shape = (n_layers, len(members), n_heads, n, n)
-                    raw[n] = torch.empty(shape, dtype=output.attentions[layer].dtype, device=device)
-                    eff[n] = torch.empty(shape, dtype=torch.float64, device=device)
-                    work[n] = torch.empty(shape[1:], dtype=torch.float64, device=device)
-                raw[n][layer] = output.attentions[layer][idx, :, :n, :n]
-                A = work[n].copy_(raw[n][layer])  # float64, one buffer reused by every layer
-                rank = _layer_effective(lm, A, M, tol, rtol, V.dtype, out=eff[n][layer])
-            else:
-                rank = sequence_rank(M, tol)
+            # [g, H, n, dh]; contiguous (V is a strided view of the value projection output)
+            Vn = V[idx, :, :n].to(torch.float64, memory_format=torch.contiguous_format)
+            if not need_attention:
+                rank = sequence_rank(torch.einsum("bhtd,hde->bhte", Vn, Rt[layer]), tol)
+            elif lm.summary.is_causal:  # per query prefix, see identifiability/causal.py
+                A, out = _workspace((len(members), n_heads, n, n), device)
+                A.copy_(attention[idx, :, :n, :n])
+                # T = M Q^T: same rank and left singular vectors (einsum: one bmm per head)
+                M = torch.einsum("bhtd,hde->bhte", Vn, Rt[layer])
+                rank = _causal_effective(lm, A, M, rtol, V.dtype, out=out)
+                for j, b in enumerate(members):
+                    raw[b][layer].copy_(attention[b, :, :n, :n])
+                    eff[b][layer].copy_(out[j])
+            else:  # M = V R^T, formed only for heads V alone does not prove full rank
+                projectors = HeadProjectors.build(
+                    Vn.reshape(-1, n, Vn.shape[-1]), tol, Rt[layer], right_cond2[layer]
+                )
+                A = _workspace((n_heads, n, n), device)[0]
+                for j, b in enumerate(members):
+                    raw[b][layer].copy_(attention[b, :, :n, :n])
+                    heads = slice(j * n_heads, (j + 1) * n_heads)
+                    projectors.apply(A.copy_(raw[b][layer]), heads, eff[b][layer])
+                rank = projectors.rank.view(len(members), n_heads)
             ranks[members, layer] = rank.cpu()
-    raw = {n: t.cpu() for n, t in raw.items()}
-    eff = {n: t.cpu() for n, t in eff.items()}
+
+    stream_hidden(
+        lm,
+        token_ids,
+        lambda *_: None,
+        attention_mask,
+        attentions=need_attention,
+        values=keep_values,
+        attention_weights=process,
+    )
     empty = torch.empty(0, dtype=torch.float64)
-    position = {b: j for members in groups.values() for j, b in enumerate(members)}
     ids = token_ids.tolist()
     return [
         SequenceAttention(
             ids[b][:n],
-            raw[n][:, position[b]] if need_attention else empty,
-            eff[n][:, position[b]] if need_attention else empty,
+            raw[b].cpu() if need_attention else empty,
+            eff[b].cpu() if need_attention else empty,
             n - ranks[b],
             ranks[b],
         )
@@ -172,22 +196,32 @@ def effective_attention_batch(
     ]
 
 
-def _layer_effective(
-    lm: Any,
-    A: Tensor,
-    M: Tensor,
-    tol: float,
-    rtol: float | None,
-    dtype: torch.dtype,
-    *,
-    out: Tensor,
+_WORKSPACES = threading.local()  # per thread: the last (shape, device) -> two float64 buffers
+
+
+def _workspace(shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Two float64 work buffers of ``shape`` (the attention and its effective part), kept
+    between calls: a batch after the first reuses memory that is already mapped, instead of
+    paying first-touch page faults on fresh buffers every call. Never returned to callers."""
+    cache: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = getattr(_WORKSPACES, "cache", {})
+    key = (shape, str(device))
+    if key not in cache:
+        if len(cache) >= 4:  # a few length groups; forget the oldest
+            del cache[next(iter(cache))]
+        cache[key] = (
+            torch.empty(shape, dtype=torch.float64, device=device),
+            torch.empty(shape, dtype=torch.float64, device=device),
+        )
+        _WORKSPACES.cache = cache
+    return cache[key]
+
+
+def _causal_effective(
+    lm: Any, A: Tensor, M: Tensor, rtol: float | None, dtype: torch.dtype, *, out: Tensor
 ) -> Tensor:
-    """Effective attention of one layer for ``g`` sequences of the same length (``A [g, H, n,
-    n]``, ``M [g, H, n, dh]`` float64), written into ``out``; returns the rank of the whole
-    sequence ``[g, H]``."""
-    if not lm.summary.is_causal:
-        return sequence_effective_attention(A, M, tol, out=out)[1]
-    # per query prefix, see identifiability/causal.py
+    """Causal effective attention of one layer for ``g`` sequences of the same length (``A [g,
+    H, n, n]``, ``M [g, H, n, dh]`` float64), written into ``out``; returns the rank of the
+    whole sequence ``[g, H]``."""
     rtol_for = partial(_prefix_rtol, d=lm.summary.d_model, dtype=dtype, rtol=rtol)
     prefix_rank = prefix_effective_attention(A, M, rtol_for, out=out)[1]
     return prefix_rank[..., -1]  # the last query's prefix is the whole sequence

@@ -22,6 +22,8 @@ Heads whose ``T`` has full row rank keep ``A`` bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -30,43 +32,132 @@ from tgeom.errors import check_finite
 
 
 def sequence_effective_attention(
-    A: Tensor, M: Tensor, rtol: float, *, out: Tensor | None = None
+    A: Tensor,
+    M: Tensor,
+    rtol: float,
+    *,
+    out: Tensor | None = None,
+    right: Tensor | None = None,
+    right_cond2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``A_eff [..., n, n]`` and ``rank [...]`` for attention ``A [..., n, n]`` and
-    ``M [..., n, dh]`` (both float64); ``A_eff`` is written into ``out`` when given (a
-    contiguous float64 tensor shaped like ``A``)."""
-    check_finite("the attention", A)
-    check_finite("the value-output factor", M)
-    n = M.shape[-2]
-    batch = M.shape[:-2]
-    if rtol < FAST_PATH_MIN_RTOL:
-        U, s, _ = torch.linalg.svd(M, full_matrices=False)
-        keep = _kept(s, rtol)
-        U = U * keep.unsqueeze(-2).to(U.dtype)
-        rank = keep.sum(-1)
-        effective = torch.where((rank == n)[..., None, None], A, (A @ U) @ U.transpose(-1, -2))
-        return _into(out, effective), rank
-    A_flat, M_flat = A.reshape(-1, n, n), M.reshape(-1, *M.shape[-2:])
-    proven, factor, cond2 = certified_full_rank(M_flat, rtol)
-    if bool(proven.all()):  # the common case: no gather, no scatter
-        flat_out = out.view(-1, n, n) if out is not None else None
-        effective, rank = _proven_projection(A_flat, M_flat, factor, cond2, out=flat_out)
-        return effective.reshape(A.shape), rank.reshape(batch)
-    effective = torch.empty_like(A_flat)
-    rank = torch.empty(proven.shape, dtype=torch.long, device=M.device)
-    done = proven.nonzero()[:, 0]
-    if len(done):
-        effective[done], rank[done] = _proven_projection(
-            A_flat[done], M_flat[done], factor[done], cond2[done]
-        )
-    rest = (~proven).nonzero()[:, 0]
-    if len(rest):
-        effective[rest], rank[rest] = _gram_projection(A_flat[rest], M_flat[rest], rtol)
-    return _into(out, effective.reshape(A.shape)), rank.reshape(batch)
+    """``A_eff [..., H, n, n]`` and ``rank [..., H]`` for attention ``A [..., H, n, n]`` and
+    ``M [..., H, n, dh]`` (both float64); ``A_eff`` is written into ``out`` when given (a
+    contiguous float64 tensor shaped like ``A``). ``right``/``right_cond2``: see
+    :meth:`HeadProjectors.build` (the second argument is then ``V``)."""
+    n, dh = M.shape[-2:]
+    projectors = HeadProjectors.build(M.reshape(-1, n, dh), rtol, right, right_cond2)
+    A_flat = A.reshape(-1, n, n)
+    flat_out = out.view(-1, n, n) if out is not None else torch.empty_like(A_flat)
+    projectors.apply(A_flat, slice(None), flat_out)
+    return flat_out.reshape(A.shape), projectors.rank.reshape(M.shape[:-2])
 
 
-def _into(out: Tensor | None, value: Tensor) -> Tensor:
-    return value if out is None else out.copy_(value)
+@dataclass
+class HeadProjectors:
+    """The projector on the range of ``T`` of each of ``b`` heads (sequences of one length
+    ``n``), built once from the values and then applied to the attention chunk by chunk.
+
+    ``A_eff = (A Q) Q^T`` with ``Q [b, n, dh]`` orthonormal columns spanning the kept range
+    (columns of dropped directions are zero); heads with ``keep[h]`` (full row rank: trivial null
+    space) keep ``A`` bit for bit. ``refine``: one step of iterative refinement, for bases built
+    from a Gram matrix whose certified ``eps * cond(M)^2`` exceeds 1e-10."""
+
+    rank: Tensor
+    keep: Tensor
+    Q: Tensor
+    Qt: Tensor
+    refine: bool
+
+    @classmethod
+    def build(
+        cls,
+        M: Tensor,
+        rtol: float,
+        right: Tensor | None = None,
+        right_cond2: Tensor | None = None,
+    ) -> HeadProjectors:
+        """From ``M [b, n, dh]`` (float64). With ``right [H, dh, dh]`` (and ``right_cond2 [H]``,
+        upper bounds of ``cond(right)^2``; head of row ``i`` is ``i % H``) the argument is ``V``
+        and the matrix of the rank rule is ``M = V right``: when ``right`` is invertible, ``M``
+        has the range of ``V``, so a head whose ``V`` *proves* ``M`` full rank (``cond(M) <=
+        cond(V) cond(right)``) takes its basis from ``V``; ``M`` is formed for the others."""
+        check_finite("the value-output factor", M)
+        b, n = M.shape[:2]
+        if right is not None:
+            heads = torch.arange(b, device=M.device) % right.shape[0]
+            if rtol < FAST_PATH_MIN_RTOL:
+                return cls.build(M @ right[heads], rtol)
+            assert right_cond2 is not None
+            proven, L_inv, cond2 = certified_full_rank(M, rtol)  # cond2 >= cond(V)^2
+            proven &= (2 * rtol) ** 2 * cond2 * right_cond2[heads] < 1  # >= cond(M)^2
+            if not bool(proven.all()):
+                others = cls.build(M[~proven] @ right[heads[~proven]], rtol)
+                return cls._merge(cls._proven(M, L_inv, cond2, proven), proven, others)
+            return cls._proven(M, L_inv, cond2, proven)
+        if rtol < FAST_PATH_MIN_RTOL:
+            U, s, _ = torch.linalg.svd(M, full_matrices=False)
+            kept = _kept(s, rtol)
+            Q = U * kept.unsqueeze(-2).to(U.dtype)
+            rank = kept.sum(-1)
+            return cls(rank, rank == n, Q, Q.transpose(-1, -2).contiguous(), False)
+        proven, L_inv, cond2 = certified_full_rank(M, rtol)
+        base = cls._proven(M, L_inv, cond2, proven)
+        if bool(proven.all()):  # the common case
+            return base
+        return cls._merge(base, proven, cls._gram(M[~proven], rtol))
+
+    @classmethod
+    def _proven(cls, M: Tensor, L_inv: Tensor, cond2: Tensor, proven: Tensor) -> HeadProjectors:
+        """Heads proven full rank (the others: placeholders, to be replaced): ``A`` itself when
+        ``n <= dh``, else ``Q = M L^{-T}``."""
+        b, n, dh = M.shape
+        rank = torch.full((b,), min(n, dh), dtype=torch.long, device=M.device)
+        if n <= dh:  # full row rank: nothing is in the null space
+            Qt = torch.zeros(b, dh, n, dtype=M.dtype, device=M.device)
+            return cls(rank, torch.ones(b, dtype=torch.bool, device=M.device), Qt.mT, Qt, False)
+        Qt = L_inv @ M.transpose(-1, -2)  # [b, dh, n], contiguous: the faster GEMM operand
+        worst = float(cond2[proven].max()) if bool(proven.any()) else 0.0
+        refine = worst * torch.finfo(M.dtype).eps > 1e-10
+        keep = torch.zeros(b, dtype=torch.bool, device=M.device)
+        return cls(rank, keep, Qt.transpose(-1, -2), Qt, refine)
+
+    @classmethod
+    def _gram(cls, M: Tensor, rtol: float) -> HeadProjectors:
+        """Any head: ``Q = M W diag(lam^{-1/2})`` over the kept eigenpairs of ``G = M^T M``
+        (float64 eigendecomposition: singular values resolved down to about ``1e-7 s_max``)."""
+        n = M.shape[-2]
+        lam, W = torch.linalg.eigh(M.transpose(-1, -2) @ M)  # ascending
+        kept = _kept(lam.clamp_min(0).sqrt().flip(-1), rtol).flip(-1)
+        scale = torch.where(kept, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), 0.0)
+        Q = (M @ W) * scale.unsqueeze(-2)
+        kept_min = torch.where(kept, lam, torch.inf).amin(-1)
+        refine = float((lam[..., -1] / kept_min).max()) * torch.finfo(lam.dtype).eps > 1e-10
+        rank = kept.sum(-1)
+        return cls(rank, rank == n, Q, Q.transpose(-1, -2).contiguous(), refine)
+
+    @classmethod
+    def _merge(cls, base: HeadProjectors, proven: Tensor, rest: HeadProjectors) -> HeadProjectors:
+        """``base`` where ``proven``, ``rest`` (one row per unproven head, in order) elsewhere."""
+        rank, keep, Q = base.rank.clone(), base.keep.clone(), base.Q.clone()
+        rank[~proven], keep[~proven], Q[~proven] = rest.rank, rest.keep, rest.Q
+        return cls(rank, keep, Q, Q.transpose(-1, -2).contiguous(), base.refine or rest.refine)
+
+    def apply(self, A: Tensor, heads: slice, out: Tensor) -> Tensor:
+        """``A_eff [k, n, n]`` into ``out`` for attention ``A [k, n, n]`` (float64) of the heads
+        ``heads`` (a slice of the ``b`` heads)."""
+        keep = self.keep[heads]
+        if bool(keep.all()):
+            check_finite("the attention", A)
+            return out.copy_(A)
+        Q, Qt = self.Q[heads], self.Qt[heads]
+        Z = A @ Q
+        check_finite("the attention", Z)  # NaN/inf anywhere in A reaches A Q
+        if self.refine:
+            Z = Z + (A - Z @ Qt) @ Q
+        torch.matmul(Z, Qt, out=out)
+        if bool(keep.any()):
+            out[keep] = A[keep]
+        return out
 
 
 def certified_full_rank(M: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,45 +175,6 @@ def certified_full_rank(M: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
     cond2 = torch.linalg.matrix_norm(K) * (L_inv**2).sum((-1, -2))
     return (info == 0) & ((2 * rtol) ** 2 * cond2 < 1), L_inv, cond2
-
-
-def _proven_projection(
-    A: Tensor, M: Tensor, L_inv: Tensor, cond2: Tensor, *, out: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Heads proven full rank: ``A`` itself when ``n <= dh`` (full row rank: nothing is in the
-    null space), else ``(A Q) Q^T`` with ``Q = M L^{-T}`` (orthonormal columns spanning the
-    range of ``M``), plus one step of iterative refinement when the certified
-    ``eps * cond(M)^2`` exceeds 1e-10."""
-    n, dh = M.shape[-2:]
-    if n <= dh:
-        return _into(out, A), torch.full(A.shape[:-2], n, dtype=torch.long, device=A.device)
-    Q = M @ L_inv.transpose(-1, -2)
-    Qt = Q.transpose(-1, -2).contiguous()  # a contiguous right factor: faster batched GEMM
-    Z = A @ Q  # A_eff = Z Q^T
-    if float(cond2.max()) * torch.finfo(A.dtype).eps > 1e-10:
-        Z = Z + (A - Z @ Qt) @ Q
-    effective = torch.matmul(Z, Qt, out=out) if out is not None else Z @ Qt
-    return effective, torch.full(A.shape[:-2], dh, dtype=torch.long, device=A.device)
-
-
-def _gram_projection(A: Tensor, M: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
-    """Any head: ``P = M G^+ M^T`` from a float64 eigendecomposition of ``G = M^T M``
-    (singular values resolved down to about ``1e-7 s_max``), with one step of iterative
-    refinement when some head's ``eps * cond(M)^2`` exceeds 1e-10."""
-    n = M.shape[-2]
-    lam, W = torch.linalg.eigh(M.transpose(-1, -2) @ M)  # ascending
-    keep = _kept(lam.clamp_min(0).sqrt().flip(-1), rtol).flip(-1)
-    inv = torch.where(keep, 1.0 / lam.clamp_min(torch.finfo(lam.dtype).tiny), 0.0)
-
-    def solve(rhs: Tensor) -> Tensor:  # rows of rhs times G^+
-        return ((rhs @ W) * inv.unsqueeze(-2)) @ W.transpose(-1, -2)
-
-    Z = solve(A @ M)  # A_eff = Z M^T
-    kept_min = torch.where(keep, lam, torch.inf).amin(-1)
-    if float((lam[..., -1] / kept_min).max()) * torch.finfo(lam.dtype).eps > 1e-10:
-        Z = Z + solve((A - Z @ M.transpose(-1, -2)) @ M)  # one step of iterative refinement
-    rank = keep.sum(-1)
-    return torch.where((rank == n)[..., None, None], A, Z @ M.transpose(-1, -2)), rank
 
 
 def sequence_rank(M: Tensor, rtol: float) -> Tensor:
