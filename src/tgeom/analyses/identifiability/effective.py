@@ -167,9 +167,10 @@ def effective_attention_batch(
                 )
                 A = _workspace((n_heads, n, n), device)[0]
                 for j, b in enumerate(members):
-                    raw[b][layer].copy_(attention[b, :, :n, :n])
+                    raw_ = raw[b][layer].copy_(attention[b, :, :n, :n])
                     heads = slice(j * n_heads, (j + 1) * n_heads)
-                    projectors.apply(A.copy_(raw[b][layer]), heads, eff[b][layer])
+                    source = raw_ if projectors.keeps_all(heads) else A.copy_(raw_)
+                    projectors.apply(source, heads, eff[b][layer])
                 rank = projectors.rank.view(len(members), n_heads)
             ranks[members, layer] = rank.cpu()
 

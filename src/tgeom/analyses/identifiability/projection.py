@@ -142,6 +142,11 @@ class HeadProjectors:
         rank[~proven], keep[~proven], Q[~proven] = rest.rank, rest.keep, rest.Q
         return cls(rank, keep, Q, Q.transpose(-1, -2).contiguous(), base.refine or rest.refine)
 
+    def keeps_all(self, heads: slice) -> bool:
+        """Whether every head of ``heads`` keeps ``A`` (then :meth:`apply` takes ``A`` in any
+        dtype)."""
+        return bool(self.keep[heads].all())
+
     def apply(self, A: Tensor, heads: slice, out: Tensor) -> Tensor:
         """``A_eff [k, n, n]`` into ``out`` for attention ``A [k, n, n]`` (float64) of the heads
         ``heads`` (a slice of the ``b`` heads)."""
