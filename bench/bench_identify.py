@@ -15,10 +15,12 @@
    pass with attentions (target <= 1.5x) of the model's body (``lm.body``: no output head, which
    effective attention does not run either), for MiniLM (bidirectional) and, with ``--decoder``,
    SmolLM2 (causal: per-prefix null spaces). Both run back to back in each of ``--rounds``
-   rounds; reported are the best times and the median of the per-round ratios.
+   rounds; reported are the best times and the median of the per-round ratios. Both run with
+   the malloc settings the CLI uses (:func:`tgeom.runtime.retain_freed_memory`: freed memory is
+   reused instead of being mapped anew each batch); ``--default-malloc`` keeps glibc's.
 
 Usage: python bench/bench_identify.py [--tokens 128] [--batch 16] [--exact-inputs K]
-       [--naive-outputs N] [--decoder] [--rounds 7] [--skip-attribution]
+       [--naive-outputs N] [--decoder] [--rounds 7] [--skip-attribution] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tgeom.analyses.identifiability.effective import effective_attention_batch
 from tgeom.corpus import load_corpus, make_windows
 from tgeom.models import load_model
 from tgeom.models.reference import embed, run_blocks
-from tgeom.runtime import Runtime
+from tgeom.runtime import Runtime, retain_freed_memory
 
 
 def timed(fn, device):  # type: ignore[no-untyped-def]
@@ -151,7 +153,13 @@ def main() -> None:
     parser.add_argument("--decoder", action="store_true", help="also SmolLM2 effective attention")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip-attribution", action="store_true")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings (the CLI calls retain_freed_memory)",
+    )
     args = parser.parse_args()
+    malloc = "glibc default" if args.default_malloc or not retain_freed_memory() else "retain"
     runtime = Runtime.auto()
     device = runtime.device
     corpus = load_corpus("builtin")
@@ -160,6 +168,7 @@ def main() -> None:
     report = {
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "malloc": malloc,
         "effective_attention": [effective_bench(lm, windows, args.batch, device, args.rounds)],
     }
     if args.decoder:

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from tgeom.errors import TgeomError
+from tgeom.runtime import retain_freed_memory
 
 app = typer.Typer(
     name="tgeom",
@@ -36,6 +37,7 @@ from tgeom.cli import (  # noqa: E402, F401
 def main() -> None:
     """Console entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    retain_freed_memory()  # batch after batch, large tensors reuse mapped memory
     try:
         app(standalone_mode=True)
     except TgeomError as exc:
