@@ -34,6 +34,7 @@ import string
 import threading
 import unicodedata
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any
@@ -127,20 +128,16 @@ def effective_attention_batch(
     for b, n in enumerate(lengths):
         groups.setdefault(n, []).append(b)
     Rt, right_cond2 = output_factors(lm, device)
-    raw = [torch.empty(n_layers, n_heads, n, n, device=device) for n in lengths]
-    eff = [
-        torch.empty(n_layers, n_heads, n, n, dtype=torch.float64, device=device) for n in lengths
-    ]
+    shapes = [(n_layers, n_heads, n, n) for n in lengths]
+    kept = shapes if need_attention else []  # rank-only runs keep no matrices
+    raw = [torch.empty(shape, device=device) for shape in kept]
+    eff = [torch.empty(shape, dtype=torch.float64, device=device) for shape in kept]
     ranks = torch.empty(len(lengths), n_layers, n_heads, dtype=torch.long)
     values: list[Tensor | None] = [None] * n_layers  # [B, H, T, dh], as the model computed them
 
-    def keep_values(layer: int, v: Tensor) -> None:
-        values[layer] = v
-
-    def process(layer: int, attention: Tensor) -> None:  # attention [B, H, T, T]
-        V = values[layer]
-        assert V is not None
-        values[layer] = None
+    def by_length(V: Tensor) -> Iterator[tuple[int, list[int], Tensor | slice, float, Tensor]]:
+        """Per length group: ``n``, its members, their index, the tolerance and their values
+        ``[g, H, n, dh]`` (float64, contiguous: ``V`` is a strided view of the projection)."""
         for n, members in groups.items():
             idx: Tensor | slice = (
                 slice(members[0], members[-1] + 1)  # a view, no gather
@@ -148,12 +145,25 @@ def effective_attention_batch(
                 else torch.tensor(members, device=device)
             )
             tol = default_rtol(n, d, V.dtype) if rtol is None else rtol
-            # [g, H, n, dh]; contiguous (V is a strided view of the value projection output)
             Vn = V[idx, :, :n].to(torch.float64, memory_format=torch.contiguous_format)
-            if not need_attention:
-                rank = sequence_rank(torch.einsum("bhtd,hde->bhte", Vn, Rt[layer]), tol)
-            elif lm.summary.is_causal:  # per query prefix, see identifiability/causal.py
-                A, out = _workspace((len(members), n_heads, n, n), device)
+            yield n, members, idx, tol, Vn
+
+    def keep_values(layer: int, V: Tensor) -> None:
+        if need_attention:
+            values[layer] = V
+            return
+        for _, members, _, tol, Vn in by_length(V):  # the ranks need the values only
+            M = torch.einsum("bhtd,hde->bhte", Vn, Rt[layer])
+            ranks[members, layer] = sequence_rank(M, tol).cpu()
+
+    def process(layer: int, attention: Tensor) -> None:  # attention [B, H, T, T]
+        V = values[layer]
+        assert V is not None
+        values[layer] = None
+        for n, members, idx, tol, Vn in by_length(V):
+            if lm.summary.is_causal:  # per query prefix, see identifiability/causal.py
+                A = _workspace((len(members), n_heads, n, n), device, slot=0)
+                out = _workspace((len(members), n_heads, n, n), device, slot=1)
                 A.copy_(attention[idx, :, :n, :n])
                 # T = M Q^T: same rank and left singular vectors (einsum: one bmm per head)
                 M = torch.einsum("bhtd,hde->bhte", Vn, Rt[layer])
@@ -165,7 +175,7 @@ def effective_attention_batch(
                 projectors = HeadProjectors.build(
                     Vn.reshape(-1, n, Vn.shape[-1]), tol, Rt[layer], right_cond2[layer]
                 )
-                A = _workspace((n_heads, n, n), device)[0]
+                A = _workspace((n_heads, n, n), device, slot=0)
                 for j, b in enumerate(members):
                     raw_ = raw[b][layer].copy_(attention[b, :, :n, :n])
                     heads = slice(j * n_heads, (j + 1) * n_heads)
@@ -181,7 +191,7 @@ def effective_attention_batch(
         attention_mask,
         attentions=need_attention,
         values=keep_values,
-        attention_weights=process,
+        attention_weights=process if need_attention else None,
     )
     empty = torch.empty(0, dtype=torch.float64)
     ids = token_ids.tolist()
@@ -197,22 +207,19 @@ def effective_attention_batch(
     ]
 
 
-_WORKSPACES = threading.local()  # per thread: the last (shape, device) -> two float64 buffers
+_WORKSPACES = threading.local()  # per thread: (shape, device, slot) -> a float64 buffer
 
 
-def _workspace(shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Two float64 work buffers of ``shape`` (the attention and its effective part), kept
+def _workspace(shape: tuple[int, ...], device: torch.device, *, slot: int) -> Tensor:
+    """A float64 work buffer of ``shape`` (``slot`` tells apart buffers used together), kept
     between calls: a batch after the first reuses memory that is already mapped, instead of
     paying first-touch page faults on fresh buffers every call. Never returned to callers."""
-    cache: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = getattr(_WORKSPACES, "cache", {})
-    key = (shape, str(device))
+    cache: dict[tuple[Any, ...], Tensor] = getattr(_WORKSPACES, "cache", {})
+    key = (shape, str(device), slot)
     if key not in cache:
-        if len(cache) >= 4:  # a few length groups; forget the oldest
+        if len(cache) >= 8:  # a few length groups; forget the oldest
             del cache[next(iter(cache))]
-        cache[key] = (
-            torch.empty(shape, dtype=torch.float64, device=device),
-            torch.empty(shape, dtype=torch.float64, device=device),
-        )
+        cache[key] = torch.empty(shape, dtype=torch.float64, device=device)
         _WORKSPACES.cache = cache
     return cache[key]
 

@@ -83,28 +83,28 @@ class HeadProjectors:
         cond(V) cond(right)``) takes its basis from ``V``; ``M`` is formed for the others."""
         check_finite("the value-output factor", M)
         b, n = M.shape[:2]
-        if right is not None:
-            heads = torch.arange(b, device=M.device) % right.shape[0]
-            if rtol < FAST_PATH_MIN_RTOL:
-                return cls.build(M @ right[heads], rtol)
-            assert right_cond2 is not None
-            proven, L_inv, cond2 = certified_full_rank(M, rtol)  # cond2 >= cond(V)^2
-            proven &= (2 * rtol) ** 2 * cond2 * right_cond2[heads] < 1  # >= cond(M)^2
-            if not bool(proven.all()):
-                others = cls.build(M[~proven] @ right[heads[~proven]], rtol)
-                return cls._merge(cls._proven(M, L_inv, cond2, proven), proven, others)
-            return cls._proven(M, L_inv, cond2, proven)
+        heads = torch.arange(b, device=M.device) % (right.shape[0] if right is not None else 1)
         if rtol < FAST_PATH_MIN_RTOL:
+            if right is not None:
+                M = M @ right[heads]
             U, s, _ = torch.linalg.svd(M, full_matrices=False)
             kept = _kept(s, rtol)
             Q = U * kept.unsqueeze(-2).to(U.dtype)
             rank = kept.sum(-1)
             return cls(rank, rank == n, Q, Q.transpose(-1, -2).contiguous(), False)
-        proven, L_inv, cond2 = certified_full_rank(M, rtol)
+        proven, L_inv, cond2 = certified_full_rank(M, rtol)  # cond2 >= cond(M)^2 (or V's)
+        if right is not None:
+            assert right_cond2 is not None
+            proven &= (2 * rtol) ** 2 * cond2 * right_cond2[heads] < 1  # >= cond(V right)^2
         base = cls._proven(M, L_inv, cond2, proven)
         if bool(proven.all()):  # the common case
             return base
-        return cls._merge(base, proven, cls._gram(M[~proven], rtol))
+        rest = (
+            cls.build(M[~proven] @ right[heads[~proven]], rtol)  # form M for these heads
+            if right is not None
+            else cls._gram(M[~proven], rtol)
+        )
+        return cls._merge(base, proven, rest)
 
     @classmethod
     def _proven(cls, M: Tensor, L_inv: Tensor, cond2: Tensor, proven: Tensor) -> HeadProjectors:
