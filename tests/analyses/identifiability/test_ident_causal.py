@@ -192,3 +192,103 @@ def test_out_buffer_receives_the_same_result(rtol):
     effective, rank_out = prefix_effective_attention(A, M, lambda m: rtol, out=out)
     assert effective.data_ptr() == out.data_ptr()
     assert torch.equal(out, expected) and torch.equal(rank_out, rank)
+
+
+def test_staircase_null_basis_nests_the_prefix_null_spaces():
+    """Orthonormal, in the left null space, zero below row d_head + c in column c, and for every
+    prefix of full column rank its first columns span exactly that prefix's null space; also
+    when the first d_head rows are dependent (a repeat) and when V is ill-conditioned."""
+    from tgeom.analyses.identifiability.causal import staircase_null_basis
+
+    g = torch.Generator().manual_seed(9)
+    n, dh = 14, 5
+    V = torch.randn(3, n, dh, generator=g, dtype=torch.float64)
+    V[1, 3] = V[1, 1]  # V[:dh] singular: prefixes up to row dh are rank deficient
+    V[2] = V[2] * torch.logspace(0, -4, dh, dtype=torch.float64)  # cond ~1e4
+    U = staircase_null_basis(V)
+    eye = torch.eye(n - dh, dtype=torch.float64)
+    rows, cols = torch.arange(n)[:, None], torch.arange(n - dh)[None, :]
+    for b in range(3):
+        assert torch.allclose(U[b].T @ U[b], eye, atol=1e-12)
+        assert (V[b].T @ U[b]).abs().max() <= 1e-12 * V[b].norm()
+        assert torch.equal(U[b][rows > dh + cols], torch.zeros(int((rows > dh + cols).sum())))
+        for i in range(dh - 1, n):
+            prefix = V[b, : i + 1]
+            if int(torch.linalg.matrix_rank(prefix)) < dh:
+                assert b == 1 and i <= dh  # only the planted repeat
+                continue
+            N = left_null_space(prefix, rtol=1e-10)
+            basis = U[b, : i + 1, : i + 1 - dh]
+            assert torch.allclose(basis @ basis.T, N @ N.T, atol=1e-10)
+
+
+def grouped_heads(g, B, K, group, n, dh):
+    """Values of ``K`` KV heads shared by ``group`` query heads each, with right factors: generic,
+    singular (rank dh - 1) and ill-conditioned (cond 1e3); one KV head repeats rows (a first
+    layer without positions)."""
+    H = K * group
+    right = torch.randn(H, dh, dh, generator=g, dtype=torch.float64)
+    right[1, :, 2] = right[1, :, 0]  # singular
+    U, _, Vh = torch.linalg.svd(right[4])
+    right[4] = U @ torch.diag(torch.logspace(0, -3, dh, dtype=torch.float64)) @ Vh
+    smin = torch.linalg.svdvals(right)[:, -1]
+    V = torch.randn(B, K, n, dh, generator=g, dtype=torch.float64)
+    V[0, 1, 4], V[0, 1, 9], V[0, 1, 11] = V[0, 1, 1], V[0, 1, 2], V[0, 1, 1]
+    A = causal_softmax(torch.randn(B, H, n, n, generator=g, dtype=torch.float64))
+    return V, right, smin, A
+
+
+@pytest.mark.parametrize("rtol", [FAST, EXACT])
+def test_grouped_query_heads_equal_the_definition_on_m(rtol):
+    """Grouped-query attention: one V per KV head, M_h = V_{h // group} right[h] per query head.
+    Certificates from V, from M where V cannot prove a row, the staircase basis shared by the
+    group and the eigendecomposition fallback together equal the per-prefix SVD of every M_h."""
+    g = torch.Generator().manual_seed(10)
+    B, K, group, n, dh = 2, 2, 3, 20, 5
+    V, right, smin, A = grouped_heads(g, B, K, group, n, dh)
+    effective, rank = prefix_effective_attention(A, V, lambda m: rtol, right=right, right_smin=smin)
+    for b in range(B):
+        for h in range(K * group):
+            M = V[b, h // group] @ right[h]
+            expected, ranks = per_prefix_reference(A[b, h], M, rtol)
+            assert rank[b, h].tolist() == ranks
+            assert torch.allclose(effective[b, h], expected, atol=1e-10)
+            assert ((effective[b, h] - A[b, h]) @ M).norm() <= 1e-9 * (A[b, h] @ M).norm()
+    assert (rank[:, 1, dh:] == dh - 1).all()  # the singular right factor costs a dimension
+    assert rank[0, 3, 4] == 4  # the repeat in KV head 1 (query heads 3..5)
+
+
+def test_full_rank_prefixes_the_certificate_misses_need_no_eigendecomposition(monkeypatch):
+    """A square prefix whose s_min / s_max is just above the tolerance cannot be certified (the
+    certificate keeps a safety margin) but has full rank: its eigenvalues say so, and the rows
+    after it (which barely raise s_min) are projected with the staircase basis, not by
+    eigendecompositions."""
+    import tgeom.analyses.identifiability.causal as causal
+
+    g = torch.Generator().manual_seed(11)
+    n, dh = 24, 6
+    Q = torch.linalg.qr(torch.randn(dh, dh, generator=g, dtype=torch.float64)).Q
+    top = Q * torch.logspace(0, float(torch.log10(torch.tensor(1.05 * FAST))), dh).double()
+    tiny = 1e-6 * torch.randn(4, dh, generator=g, dtype=torch.float64)  # s_min barely moves
+    rest = 1e-3 * torch.randn(n - dh - 4, dh, generator=g, dtype=torch.float64)
+    M = torch.cat([top, tiny, rest])
+    A = causal_softmax(torch.randn(n, n, generator=g, dtype=torch.float64))
+    expected, ranks = per_prefix_reference(A, M, FAST)
+    assert ranks == [min(i + 1, dh) for i in range(n)]  # full rank everywhere
+
+    ranked = []
+    prefix_ranks = causal._prefix_ranks
+
+    def counted(*args, **kwargs):
+        ranked.append(len(args[1]))
+        return prefix_ranks(*args, **kwargs)
+
+    def no_eigh(*args):
+        raise AssertionError("eigendecomposition path used on full-rank prefixes")
+
+    monkeypatch.setattr(causal, "_prefix_ranks", counted)
+    monkeypatch.setattr(causal, "_gram_projection", no_eigh)
+    effective, rank = prefix_effective_attention(A, M, lambda m: FAST)
+    assert sum(ranked) >= 5  # rows dh - 1 .. dh + 3 were left to the eigenvalues
+    assert rank.tolist() == ranks
+    assert torch.allclose(effective, expected, atol=1e-10)

@@ -199,3 +199,23 @@ def test_survey_equals_the_whole_effective_attention_result(tiny_model, family):
     for name, value in whole.token_type_attention.items():
         torch.testing.assert_close(summary.token_type_attention[name], value, rtol=0, atol=1e-9)
     assert summary.to_json().keys() == whole.to_json(matrices_of=None).keys()
+
+
+@pytest.mark.slow
+def test_causal_effective_attention_on_real_windows_equals_the_reference_in_layers_0_and_1(
+    smollm2,
+):
+    """Two 128-token windows of the built-in corpus in one batch: every head of layers 0 (values
+    repeat with the tokens) and 1 (heads whose long prefixes lose rank at the tolerance, so the
+    eigendecomposition fallback runs) equals the per-prefix SVD definition."""
+    from tgeom.corpus import load_corpus, make_windows
+
+    windows = make_windows(load_corpus("builtin"), smollm2.tokenizer, 128, max_windows_per_topic=1)
+    ids = windows.token_ids[:2]
+    seqs = effective_attention_batch(smollm2, ids)
+    for b, seq in enumerate(seqs):
+        for layer in (0, 1):
+            for head in range(smollm2.summary.n_heads) if b == 0 else (0, 8):
+                expected, null_dim = full_svd_reference(smollm2, ids[b : b + 1], layer, head)
+                assert torch.allclose(seq.effective[layer, head], expected, atol=1e-6)
+                assert int(seq.null_dim[layer, head]) == null_dim

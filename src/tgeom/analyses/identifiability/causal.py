@@ -15,28 +15,34 @@ rank. For the last query this is the bidirectional definition on the whole seque
 
 Computation: ``T[:i+1] = M[:i+1] Q^T`` with ``M = V R^T [n, d_head]`` and ``Q`` orthonormal (see
 :mod:`tgeom.analyses.identifiability.effective`), so ``a_i (I - N_i N_i^T)`` is the projection of
-``a_i`` on the range of ``M_i = M[:i+1]``.
+``a_i`` on the range of ``M_i = M[:i+1]``. When ``R`` is invertible that range is the range of
+``V_i``, the same for every query head reading the same values (grouped-query attention).
 
 - Fast path (relative tolerances >= :data:`FAST_PATH_MIN_RTOL`, which the defaults for float32
   data are whenever ``d_model >= 84``). With ``tau = 1.1 rtol s`` (``s^2 = ||M^T M||_F``, an
   upper bound of every prefix's ``s_max^2``; the factor 1.1 absorbs the float64 error of the
-  Gram matrices), :func:`certified_full_rank` proves, by *shifted* Cholesky factorisations,
+  Gram matrices), *shifted* Cholesky factorisations prove
 
   * full row rank for every prefix ``i < d_head`` whose leading block of ``M M^T - tau^2 I``
     is positive definite (one factorisation gives every leading block at once), and
   * full column rank for every prefix ``i >= c`` with ``M[:c+1]^T M[:c+1] - tau^2 I`` positive
-    definite (``s_dh`` never falls as rows are added, so ``c`` is found by bisection).
+    definite (``s_dh`` never falls as rows are added; ``c`` is found by a few batched tries).
 
-  Rows proven full row rank keep ``a_i``. Rows proven full column rank need
-  ``z_i = G_i^{-1} (A M)_i`` for every prefix Gram ``G_i = M_i^T M_i``; all of them come from one
-  anchor: with ``G_c = L L^T`` and ``X = M[c+1:] L^{-T}``, ``G_i^{-1} = L^{-T} (I - Y_i^T Y_i)
-  L^{-1}`` where ``Y = chol(I + X X^T)^{-1} X`` and ``Y_i`` its rows up to ``i`` (leading blocks
-  of one Cholesky factor: Woodbury), then one step of iterative refinement against ``M`` itself.
-  Cost ``O(n^2 d_head)`` per head, like the attention itself: no ``[n, d_head, d_head]``
-  per-prefix matrices. Only the rows proven neither way (a rank-deficient or borderline prefix,
-  e.g. repeated tokens where values carry no position) take a float64 eigendecomposition of
-  their prefix Gram matrix, keeping eigenvalues whose square roots exceed ``rtol * s_max`` (the
-  SVD's rank rule), refined the same way.
+  They run once per KV head on ``V`` with ``tau / s_min(R)`` (``s_j(M_i) >= s_j(V_i) s_min(R)``),
+  and on ``M`` itself only for the query heads with a row ``V`` leaves unproven; rows proven
+  neither way get their rank from the float64 eigenvalues of the prefix Gram matrix (the SVD's
+  rule). Rows of full row rank keep ``a_i``. Rows of full column rank are projected with one
+  *staircase* basis of the left null space of ``V`` per KV head (:func:`staircase_null_basis`:
+  orthonormal columns ``u_c`` with ``u_c`` zero below row ``d_head + c``, so that the columns
+  ``c <= i - d_head`` are a basis of the null space of *every* such prefix ``i``)::
+
+      A_eff[i] = a_i - sum_{c <= i - d_head} (a_i . u_c) u_c
+
+  two GEMMs per query head, from two Householder QR factorisations per KV head: no per-prefix
+  matrices, no normal equations. Prefixes whose distinct rows are independent but which repeat
+  a row (repeated tokens where values carry no position, a RoPE model's first layer) take class
+  averages. Only rows of a smaller rank take a float64 eigendecomposition of their prefix Gram
+  matrix, keeping the eigenvectors of the eigenvalues counted in the rank, refined once.
 - Exact path (smaller tolerances, e.g. float64 models): an SVD of every prefix ``M_i``.
 """
 
@@ -54,69 +60,159 @@ FAST_PATH_MIN_RTOL = 1e-5
 
 
 def prefix_effective_attention(
-    A: Tensor, M: Tensor, rtol_for: Callable[[int], float], *, out: Tensor | None = None
+    A: Tensor,
+    V: Tensor,
+    rtol_for: Callable[[int], float],
+    *,
+    right: Tensor | None = None,
+    right_smin: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Causal effective attention ``[..., n, n]`` and the rank of every prefix ``[..., n]``;
-    written into ``out`` when given (a contiguous float64 tensor shaped like ``A``).
+    """Causal effective attention ``[..., H, n, n]`` and the rank of every prefix ``[..., H,
+    n]``; written into ``out`` when given (a contiguous float64 tensor shaped like ``A``).
 
-    ``A [..., n, n]``: causal attention (float64, zero above the diagonal); ``M [..., n, dh]``:
-    ``V R^T`` (float64); ``rtol_for(m)``: relative rank tolerance for a prefix of ``m`` tokens.
-    Rows whose prefix has full row rank keep ``A`` bit for bit. On the fast path, prefixes that
-    :func:`certified_full_rank` proves full row rank cost nothing more, those it proves full
-    column rank share one anchored Woodbury solve per head; only the rest need an
+    ``A [..., H, n, n]``: causal attention (float64, zero above the diagonal). ``V [..., K, n,
+    dh]`` (float64): the values of ``K`` KV heads, query head ``h`` reading KV head ``h // (H /
+    K)`` (grouped-query attention; ``K = H`` otherwise). The matrix of the rank rule for query
+    head ``h`` is ``M_h = V right[h]`` (``right [H, dh, dh]``; without it ``M = V`` and ``K``
+    must equal ``H``), ``right_smin [H]`` the smallest singular value of each ``right[h]``.
+    ``rtol_for(m)``: relative rank tolerance for a prefix of ``m`` tokens. ``out`` may be ``A``
+    itself (computed in place).
+
+    Rows whose prefix has full row rank keep ``A`` bit for bit. On the fast path, prefixes
+    proven full row rank cost nothing more, those proven full column rank share one staircase
+    null-space basis per KV head (two GEMMs per query head); only the rest need an
     eigendecomposition."""
     check_finite("the attention", A)
-    check_finite("the value-output factor", M)
-    n, dh = M.shape[-2:]
-    rows = torch.arange(n, device=M.device)
-    visible = (rows[None, :] <= rows[:, None]).to(M.dtype)  # [i, j]: key j visible to query i
-    rtol = torch.tensor([rtol_for(i + 1) for i in range(n)], dtype=M.dtype, device=M.device)
+    check_finite("the value-output factor", V)
+    n, dh = V.shape[-2:]
+    if right is None:  # M = V: one matrix per attention matrix
+        if A.shape[:-2] != V.shape[:-2]:
+            raise ValueError(f"attention {tuple(A.shape)} does not match M {tuple(V.shape)}")
+        H = K = g = 1
+    else:
+        H, K = A.shape[-3], V.shape[-3]
+        if H % K or right.shape[0] != H:
+            raise ValueError(f"{H} query heads cannot read {K} value heads")
+        g = H // K
+    rows = torch.arange(n, device=V.device)
+    visible = (rows[None, :] <= rows[:, None]).to(V.dtype)  # [i, j]: key j visible to query i
+    rtol = torch.tensor([rtol_for(i + 1) for i in range(n)], dtype=V.dtype, device=V.device)
+    V_f = V.reshape(-1, n, dh)  # [k, n, dh], KV head of query head q: q // g
+    head_right = head_smin = None  # per query head q of the batch: [q, dh, dh], [q]
+    if right is not None:
+        if right_smin is None:
+            raise ValueError("right_smin (the smallest singular values of right) is needed")
+        head_right = right.repeat(V_f.shape[0] // K, 1, 1)
+        head_smin = right_smin.repeat(V_f.shape[0] // K)
     if float(rtol.min()) < FAST_PATH_MIN_RTOL:
-        effective, rank = _svd_projection(A * visible, M, visible, rtol, rows)
-        effective = torch.where((rank == rows + 1).unsqueeze(-1), A, effective)
-        return (effective if out is None else out.copy_(effective)), rank
-    batch = M.shape[:-2]
-    A_f, M_f = A.reshape(-1, n, n), M.reshape(-1, n, dh)
-    cert = _certify(M_f, float(rtol.max()))
+        M = V_f.repeat_interleave(g, 0)
+        M = M if head_right is None else M @ head_right
+        A_f = A.reshape(-1, n, n)
+        effective, rank = _svd_projection(A_f * visible, M, visible, rtol, rows)
+        effective = torch.where((rank == rows + 1).unsqueeze(-1), A_f, effective)
+        if out is not None:
+            effective = out.view(-1, n, n).copy_(effective)
+        return effective.reshape(A.shape), rank.reshape(A.shape[:-1])
+    A_f = A.reshape(-1, n, n)  # [q, n, n]
+    cert = _certify_heads(V_f, g, head_right, head_smin, float(rtol.max()))
     rank = torch.where(cert.row_ok, cert.distinct, dh)
-    effective = A_f.clone() if out is None else out.view(-1, n, n).copy_(A_f)
+    if out is None:
+        effective = A_f.clone()
+    else:  # ``out`` may be ``A`` itself: every row below is read before it is written
+        effective = out.view(-1, n, n)
+        if effective.data_ptr() != A_f.data_ptr():
+            effective.copy_(A_f)
+    projected = cert.col_ok & ~cert.row_ok  # [q, n]: the rows the staircase basis serves
+    pairs = (~(cert.row_ok | cert.col_ok)).nonzero()  # [P, 2]: (head, row) proven neither way
+    if len(pairs):  # their ranks from the eigenvalues of the prefix Gram (the SVD's rule)
+        pair_heads, index = pairs[:, 0].unique(return_inverse=True)
+        M = V_f[pair_heads // g]
+        M = M if head_right is None else M @ head_right[pair_heads]
+        head, row = pairs.unbind(-1)
+        pair_rank = _prefix_ranks(M, index, row, rtol)
+        rank[head, row] = pair_rank
+        projected[head, row] = (pair_rank == dh) & (row >= dh)  # full column rank after all
+        deficient = pair_rank < (row + 1).clamp_max(dh)
     heads = cert.repeated.any(-1).nonzero()[:, 0]
     if len(heads):  # repeated rows, distinct rows independent: average over each class
         averaged = _class_average(A_f[heads], cert.first[heads], visible)
         effective[heads] = torch.where(cert.repeated[heads].unsqueeze(-1), averaged, A_f[heads])
-    heads = cert.col_ok.any(-1).nonzero()[:, 0]
-    if len(heads):  # rows proven full column rank: one anchored solve per head
-        start, anchored = _anchored_projection(A_f[heads], M_f[heads], visible, cert.anchor[heads])
-        proven = (cert.col_ok[heads] & ~cert.row_ok[heads])[:, start:, None]
-        effective[heads, start:] = torch.where(proven, anchored, effective[heads, start:])
-    pairs = (~(cert.row_ok | cert.col_ok)).nonzero()  # [P, 2]: (head, row) proven neither way
-    if len(pairs):
-        eff_rows, rank_rows = _gram_projection(A_f, M_f, rtol, pairs)
-        head, row = pairs[:, 0], pairs[:, 1]
-        full_rank = (rank_rows == row + 1).unsqueeze(-1)
-        effective[head, row] = torch.where(full_rank, A_f[head, row], eff_rows)
-        rank[head, row] = rank_rows
-    return effective.reshape(A.shape), rank.reshape(*batch, n)
+    by_group = projected.view(-1, g, n)
+    groups = by_group.any(-1).any(-1).nonzero()[:, 0]
+    if len(groups):  # one staircase basis per KV head, shared by its query heads
+        start = int(by_group[groups].any(-2).any(0).nonzero()[0, 0])
+        grouped = effective.view(-1, g, n, n)
+        if len(groups) == len(by_group):  # the common case: in place
+            _staircase_project(grouped, staircase_null_basis(V_f), by_group, start)
+        else:
+            part = grouped[groups]
+            _staircase_project(part, staircase_null_basis(V_f[groups]), by_group[groups], start)
+            grouped[groups] = part
+    if len(pairs) and bool(deficient.any()):  # a smaller rank: the eigenvectors are needed
+        head, index, row = head[deficient], index[deficient], row[deficient]
+        effective[head, row] = _gram_projection(A_f[head, row], M, index, row, pair_rank[deficient])
+    return effective.reshape(A.shape), rank.reshape(A.shape[:-1])
+
+
+def staircase_null_basis(V: Tensor) -> Tensor:
+    """An orthonormal basis ``U [b, n, n - dh]`` of the left null space of each ``V [b, n, dh]``
+    (full column rank, ``n >= dh``) whose column ``c`` is zero below row ``dh + c``. Then for
+    every prefix ``V[:i+1]`` of full column rank, the columns ``c <= i - dh`` (cut to their first
+    ``i + 1`` rows) are an orthonormal basis of the prefix's own left null space: a nested basis,
+    one new vector per added row.
+
+    Why: let ``B`` be any orthonormal basis of the null space (Householder QR of ``V``) and
+    ``W = J B^T J`` (``J``: order reversed). The QR factor ``R`` of ``W`` has orthonormal rows
+    spanning those of ``W``, and its last ``p`` rows vanish on the first ``n - dh - p``
+    columns; reversed back, columns ``c < p`` of ``U = J R^T J`` are ``p`` orthonormal null
+    vectors that vanish below row ``i = dh + p - 1``, so they span the null space of ``V[:i+1]``
+    whenever that has dimension ``p = i + 1 - dh``, i.e. ``V[:i+1]`` has full column rank."""
+    b, n, dh = V.shape
+    reflectors, tau = torch.geqrf(V)
+    tail = torch.zeros(b, n, n - dh, dtype=V.dtype, device=V.device)
+    tail[:, dh:] = torch.eye(n - dh, dtype=V.dtype, device=V.device)
+    B = torch.ormqr(reflectors, tau, tail)  # the last n - dh columns of the full Q
+    R = torch.linalg.qr(B.flip((-2, -1)).transpose(-1, -2), mode="r").R  # [b, n - dh, n]
+    return R.flip((-2, -1)).transpose(-1, -2)
+
+
+def _staircase_project(E: Tensor, U: Tensor, use: Tensor, start: int) -> None:
+    """In place, for the rows ``i >= start`` of ``E [k, g, n, n]`` marked in ``use [k, g, n]``
+    (rows holding ``a_i``; ``g`` query heads per KV head, their basis ``U [k, n, m]`` from
+    :func:`staircase_null_basis`): ``a_i - sum_{c <= i - dh} (a_i . u_c) u_c``, the effective
+    rows of prefixes with full column rank. Two GEMMs per query head."""
+    n, m = U.shape[-2:]
+    dh = n - m
+    rows = torch.arange(start, n, device=E.device)
+    serves = (torch.arange(m, device=E.device)[None, :] + dh <= rows[:, None]).to(E.dtype)
+    Ut = U.transpose(-1, -2)
+    for j in range(E.shape[1]):
+        block = E[:, j, start:]  # [k, n - start, n]: a strided view, changed in place
+        C = (block @ U) * (serves * use[:, j, start:, None])  # coefficients on the basis
+        block.sub_(C @ Ut)  # (a batched GEMM into a strided view would loop per matrix)
 
 
 @dataclass
 class _Certificate:
     """Per head ``[b, n]``: ``row_ok`` (prefix proven to have rank ``distinct``: its distinct
     rows are independent), ``distinct`` (distinct rows in the prefix), ``first`` (index of the
-    first row equal to row ``t``), ``col_ok`` (proven full column rank); ``anchor [b]``: the first
-    row proven full column rank (``n`` when none)."""
+    first row equal to row ``t``), ``col_ok`` (proven full column rank)."""
 
     row_ok: Tensor
     distinct: Tensor
     first: Tensor
     col_ok: Tensor
-    anchor: Tensor
 
     @property
     def repeated(self) -> Tensor:
         """Rows proven by their distinct rows whose prefix repeats a row: class averages."""
         rows = torch.arange(self.row_ok.shape[-1], device=self.row_ok.device)
         return self.row_ok & (self.distinct < rows + 1)
+
+    def expand(self, g: int) -> _Certificate:
+        """The certificate of each of ``b`` KV heads repeated for its ``g`` query heads."""
+        return _Certificate(*(t.repeat_interleave(g, 0) for t in vars(self).values()))
 
 
 def certified_full_rank(M: Tensor, rtol: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,9 +221,49 @@ def certified_full_rank(M: Tensor, rtol: Tensor) -> tuple[Tensor, Tensor]:
     ``min(i + 1, dh)`` singular values above ``rtol[i] * s_max(M[:i+1])``; False: not proven.
     See the module docstring (shifted Cholesky factorisations, threshold ``1.1 max(rtol) s``)."""
     n, dh = M.shape[-2:]
-    cert = _certify(M.reshape(-1, n, dh), float(rtol.max()))
+    M_f = M.reshape(-1, n, dh)
+    shift = _shift(M_f.transpose(-1, -2) @ M_f, float(rtol.max()))
+    cert = _certify(M_f, shift, repeated_rows(M_f))
     full_row = cert.row_ok & ~cert.repeated
     return full_row.reshape(M.shape[:-1]), cert.col_ok.reshape(M.shape[:-1])
+
+
+def _shift(G: Tensor, rtol: float) -> Tensor:
+    """``tau^2 = (1.1 rtol)^2 ||G||_F [b]`` for Gram matrices ``G [b, dh, dh]``: ``||G||_F >=
+    s_max^2`` of the matrix and of each of its prefixes; the factor 1.1 absorbs the float64
+    error of Gram matrices."""
+    return (1.1 * rtol) ** 2 * torch.linalg.matrix_norm(G)
+
+
+def _certify_heads(
+    V: Tensor, g: int, right: Tensor | None, right_smin: Tensor | None, rtol: float
+) -> _Certificate:
+    """Certificates ``[q, n]`` for the query heads (``q = g k``) of the KV heads ``V [k, n,
+    dh]``, the rank rule being that of ``M_h = V right[h]`` (``right [q, dh, dh]``, ``right_smin
+    [q]`` its smallest singular values; ``None``: ``M = V``, ``g = 1``).
+
+    First from ``V`` once per KV head: ``s_j(M_i) >= s_j(V_i) s_min(right)``, so a prefix of
+    ``V`` proven above ``tau = 1.1 rtol max_h s_h / s_min(right[h])`` (``s_h^2 = ||M_h^T
+    M_h||_F``, computed as ``||right^T (V^T V) right||_F``) is proven for every query head of the
+    group. ``M_h`` is formed, and certified itself, only for the query heads with a row left
+    unproven. Equal rows of ``V`` are equal rows of every ``M_h``: one set of classes."""
+    k = V.shape[0]
+    G = V.transpose(-1, -2) @ V
+    first = repeated_rows(V)
+    if right is None:
+        return _certify(V, _shift(G, rtol), first)
+    assert right_smin is not None
+    q = torch.arange(k * g, device=V.device)
+    G_M = right.transpose(-1, -2) @ G[q // g] @ right  # [q, dh, dh]
+    shift_M = _shift(G_M, rtol)
+    shift_V = (shift_M / right_smin.square()).view(k, g).amax(-1)  # inf where right is singular
+    cert = _certify(V, shift_V, first).expand(g)
+    heads = (~(cert.row_ok | cert.col_ok)).any(-1).nonzero()[:, 0]
+    if len(heads):
+        own = _certify(V[heads // g] @ right[heads], shift_M[heads], first[heads // g])
+        cert.row_ok[heads] |= own.row_ok
+        cert.col_ok[heads] |= own.col_ok
+    return cert
 
 
 def repeated_rows(M: Tensor) -> Tensor:
@@ -149,14 +285,13 @@ def repeated_rows(M: Tensor) -> Tensor:
     return same.to(torch.uint8).argmax(-1)  # the first equal row (argmax: first maximum)
 
 
-def _certify(M: Tensor, rtol: float) -> _Certificate:
-    """:func:`certified_full_rank` for ``M [b, n, dh]`` and one tolerance, with the anchors."""
+def _certify(M: Tensor, shift: Tensor, first: Tensor) -> _Certificate:
+    """Certificates for ``M [b, n, dh]`` at the thresholds ``tau^2 = shift [b]`` (the
+    module docstring) given its classes of equal rows ``first [b, n]`` (:func:`repeated_rows`):
+    prefixes proven full rank above ``tau`` (``inf``: none)."""
     b, n, dh = M.shape
-    G = M.transpose(-1, -2) @ M
-    shift = (1.1 * rtol) ** 2 * torch.linalg.matrix_norm(G)  # tau^2 >= (1.1 rtol s_max(M_i))^2
     k = min(n, dh)
     rows = torch.arange(n, device=M.device)
-    first = repeated_rows(M)
     new_row = first == rows
     distinct = new_row.cumsum(-1)  # distinct rows in each prefix, [b, n]
     # the first k distinct rows of each head, in order (zero rows pad heads with fewer)
@@ -169,29 +304,63 @@ def _certify(M: Tensor, rtol: float) -> _Certificate:
     # repeating a row adds nothing to the range and scales no singular value down (weights >= 1)
     row_ok = distinct <= positive[:, None]
     col_ok = torch.zeros_like(row_ok)
-    anchor = torch.full((b,), n, dtype=torch.long, device=M.device)
     if n >= dh:
-        eye = torch.eye(dh, dtype=M.dtype, device=M.device)
-
-        def proven(heads: Tensor, rows: Tensor) -> Tensor:  # is G_row - tau^2 I pos. definite
-            shifted = prefix_gram_per_head(M[heads], rows) - shift[heads, None, None] * eye
-            return torch.linalg.cholesky_ex(shifted).info == 0
-
-        # smallest c in [dh - 1, n - 1] with a proof (monotone in c); n when there is none.
-        # Most heads have one at dh - 1 already: try it first, bisect only the others.
-        lo = torch.full((b,), dh - 1, dtype=torch.long, device=M.device)
-        every = torch.arange(b, device=M.device)
-        hi = torch.where(proven(every, lo), lo, n)  # invariant: proof at hi (or hi = n)
-        lo = torch.where(hi == lo, lo, lo + 1)
-        while bool((lo < hi).any()):
-            active = (lo < hi).nonzero()[:, 0]
-            mid = torch.div(lo[active] + hi[active], 2, rounding_mode="floor")
-            ok = proven(active, mid)
-            hi[active] = torch.where(ok, mid, hi[active])
-            lo[active] = torch.where(ok, lo[active], mid + 1)
-        anchor = hi
+        # the first row c >= dh - 1 whose prefix is proven full column rank (s_dh never falls
+        # as rows are added, so every later prefix is proven too). When the first dh rows are
+        # distinct and all factored above, D is the square prefix M[:dh]: its Gram matrices D D^T
+        # and D^T D share their smallest eigenvalue, so c = dh - 1; otherwise dh - 1 cannot be
+        # proven (a repeated row, or the same matrix failed). The other heads try row dh (where
+        # most real heads are proven), then dh + 1, 3, 7, 15, ... at once, then up to 7 rows
+        # inside the bracket found.
+        square = (distinct[:, dh - 1] == dh) & (positive == dh)
+        anchor = torch.where(square, dh - 1, n)
+        others = (~square).nonzero()[:, 0]
+        if len(others) and n > dh:
+            found = _first_proven(M[others], shift[others], torch.full_like(others[:, None], dh))
+            rest = (found > dh).nonzero()[:, 0]
+            if len(rest):
+                found[rest] = _gallop(M[others[rest]], shift[others[rest]], dh + 1)
+            anchor[others] = found
         col_ok = rows[None, :] >= anchor[:, None]
-    return _Certificate(row_ok, distinct, first, col_ok, anchor)
+    return _Certificate(row_ok, distinct, first, col_ok)
+
+
+def _gallop(M: Tensor, shift: Tensor, lo: int) -> Tensor:
+    """The first row ``>= lo`` at which :func:`_first_proven` succeeds for each head of ``M [b,
+    n, dh]`` (``n`` when none; up to 7 rows of the last bracket are tried, so a later row may be
+    returned): the rows ``lo - 1 + 2^j`` and ``n - 1`` in one batch, then inside the bracket."""
+    n = M.shape[-2]
+    rows = [lo - 1 + 2**j for j in range(max(n - lo, 1).bit_length()) if lo - 1 + 2**j < n]
+    tries = torch.tensor(sorted({*rows, n - 1}), device=M.device)
+    found = _first_proven(M, shift, tries.expand(len(M), -1))
+    below = torch.searchsorted(tries, found) - 1  # the last row tried and not proven
+    start = torch.where(below >= 0, tries[below.clamp_min(0)] + 1, lo)
+    gap = found - start  # rows strictly inside the bracket
+    inside = (gap > 0).nonzero()[:, 0]
+    if len(inside):
+        fraction = torch.arange(1, 8, device=M.device) / 8
+        inner = start[inside, None] + (fraction * gap[inside, None]).long()
+        found[inside] = torch.minimum(found[inside], _first_proven(M[inside], shift[inside], inner))
+    return found
+
+
+def _first_proven(M: Tensor, shift: Tensor, tries: Tensor) -> Tensor:
+    """For each head of ``M [b, n, dh]``, the first of the rows ``tries [b, t]`` (ascending)
+    whose prefix Gram matrix minus ``shift [b]`` times the identity has a Cholesky factor; ``n``
+    when none has. One batched factorisation of ``b t`` matrices."""
+    b, n, dh = M.shape
+    t = tries.shape[1]
+    rows = int(tries.max()) + 1  # later rows are in no prefix tried
+    upto = torch.arange(rows, device=M.device)[None, None, :] <= tries[..., None]  # [b, t, rows]
+    prefixes = (M[:, None, :rows] * upto[..., None].to(M.dtype)).view(b * t, rows, dh)
+    G = prefixes.transpose(-1, -2) @ prefixes  # [b t, dh, dh]
+    eye = torch.eye(dh, dtype=M.dtype, device=M.device)
+    ok = torch.linalg.cholesky_ex(G - shift.repeat_interleave(t)[:, None, None] * eye).info == 0
+    ok = ok.view(b, t)
+    first = torch.where(ok.any(-1), ok.to(torch.uint8).argmax(-1), t)  # argmax: first True
+    return torch.cat([tries, torch.full((b, 1), n, device=M.device)], 1).gather(1, first[:, None])[
+        :, 0
+    ]
 
 
 def _class_average(A: Tensor, first: Tensor, visible: Tensor) -> Tensor:
@@ -206,78 +375,52 @@ def _class_average(A: Tensor, first: Tensor, visible: Tensor) -> Tensor:
     return (means @ onehot.transpose(-1, -2)) * visible
 
 
-def prefix_gram_per_head(M: Tensor, rows: Tensor) -> Tensor:
-    """``G = M[h, :rows[h]+1]^T M[h, :rows[h]+1]`` for each head of ``M [b, n, dh]``: ``[b, dh,
-    dh]``."""
-    mask = (torch.arange(M.shape[-2], device=M.device)[None, :] <= rows[:, None]).to(M.dtype)
-    return M.transpose(-1, -2) @ (M * mask[..., None])
+def _prefix_grams(M: Tensor, head: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
+    """The prefixes ``M[head, :row+1]`` of ``M [b, n, dh]`` (later rows zeroed) ``[p, n, dh]``
+    and their Gram matrices ``[p, dh, dh]``."""
+    mask = torch.arange(M.shape[-2], device=M.device)[None, :] <= row[:, None]  # [p, n]
+    Mp = M[head] * mask[..., None].to(M.dtype)
+    return Mp, Mp.transpose(-1, -2) @ Mp
 
 
-def _anchored_projection(
-    A: Tensor, M: Tensor, visible: Tensor, anchor: Tensor
-) -> tuple[int, Tensor]:
-    """Effective attention of the rows ``i >= anchor[h]`` for heads whose prefix
-    ``M[:anchor+1]`` has full column rank: ``z_i = G_i^{-1} (A M)_i`` by the anchored Woodbury
-    identity of the module docstring, ``a_eff_i = z_i M_i^T``, then one step of iterative
-    refinement. Returns ``start = min(anchor)`` and the rows ``start..n-1`` ``[b, n - start,
-    n]`` (rows before a head's own anchor: not meaningful); earlier rows are never computed."""
-    n = M.shape[-2]
-    rows = torch.arange(n, device=M.device)
-    later = (rows[None, :] > anchor[:, None]).to(M.dtype)  # [b, n]: rows after the anchor
-    start = int(anchor.min())  # the first query row any head needs
-    first = start + 1  # rows before this are at or before every anchor
-    L = torch.linalg.cholesky(prefix_gram_per_head(M, anchor))  # G_c = L L^T
-    Lt = L.transpose(-1, -2)
-    X = torch.linalg.solve_triangular(
-        Lt, M[:, first:] * later[:, first:, None], upper=True, left=False
-    )  # rows after the anchor, whitened: [b, m, dh]
-    eye = torch.eye(n - first, dtype=M.dtype, device=M.device)
-    LK = torch.linalg.cholesky(eye + X @ X.transpose(-1, -2))
-    Y = torch.linalg.solve_triangular(LK, X, upper=False)  # [b, m, dh]
-    Yt = Y.transpose(-1, -2).contiguous()
-    sees = visible[start:, first:]  # [n - start, m]: query i sees the added row t
-    shown = visible[start:]  # [n - start, n]: the keys each needed query sees
-
-    def solve(C: Tensor) -> Tensor:  # rows c_i -> z_i = G_i^{-1} c_i, [b, n - start, dh]
-        Ch = torch.linalg.solve_triangular(Lt, C, upper=True, left=False)  # C L^{-T}
-        Zh = Ch - ((Ch @ Yt) * sees) @ Y
-        return torch.linalg.solve_triangular(L, Zh, upper=False, left=False)  # Zh L^{-1}
-
-    Mt = M.transpose(-1, -2).contiguous()
-    A_rows = A[:, start:]  # the queries that need it
-    Z = solve(A_rows @ M)
-    effective = (Z @ Mt) * shown
-    Z = Z + solve((A_rows - effective) @ M)  # one step of iterative refinement
-    return start, (Z @ Mt) * shown
+def _prefix_ranks(M: Tensor, head: Tensor, row: Tensor, rtol: Tensor, chunk: int = 512) -> Tensor:
+    """Ranks ``[p]`` of the prefixes ``M[head, :row+1]`` (``M [b, n, dh]``, float64): singular
+    values, as square roots of the Gram matrix's float64 eigenvalues (resolved down to about
+    ``1e-7 s_max``, far below the tolerance), above ``rtol[row] * s_max``."""
+    ranks = []
+    for start in range(0, len(head), chunk):
+        h, r = head[start : start + chunk], row[start : start + chunk]
+        s = torch.linalg.eigvalsh(_prefix_grams(M, h, r)[1]).clamp_min(0).sqrt()  # ascending
+        ranks.append((s > rtol[r, None] * s[:, -1:].clamp_min(torch.finfo(s.dtype).tiny)).sum(-1))
+    return torch.cat(ranks)
 
 
 def _gram_projection(
-    A: Tensor, M: Tensor, rtol: Tensor, pairs: Tensor, chunk: int = 512
-) -> tuple[Tensor, Tensor]:
-    """Rows ``pairs [P, 2]`` = (head, row) of ``A [b, n, n]`` / ``M [b, n, dh]``, by an
-    eigendecomposition of each prefix Gram matrix (the SVD's rank rule), refined once:
-    effective rows ``[P, n]`` and prefix ranks ``[P]``, ``chunk`` pairs at a time."""
-    n = M.shape[-2]
-    out_rows, out_rank = [], []
-    for start in range(0, len(pairs), chunk):
-        head, row = pairs[start : start + chunk, 0], pairs[start : start + chunk, 1]
-        mask = (torch.arange(n, device=M.device)[None, :] <= row[:, None]).to(M.dtype)  # [p, n]
-        Mp = M[head] * mask[..., None]  # [p, n, dh]: the prefix, later rows zeroed
-        lam, W = torch.linalg.eigh(Mp.transpose(-1, -2) @ Mp)  # ascending
-        s = lam.clamp_min(0).sqrt()
-        keep = s > rtol[row, None] * s[:, -1:].clamp_min(torch.finfo(s.dtype).tiny)
-        inv = torch.where(keep, 1.0 / lam.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    a: Tensor, M: Tensor, head: Tensor, row: Tensor, rank: Tensor, chunk: int = 512
+) -> Tensor:
+    """Effective rows ``[p, n]`` for the attention rows ``a [p, n]`` of the prefixes ``M[head,
+    :row+1]`` (``M [b, n, dh]``) of rank ``rank [p]`` (:func:`_prefix_ranks`): the projection
+    on the eigenvectors of the ``rank`` largest eigenvalues of the prefix Gram matrix, refined
+    once; ``chunk`` rows at a time."""
+    n, dh = M.shape[-2:]
+    out_rows = []
+    for start in range(0, len(head), chunk):
+        part = slice(start, start + chunk)
+        Mp, G = _prefix_grams(M, head[part], row[part])
+        lam, W = torch.linalg.eigh(G)  # ascending
+        keep = torch.arange(dh, device=M.device)[None, :] >= dh - rank[part, None]
+        inv = torch.where(keep, 1.0 / lam.clamp_min(torch.finfo(lam.dtype).tiny), 0.0)
 
         def solve(rhs: Tensor, W: Tensor = W, inv: Tensor = inv) -> Tensor:  # G^+ rhs, [p, dh]
             return (W @ (inv * (W.transpose(-1, -2) @ rhs[..., None])[..., 0])[..., None])[..., 0]
 
-        a = A[head, row] * mask  # [p, n]
-        z = solve((a[:, None, :] @ Mp)[:, 0])
+        visible = torch.arange(n, device=M.device)[None, :] <= row[part, None]
+        a_p = a[part] * visible.to(a.dtype)
+        z = solve((a_p[:, None, :] @ Mp)[:, 0])
         effective = (Mp @ z[..., None])[..., 0]
-        z = z + solve(((a - effective)[:, None, :] @ Mp)[:, 0])  # iterative refinement
+        z = z + solve(((a_p - effective)[:, None, :] @ Mp)[:, 0])  # iterative refinement
         out_rows.append((Mp @ z[..., None])[..., 0])
-        out_rank.append(keep.sum(-1))
-    return torch.cat(out_rows), torch.cat(out_rank)
+    return torch.cat(out_rows)
 
 
 def _svd_projection(

@@ -37,7 +37,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -71,12 +71,21 @@ def real_lengths(token_ids: Tensor, attention_mask: Tensor | None) -> list[int]:
     return [int(n) for n in attention_mask.sum(1).tolist()]
 
 
-_FACTORS: dict[int, tuple[weakref.ref[Any], tuple[Any, ...], tuple[Tensor, Tensor]]] = {}
+class OutputFactors(NamedTuple):
+    """Per layer and head: ``right [L, H, dh, dh]`` float64 (``R^T`` with ``W_O[l, h] = R^T
+    Q^T``, ``Q`` orthonormal columns), ``cond2 [L, H]`` (``cond(R)^2``, inf for a rank-deficient
+    ``W_O[l, h]``) and ``smin [L, H]`` (the smallest singular value of ``R``)."""
+
+    right: Tensor
+    cond2: Tensor
+    smin: Tensor
 
 
-def output_factors(lm: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``R^T [L, H, dh, dh]`` float64 with ``W_O[l, h] = R^T Q^T`` (``Q`` orthonormal columns),
-    and ``cond(R)^2 [L, H]`` (inf for a rank-deficient ``W_O[l, h]``).
+_FACTORS: dict[int, tuple[weakref.ref[Any], tuple[Any, ...], OutputFactors]] = {}
+
+
+def output_factors(lm: Any, device: torch.device) -> OutputFactors:
+    """:class:`OutputFactors` of every layer's ``W_O``, on ``device``.
 
     Cached per model; the key holds each ``W_O``'s storage and version counter, so an in-place
     edit of a weight (as in a test planting a rank-deficient head) recomputes it."""
@@ -89,7 +98,7 @@ def output_factors(lm: Any, device: torch.device) -> tuple[Tensor, Tensor]:
     R = torch.linalg.qr(W_O.transpose(-1, -2), mode="reduced").R  # [L, H, dh, dh]
     s = torch.linalg.svdvals(R)
     cond2 = torch.where(s[..., -1] > 0, (s[..., 0] / s[..., -1]) ** 2, torch.inf)
-    factors = (R.transpose(-1, -2), cond2)
+    factors = OutputFactors(R.transpose(-1, -2), cond2, s[..., -1])
     for stale in [k for k, (ref, _, _) in _FACTORS.items() if ref() is None]:
         del _FACTORS[stale]
     _FACTORS[id(lm)] = (weakref.ref(lm), key, factors)
@@ -116,28 +125,46 @@ def effective_attention_batch(
 
     One forward pass; each layer is processed inside it, as soon as the layer's attention
     probabilities exist (they and the value vectors are still in cache), the sequences of each
-    length together (float64): nothing of size ``[L, B, H, T, T]`` is stacked. Each sequence's
-    result tensors are its own, filled layer by layer. Bidirectional heads: one projector per
-    head, applied one sequence at a time so that its float64 copy of the attention stays in
-    cache; causal heads: a length group at a time. Work buffers are reused by every layer and
-    call (see :func:`_workspace`)."""
+    length together (float64): nothing of size ``[L, B, H, T, T]`` is stacked. Bidirectional
+    heads: one projector per head, applied one sequence at a time so that its float64 copy of
+    the attention stays in cache, into each sequence's own result tensors; work buffers are
+    reused by every layer and call (see :func:`_workspace`). Causal heads: a length group at a
+    time, in place in one ``[L, g, H, n, n]`` result block per length whose ``[:, j]`` views are
+    the sequences' results."""
     n_layers, n_heads = int(lm.summary.n_layers), int(lm.summary.n_heads)
     device, d = lm.device, int(lm.summary.d_model)
     lengths = real_lengths(token_ids, attention_mask)
     groups: dict[int, list[int]] = {}
     for b, n in enumerate(lengths):
         groups.setdefault(n, []).append(b)
-    Rt, right_cond2 = output_factors(lm, device)
-    shapes = [(n_layers, n_heads, n, n) for n in lengths]
-    kept = shapes if need_attention else []  # rank-only runs keep no matrices
-    raw = [torch.empty(shape, device=device) for shape in kept]
-    eff = [torch.empty(shape, dtype=torch.float64, device=device) for shape in kept]
+    factors = output_factors(lm, device)
+    group = n_heads // int(lm.summary.n_kv_heads)  # query heads per KV head
+    causal = bool(lm.summary.is_causal)
+    raw: list[Tensor] = [torch.empty(0)] * len(lengths)
+    eff: list[Tensor] = [torch.empty(0)] * len(lengths)
+    blocks: dict[int, tuple[Tensor, Tensor]] = {}  # causal: per length, [L, g, H, n, n] each
+    for n, members in groups.items() if need_attention else ():  # rank-only runs keep none
+        if causal:  # a layer of a length group is one contiguous block, processed in place
+            shape = (n_layers, len(members), n_heads, n, n)
+            blocks[n] = (
+                torch.empty(shape, device=device),
+                torch.empty(shape, dtype=torch.float64, device=device),
+            )
+            for j, b in enumerate(members):  # each sequence's results: views of the blocks
+                raw[b], eff[b] = blocks[n][0][:, j], blocks[n][1][:, j]
+        else:
+            for b in members:
+                raw[b] = torch.empty(n_layers, n_heads, n, n, device=device)
+                eff[b] = torch.empty(n_layers, n_heads, n, n, dtype=torch.float64, device=device)
     ranks = torch.empty(len(lengths), n_layers, n_heads, dtype=torch.long)
     values: list[Tensor | None] = [None] * n_layers  # [B, H, T, dh], as the model computed them
 
     def by_length(V: Tensor) -> Iterator[tuple[int, list[int], Tensor | slice, float, Tensor]]:
         """Per length group: ``n``, its members, their index, the tolerance and their values
-        ``[g, H, n, dh]`` (float64, contiguous: ``V`` is a strided view of the projection)."""
+        ``[g, H, n, dh]`` (float64, contiguous: ``V`` is a strided view of the projection;
+        causal heads: ``[g, K, n, dh]``, the KV heads, which ``V`` repeats for their query
+        heads)."""
+        heads = slice(None, None, group if causal and need_attention else 1)
         for n, members in groups.items():
             idx: Tensor | slice = (
                 slice(members[0], members[-1] + 1)  # a view, no gather
@@ -145,7 +172,7 @@ def effective_attention_batch(
                 else torch.tensor(members, device=device)
             )
             tol = default_rtol(n, d, V.dtype) if rtol is None else rtol
-            Vn = V[idx, :, :n].to(torch.float64, memory_format=torch.contiguous_format)
+            Vn = V[idx, heads, :n].to(torch.float64, memory_format=torch.contiguous_format)
             yield n, members, idx, tol, Vn
 
     def keep_values(layer: int, V: Tensor) -> None:
@@ -153,7 +180,7 @@ def effective_attention_batch(
             values[layer] = V
             return
         for _, members, _, tol, Vn in by_length(V):  # the ranks need the values only
-            M = torch.einsum("bhtd,hde->bhte", Vn, Rt[layer])
+            M = torch.einsum("bhtd,hde->bhte", Vn, factors.right[layer])
             ranks[members, layer] = sequence_rank(M, tol).cpu()
 
     def process(layer: int, attention: Tensor) -> None:  # attention [B, H, T, T]
@@ -161,19 +188,22 @@ def effective_attention_batch(
         assert V is not None
         values[layer] = None
         for n, members, idx, tol, Vn in by_length(V):
-            if lm.summary.is_causal:  # per query prefix, see identifiability/causal.py
-                A = _workspace((len(members), n_heads, n, n), device, slot=0)
-                out = _workspace((len(members), n_heads, n, n), device, slot=1)
-                A.copy_(attention[idx, :, :n, :n])
-                # T = M Q^T: same rank and left singular vectors (einsum: one bmm per head)
-                M = torch.einsum("bhtd,hde->bhte", Vn, Rt[layer])
-                rank = _causal_effective(lm, A, M, rtol, V.dtype, out=out)
-                for j, b in enumerate(members):
-                    raw[b][layer].copy_(attention[b, :, :n, :n])
-                    eff[b][layer].copy_(out[j])
+            if causal:  # per query prefix, see identifiability/causal.py
+                raw_block, A = blocks[n][0][layer], blocks[n][1][layer]  # [g, H, n, n]
+                raw_block.copy_(attention[idx, :, :n, :n])
+                A.copy_(raw_block)  # float64, turned into the effective attention in place
+                rtol_for = partial(_prefix_rtol, d=d, dtype=V.dtype, rtol=rtol)
+                rank = prefix_effective_attention(
+                    A,
+                    Vn,
+                    rtol_for,
+                    right=factors.right[layer],
+                    right_smin=factors.smin[layer],
+                    out=A,
+                )[1][..., -1]  # the last query's prefix is the whole sequence
             else:  # M = V R^T, formed only for heads V alone does not prove full rank
                 projectors = HeadProjectors.build(
-                    Vn.reshape(-1, n, Vn.shape[-1]), tol, Rt[layer], right_cond2[layer]
+                    Vn.reshape(-1, n, Vn.shape[-1]), tol, factors.right[layer], factors.cond2[layer]
                 )
                 A = _workspace((n_heads, n, n), device, slot=0)
                 for j, b in enumerate(members):
@@ -222,17 +252,6 @@ def _workspace(shape: tuple[int, ...], device: torch.device, *, slot: int) -> Te
         cache[key] = torch.empty(shape, dtype=torch.float64, device=device)
         _WORKSPACES.cache = cache
     return cache[key]
-
-
-def _causal_effective(
-    lm: Any, A: Tensor, M: Tensor, rtol: float | None, dtype: torch.dtype, *, out: Tensor
-) -> Tensor:
-    """Causal effective attention of one layer for ``g`` sequences of the same length (``A [g,
-    H, n, n]``, ``M [g, H, n, dh]`` float64), written into ``out``; returns the rank of the
-    whole sequence ``[g, H]``."""
-    rtol_for = partial(_prefix_rtol, d=lm.summary.d_model, dtype=dtype, rtol=rtol)
-    prefix_rank = prefix_effective_attention(A, M, rtol_for, out=out)[1]
-    return prefix_rank[..., -1]  # the last query's prefix is the whole sequence
 
 
 def token_type(token: str, token_id: int, lm: Any) -> str:
