@@ -276,11 +276,12 @@ def repeated_rows(M: Tensor) -> Tensor:
     key = M @ probe  # equal rows have equal keys; equal keys are checked row by row
     rows = torch.arange(n, device=M.device)
     candidate = (key[:, :, None] == key[:, None, :]) & (rows[None, :] < rows[:, None])
+    if not bool(candidate.any()):  # the common case: all rows differ
+        return rows.expand(M.shape[0], n)
     same = torch.zeros_like(candidate)
-    if bool(candidate.any()):
-        h, t, j = candidate.nonzero().unbind(-1)
-        exact = (M[h, t] == M[h, j]).all(-1)
-        same[h[exact], t[exact], j[exact]] = True
+    h, t, j = candidate.nonzero().unbind(-1)
+    exact = (M[h, t] == M[h, j]).all(-1)
+    same[h[exact], t[exact], j[exact]] = True
     same |= torch.eye(n, dtype=torch.bool, device=M.device)
     return same.to(torch.uint8).argmax(-1)  # the first equal row (argmax: first maximum)
 
@@ -295,46 +296,56 @@ def _certify(M: Tensor, shift: Tensor, first: Tensor) -> _Certificate:
     new_row = first == rows
     distinct = new_row.cumsum(-1)  # distinct rows in each prefix, [b, n]
     # the first k distinct rows of each head, in order (zero rows pad heads with fewer)
-    picked = torch.sort((~new_row).to(torch.uint8), dim=-1, stable=True).indices[:, :k]
-    valid = torch.arange(k, device=M.device)[None, :] < distinct[:, -1:]
-    D = torch.gather(M, 1, picked[..., None].expand(b, k, dh)) * valid[..., None]
-    eye_k = torch.eye(k, dtype=M.dtype, device=M.device)
-    info = torch.linalg.cholesky_ex(D @ D.transpose(-1, -2) - shift[:, None, None] * eye_k).info
+    if bool(new_row[:, :k].all()):  # the common case: no repeat among the first k rows
+        D = M[:, :k]
+    else:
+        picked = torch.sort((~new_row).to(torch.uint8), dim=-1, stable=True).indices[:, :k]
+        valid = torch.arange(k, device=M.device)[None, :] < distinct[:, -1:]
+        D = torch.gather(M, 1, picked[..., None].expand(b, k, dh)) * valid[..., None]
+    K = D @ D.transpose(-1, -2)
+    K.diagonal(dim1=-2, dim2=-1).sub_(shift[:, None])  # D D^T - tau^2 I
+    info = torch.linalg.cholesky_ex(K).info
     positive = torch.where(info == 0, k, info - 1)  # leading distinct rows that factored
     # repeating a row adds nothing to the range and scales no singular value down (weights >= 1)
     row_ok = distinct <= positive[:, None]
     col_ok = torch.zeros_like(row_ok)
     if n >= dh:
         # the first row c >= dh - 1 whose prefix is proven full column rank (s_dh never falls
-        # as rows are added, so every later prefix is proven too). When the first dh rows are
-        # distinct and all factored above, D is the square prefix M[:dh]: its Gram matrices D D^T
-        # and D^T D share their smallest eigenvalue, so c = dh - 1; otherwise dh - 1 cannot be
-        # proven (a repeated row, or the same matrix failed). The other heads try row dh (where
-        # most real heads are proven), then dh + 1, 3, 7, 15, ... at once, then up to 7 rows
-        # inside the bracket found.
-        square = (distinct[:, dh - 1] == dh) & (positive == dh)
+        # as rows are added, so every later prefix is proven too), searched from the first row
+        # whose prefix holds dh distinct rows. When the first dh rows are distinct and all
+        # factored above, D is the square prefix M[:dh]: its Gram matrices D D^T and D^T D share
+        # their smallest eigenvalue, so c = dh - 1; if they did not factor, dh - 1 cannot be
+        # proven. The other heads try their first possible row (where most real heads are
+        # proven), then the rows 1, 3, 7, 15, ... after it at once, then up to 7 rows inside
+        # the bracket found.
+        ready = torch.where(distinct[:, -1] >= dh, (distinct < dh).sum(-1), n)  # [b]
+        square = (ready == dh - 1) & (positive == dh)
         anchor = torch.where(square, dh - 1, n)
-        others = (~square).nonzero()[:, 0]
-        if len(others) and n > dh:
-            found = _first_proven(M[others], shift[others], torch.full_like(others[:, None], dh))
-            rest = (found > dh).nonzero()[:, 0]
+        lo = ready + (ready == dh - 1).long()
+        others = (~square & (lo < n)).nonzero()[:, 0]
+        if len(others):
+            lo = lo[others]
+            found = _first_proven(M[others], shift[others], lo[:, None])
+            rest = (found > lo).nonzero()[:, 0]
             if len(rest):
-                found[rest] = _gallop(M[others[rest]], shift[others[rest]], dh + 1)
+                found[rest] = _gallop(M[others[rest]], shift[others[rest]], lo[rest] + 1)
             anchor[others] = found
         col_ok = rows[None, :] >= anchor[:, None]
     return _Certificate(row_ok, distinct, first, col_ok)
 
 
-def _gallop(M: Tensor, shift: Tensor, lo: int) -> Tensor:
-    """The first row ``>= lo`` at which :func:`_first_proven` succeeds for each head of ``M [b,
-    n, dh]`` (``n`` when none; up to 7 rows of the last bracket are tried, so a later row may be
-    returned): the rows ``lo - 1 + 2^j`` and ``n - 1`` in one batch, then inside the bracket."""
+def _gallop(M: Tensor, shift: Tensor, lo: Tensor) -> Tensor:
+    """The first row ``>= lo[h]`` at which :func:`_first_proven` succeeds for each head of ``M
+    [b, n, dh]`` (``n`` when none; up to 7 rows of the last bracket are tried, so a later row
+    may be returned): the rows ``lo - 1 + 2^j`` and ``n - 1`` in one batch, then inside the
+    bracket."""
     n = M.shape[-2]
-    rows = [lo - 1 + 2**j for j in range(max(n - lo, 1).bit_length()) if lo - 1 + 2**j < n]
-    tries = torch.tensor(sorted({*rows, n - 1}), device=M.device)
-    found = _first_proven(M, shift, tries.expand(len(M), -1))
-    below = torch.searchsorted(tries, found) - 1  # the last row tried and not proven
-    start = torch.where(below >= 0, tries[below.clamp_min(0)] + 1, lo)
+    powers = 2 ** torch.arange(max(n - int(lo.min()), 1).bit_length(), device=M.device)
+    tries = torch.cat([lo[:, None] - 1 + powers, torch.full_like(lo[:, None], n - 1)], 1)
+    tries = tries.clamp_max(n - 1)  # [b, t], ascending (repeats at the end change nothing)
+    found = _first_proven(M, shift, tries)
+    below = torch.searchsorted(tries, found[:, None])[:, 0] - 1  # last row tried, not proven
+    start = torch.where(below >= 0, tries.gather(1, below.clamp_min(0)[:, None])[:, 0] + 1, lo)
     gap = found - start  # rows strictly inside the bracket
     inside = (gap > 0).nonzero()[:, 0]
     if len(inside):
@@ -354,9 +365,8 @@ def _first_proven(M: Tensor, shift: Tensor, tries: Tensor) -> Tensor:
     upto = torch.arange(rows, device=M.device)[None, None, :] <= tries[..., None]  # [b, t, rows]
     prefixes = (M[:, None, :rows] * upto[..., None].to(M.dtype)).view(b * t, rows, dh)
     G = prefixes.transpose(-1, -2) @ prefixes  # [b t, dh, dh]
-    eye = torch.eye(dh, dtype=M.dtype, device=M.device)
-    ok = torch.linalg.cholesky_ex(G - shift.repeat_interleave(t)[:, None, None] * eye).info == 0
-    ok = ok.view(b, t)
+    G.diagonal(dim1=-2, dim2=-1).sub_(shift.repeat_interleave(t)[:, None])
+    ok = (torch.linalg.cholesky_ex(G).info == 0).view(b, t)
     first = torch.where(ok.any(-1), ok.to(torch.uint8).argmax(-1), t)  # argmax: first True
     return torch.cat([tries, torch.full((b, 1), n, device=M.device)], 1).gather(1, first[:, None])[
         :, 0
