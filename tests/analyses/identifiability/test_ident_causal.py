@@ -155,7 +155,7 @@ def test_repeated_rows_finds_bitwise_copies_only():
 def test_repeated_tokens_beyond_d_head_need_no_eigendecomposition(monkeypatch):
     """A first layer without positions: value rows repeat with the tokens. While the distinct rows
     are independent, the range of a prefix is the vectors constant on each class of equal rows
-    (class averages); once they span R^dh, the anchored solve takes over. Both equal the
+    (class averages); once they span R^dh, the staircase basis takes over. Both equal the
     per-prefix SVD, and no eigendecomposition is needed."""
     import tgeom.analyses.identifiability.causal as causal
 
