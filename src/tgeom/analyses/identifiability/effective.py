@@ -55,7 +55,9 @@ TYPE_SUMS = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")  # to
 @dataclass
 class SequenceAttention:
     """One sequence: ``raw [L, H, n, n]`` (the model's attention probabilities, in its dtype),
-    ``effective [L, H, n, n]`` (float64), both on the CPU; ``null_dim, rank [L, H]``."""
+    ``effective [L, H, n, n]`` (float64), both on the CPU (for causal models, strided views of
+    one block shared by the sequences of a length: ``.contiguous()`` before ``.view``);
+    ``null_dim, rank [L, H]``."""
 
     token_ids: list[int]
     raw: Tensor
