@@ -219,3 +219,26 @@ def test_causal_effective_attention_on_real_windows_equals_the_reference_in_laye
                 expected, null_dim = full_svd_reference(smollm2, ids[b : b + 1], layer, head)
                 assert torch.allclose(seq.effective[layer, head], expected, atol=1e-6)
                 assert int(seq.null_dim[layer, head]) == null_dim
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_an_error_inside_a_layer_reaches_the_caller(tiny_model, family):
+    """Causal layers are processed on a worker thread while the forward goes on: an error there
+    (here NaN values from a corrupted W_V) still reaches the caller as the one-line error, and
+    the next call works again."""
+    from tgeom.errors import TgeomError
+
+    lm = tiny_model(family)
+    ids = torch.randint(4, 96, (2, 12), generator=torch.Generator().manual_seed(12))
+    module = lm.adapter.value_projection(list(lm.blocks())[1], lm.summary)[0]
+    saved = module.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            module.weight[0, 0] = float("nan")
+        with pytest.raises(TgeomError, match="NaN or inf"):
+            effective_attention_batch(lm, ids)
+    finally:
+        with torch.no_grad():
+            module.weight.copy_(saved)
+    (seq, _) = effective_attention_batch(lm, ids)
+    assert torch.isfinite(seq.effective).all()

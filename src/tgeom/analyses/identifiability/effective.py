@@ -34,7 +34,8 @@ import string
 import threading
 import unicodedata
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any, NamedTuple
@@ -132,7 +133,8 @@ def effective_attention_batch(
     the attention stays in cache, into each sequence's own result tensors; work buffers are
     reused by every layer and call (see :func:`_workspace`). Causal heads: a length group at a
     time, in place in one ``[L, g, H, n, n]`` result block per length whose ``[:, j]`` views are
-    the sequences' results."""
+    the sequences' results; on the CPU on a worker thread, while the forward pass computes the
+    next layers (errors there reach the caller once the forward is done)."""
     n_layers, n_heads = int(lm.summary.n_layers), int(lm.summary.n_heads)
     device, d = lm.device, int(lm.summary.d_model)
     lengths = real_lengths(token_ids, attention_mask)
@@ -185,10 +187,24 @@ def effective_attention_batch(
             M = torch.einsum("bhtd,hde->bhte", Vn, factors.right[layer])
             ranks[members, layer] = sequence_rank(M, tol).cpu()
 
+    pending: list[Future[None]] = []
+    # Causal layers on the CPU go to a worker thread: their work is mostly one small LAPACK
+    # call after another on one core, which overlaps well with the forward pass. Bidirectional
+    # layers are two multi-threaded GEMMs per head, which would only compete with it; CUDA
+    # runs asynchronously anyway.
+    worker = _worker() if causal and device.type == "cpu" else None
+
     def process(layer: int, attention: Tensor) -> None:  # attention [B, H, T, T]
         V = values[layer]
         assert V is not None
         values[layer] = None
+        work = partial(process_layer, layer, attention, V)
+        if worker is None:
+            work()
+        else:  # the forward goes on with the next layers meanwhile
+            pending.append(worker.submit(_without_grad, work))
+
+    def process_layer(layer: int, attention: Tensor, V: Tensor) -> None:
         for n, members, idx, tol, Vn in by_length(V):
             if causal:  # per query prefix, see identifiability/causal.py
                 raw_block, A = blocks[n][0][layer], blocks[n][1][layer]  # [g, H, n, n]
@@ -216,15 +232,21 @@ def effective_attention_batch(
                 rank = projectors.rank.view(len(members), n_heads)
             ranks[members, layer] = rank.cpu()
 
-    stream_hidden(
-        lm,
-        token_ids,
-        lambda *_: None,
-        attention_mask,
-        attentions=need_attention,
-        values=keep_values,
-        attention_weights=process if need_attention else None,
-    )
+    try:
+        stream_hidden(
+            lm,
+            token_ids,
+            lambda *_: None,
+            attention_mask,
+            attentions=need_attention,
+            values=keep_values,
+            attention_weights=process if need_attention else None,
+        )
+    finally:
+        errors = [job.exception() for job in pending]  # waits for every layer
+    for error in errors:
+        if error is not None:
+            raise error
     empty = torch.empty(0, dtype=torch.float64)
     ids = token_ids.tolist()
     return [
@@ -237,6 +259,23 @@ def effective_attention_batch(
         )
         for b, n in enumerate(lengths)
     ]
+
+
+_WORKER: list[ThreadPoolExecutor] = []  # one thread, kept: its work buffers stay mapped
+
+
+def _worker() -> ThreadPoolExecutor:
+    """The thread that processes layers on the CPU while the forward pass computes the next ones
+    (most of the per-layer work is one small LAPACK call after another, on one core)."""
+    if not _WORKER:
+        _WORKER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgeom-effective"))
+    return _WORKER[0]
+
+
+def _without_grad(work: Callable[[], None]) -> None:
+    """``work()`` with autograd off (grad mode is per thread)."""
+    with torch.no_grad():
+        work()
 
 
 _WORKSPACES = threading.local()  # per thread: (shape, device, slot) -> a float64 buffer
