@@ -242,3 +242,15 @@ def test_an_error_inside_a_layer_reaches_the_caller(tiny_model, family):
             module.weight.copy_(saved)
     (seq, _) = effective_attention_batch(lm, ids)
     assert torch.isfinite(seq.effective).all()
+
+
+def test_effective_attention_under_inference_mode_equals_the_default(tiny_model):
+    """Callers may run under torch.inference_mode; the layers processed on the worker thread
+    must run there too (in-place work on inference tensors is refused outside it)."""
+    lm = tiny_model("llama")
+    ids = torch.randint(4, 96, (2, 15), generator=torch.Generator().manual_seed(13))
+    expected = effective_attention_batch(lm, ids)
+    with torch.inference_mode():
+        got = effective_attention_batch(lm, ids)
+    for x, y in zip(got, expected, strict=True):
+        assert torch.equal(x.effective, y.effective) and torch.equal(x.null_dim, y.null_dim)

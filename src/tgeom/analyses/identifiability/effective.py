@@ -202,7 +202,7 @@ def effective_attention_batch(
         if worker is None:
             work()
         else:  # the forward goes on with the next layers meanwhile
-            pending.append(worker.submit(_without_grad, work))
+            pending.append(worker.submit(_as_caller, work, torch.is_inference_mode_enabled()))
 
     def process_layer(layer: int, attention: Tensor, V: Tensor) -> None:
         for n, members, idx, tol, Vn in by_length(V):
@@ -272,9 +272,10 @@ def _worker() -> ThreadPoolExecutor:
     return _WORKER[0]
 
 
-def _without_grad(work: Callable[[], None]) -> None:
-    """``work()`` with autograd off (grad mode is per thread)."""
-    with torch.no_grad():
+def _as_caller(work: Callable[[], None], inference: bool) -> None:
+    """``work()`` with autograd off and the caller's inference mode (both are per thread; the
+    caller's tensors may be inference tensors, which only inference mode may change)."""
+    with torch.inference_mode(inference), torch.no_grad():
         work()
 
 
