@@ -14,7 +14,8 @@
 2. Effective attention of a batch (every layer and head) against the plain Hugging Face forward
    pass with attentions (target <= 1.5x) of the model's body (``lm.body``: no output head, which
    effective attention does not run either), for MiniLM (bidirectional) and, with ``--decoder``,
-   SmolLM2 (causal: per-prefix null spaces). Both run back to back in each of ``--rounds``
+   SmolLM2 (causal: per-prefix null spaces; as in the library, its layers are processed on a
+   worker thread while the forward goes on). Both run back to back in each of ``--rounds``
    rounds; reported are the best times and the median of the per-round ratios. Both run with
    the malloc settings the CLI uses (:func:`tgeom.runtime.retain_freed_memory`: freed memory is
    reused instead of being mapped anew each batch); ``--default-malloc`` keeps glibc's.
