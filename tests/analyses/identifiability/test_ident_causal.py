@@ -9,7 +9,7 @@ import torch
 
 from tgeom.analyses.identifiability.causal import (
     FAST_PATH_MIN_RTOL,
-    certified_full_rank,
+    certified_prefix_full_rank,
     prefix_effective_attention,
 )
 from tgeom.linalg.nullspace import left_null_space
@@ -92,7 +92,7 @@ def test_certified_full_row_rank_never_certifies_a_deficient_prefix():
     # plant near-dependent rows: row 5 = row 2 + a tiny multiple of noise, scaled per batch item
     scale = torch.logspace(-6, 0, 50, dtype=torch.float64)[:, None]
     M[:, 5] = M[:, 2] + scale * torch.randn(50, dh, generator=g, dtype=torch.float64)
-    proven, _ = certified_full_rank(M, torch.full((n,), rtol, dtype=torch.float64))
+    proven, _ = certified_prefix_full_rank(M, torch.full((n,), rtol, dtype=torch.float64))
     for b in range(50):
         for i in range(n):
             s = torch.linalg.svdvals(M[b, : i + 1])
@@ -108,7 +108,7 @@ def test_certified_full_column_rank_never_certifies_a_deficient_prefix():
     M = torch.randn(40, n, dh, generator=g, dtype=torch.float64)
     # a column that is nearly zero in the first rows: long prefixes regain full column rank
     M[:, :10, 3] *= torch.logspace(-7, 0, 40, dtype=torch.float64)[:, None]
-    _, proven = certified_full_rank(M, torch.full((n,), rtol, dtype=torch.float64))
+    _, proven = certified_prefix_full_rank(M, torch.full((n,), rtol, dtype=torch.float64))
     for b in range(40):
         for i in range(n):
             s = torch.linalg.svdvals(M[b, : i + 1])
@@ -120,7 +120,7 @@ def test_certified_full_column_rank_never_certifies_a_deficient_prefix():
 
 def test_generic_heads_need_no_eigendecomposition(monkeypatch):
     """Well-conditioned prefixes are proven full rank: rows up to d_head keep A, longer ones go
-    through Cholesky solves; the result equals the per-prefix SVD path. (A random square
+    through the staircase basis; the result equals the per-prefix SVD path. (A random square
     prefix can be too ill-conditioned to prove, so the first d_head rows are made orthogonal.)"""
     import tgeom.analyses.identifiability.causal as causal
 

@@ -115,7 +115,7 @@ def prefix_effective_attention(
             effective = out.view(-1, n, n).copy_(effective)
         return effective.reshape(A.shape), rank.reshape(A.shape[:-1])
     A_f = A.reshape(-1, n, n)  # [q, n, n]
-    cert = _certify_heads(V_f, g, head_right, head_smin, float(rtol.max()))
+    cert, formed, M_formed = _certify_heads(V_f, g, head_right, head_smin, float(rtol.max()))
     rank = torch.where(cert.row_ok, cert.distinct, dh)
     if out is None:
         effective = A_f.clone()
@@ -127,8 +127,13 @@ def prefix_effective_attention(
     pairs = (~(cert.row_ok | cert.col_ok)).nonzero()  # [P, 2]: (head, row) proven neither way
     if len(pairs):  # their ranks from the eigenvalues of the prefix Gram (the SVD's rule)
         pair_heads, index = pairs[:, 0].unique(return_inverse=True)
-        M = V_f[pair_heads // g]
-        M = M if head_right is None else M @ head_right[pair_heads]
+        # M of these heads: V itself, or formed already by the certificates (a row V left
+        # unproven made them certify M)
+        M = (
+            V_f[pair_heads]
+            if head_right is None
+            else M_formed[torch.searchsorted(formed, pair_heads)]
+        )
         head, row = pairs.unbind(-1)
         pair_rank = _prefix_ranks(M, index, row, rtol)
         rank[head, row] = pair_rank
@@ -215,7 +220,7 @@ class _Certificate:
         return _Certificate(*(t.repeat_interleave(g, 0) for t in vars(self).values()))
 
 
-def certified_full_rank(M: Tensor, rtol: Tensor) -> tuple[Tensor, Tensor]:
+def certified_prefix_full_rank(M: Tensor, rtol: Tensor) -> tuple[Tensor, Tensor]:
     """Proofs for the prefixes ``M[:i+1]`` of ``M [..., n, dh]``: ``[..., n]`` bools "proven full
     row rank" (``i < dh``) and "proven full column rank" (``i >= dh - 1``), meaning
     ``min(i + 1, dh)`` singular values above ``rtol[i] * s_max(M[:i+1])``; False: not proven.
@@ -237,7 +242,7 @@ def _shift(G: Tensor, rtol: float) -> Tensor:
 
 def _certify_heads(
     V: Tensor, g: int, right: Tensor | None, right_smin: Tensor | None, rtol: float
-) -> _Certificate:
+) -> tuple[_Certificate, Tensor, Tensor]:
     """Certificates ``[q, n]`` for the query heads (``q = g k``) of the KV heads ``V [k, n,
     dh]``, the rank rule being that of ``M_h = V right[h]`` (``right [q, dh, dh]``, ``right_smin
     [q]`` its smallest singular values; ``None``: ``M = V``, ``g = 1``).
@@ -246,12 +251,16 @@ def _certify_heads(
     ``V`` proven above ``tau = 1.1 rtol max_h s_h / s_min(right[h])`` (``s_h^2 = ||M_h^T
     M_h||_F``, computed as ``||right^T (V^T V) right||_F``) is proven for every query head of the
     group. ``M_h`` is formed, and certified itself, only for the query heads with a row left
-    unproven. Equal rows of ``V`` are equal rows of every ``M_h``: one set of classes."""
+    unproven. Equal rows of ``V`` are equal rows of every ``M_h``: one set of classes.
+
+    Returns the certificate, the query heads for which ``M`` was formed (ascending) and their
+    ``M [m, n, dh]`` (none without ``right``)."""
     k = V.shape[0]
     G = V.transpose(-1, -2) @ V
     first = repeated_rows(V)
+    none = torch.empty(0, dtype=torch.long, device=V.device)
     if right is None:
-        return _certify(V, _shift(G, rtol), first)
+        return _certify(V, _shift(G, rtol), first), none, V[:0]
     assert right_smin is not None
     q = torch.arange(k * g, device=V.device)
     G_M = right.transpose(-1, -2) @ G[q // g] @ right  # [q, dh, dh]
@@ -259,11 +268,12 @@ def _certify_heads(
     shift_V = (shift_M / right_smin.square()).view(k, g).amax(-1)  # inf where right is singular
     cert = _certify(V, shift_V, first).expand(g)
     heads = (~(cert.row_ok | cert.col_ok)).any(-1).nonzero()[:, 0]
+    M = V[heads // g] @ right[heads]
     if len(heads):
-        own = _certify(V[heads // g] @ right[heads], shift_M[heads], first[heads // g])
+        own = _certify(M, shift_M[heads], first[heads // g])
         cert.row_ok[heads] |= own.row_ok
         cert.col_ok[heads] |= own.col_ok
-    return cert
+    return cert, heads, M
 
 
 def repeated_rows(M: Tensor) -> Tensor:
