@@ -223,7 +223,7 @@ def test_causal_effective_attention_on_real_windows_equals_the_reference_in_laye
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_an_error_inside_a_layer_reaches_the_caller(tiny_model, family):
-    """Causal layers are processed on a worker thread while the forward goes on: an error there
+    """On the CPU half of each causal layer is processed on a worker thread: an error there
     (here NaN values from a corrupted W_V) still reaches the caller as the one-line error, and
     the next call works again."""
     from tgeom.errors import TgeomError
@@ -245,8 +245,8 @@ def test_an_error_inside_a_layer_reaches_the_caller(tiny_model, family):
 
 
 def test_effective_attention_under_inference_mode_equals_the_default(tiny_model):
-    """Callers may run under torch.inference_mode; the layers processed on the worker thread
-    must run there too (in-place work on inference tensors is refused outside it)."""
+    """Callers may run under torch.inference_mode; the half layers processed on the worker
+    thread must run there too (in-place work on inference tensors is refused outside it)."""
     lm = tiny_model("llama")
     ids = torch.randint(4, 96, (2, 15), generator=torch.Generator().manual_seed(13))
     expected = effective_attention_batch(lm, ids)
@@ -254,3 +254,47 @@ def test_effective_attention_under_inference_mode_equals_the_default(tiny_model)
         got = effective_attention_batch(lm, ids)
     for x, y in zip(got, expected, strict=True):
         assert torch.equal(x.effective, y.effective) and torch.equal(x.null_dim, y.null_dim)
+
+
+def test_causal_halves_on_two_threads_equal_single_sequences(tiny_model):
+    """Three sequences of one length: the first on this thread, the other two on the worker
+    (:func:`_on_two_threads`); each equals the sequence run alone (no split)."""
+    lm = tiny_model("llama")
+    ids = torch.randint(4, 96, (3, 14), generator=torch.Generator().manual_seed(14))
+    together = effective_attention_batch(lm, ids)
+    for b, seq in enumerate(together):
+        (alone,) = effective_attention_batch(lm, ids[b : b + 1])
+        assert torch.allclose(seq.effective, alone.effective, rtol=0, atol=1e-12)
+        assert torch.equal(seq.raw, alone.raw) and torch.equal(seq.null_dim, alone.null_dim)
+
+
+def test_the_worker_thread_leaves_the_callers_threads_alone(monkeypatch):
+    """The worker runs one intra-op thread; the caller and threads started later keep the
+    caller's setting (a worker with its own multi-threaded OpenMP team slowed the caller's later
+    forward passes by a quarter). A fresh worker, with the caller at 2 threads."""
+    import threading
+
+    from tgeom.analyses.identifiability import effective
+
+    monkeypatch.setattr(effective, "_WORKER", [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    worker = None
+    try:
+        worker = effective._worker()
+        assert worker.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+        seen = []
+
+        def fresh() -> None:
+            torch.ones(8).add_(1)  # a thread's first op sets its intra-op threads to the default
+            seen.append(torch.get_num_threads())
+
+        thread = threading.Thread(target=fresh)
+        thread.start()
+        thread.join()
+        assert seen == [2]
+    finally:
+        if worker is not None:
+            worker.shutdown()
+        torch.set_num_threads(threads)

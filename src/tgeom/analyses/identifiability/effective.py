@@ -35,7 +35,7 @@ import threading
 import unicodedata
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any, NamedTuple
@@ -133,8 +133,8 @@ def effective_attention_batch(
     the attention stays in cache, into each sequence's own result tensors; work buffers are
     reused by every layer and call (see :func:`_workspace`). Causal heads: a length group at a
     time, in place in one ``[L, g, H, n, n]`` result block per length whose ``[:, j]`` views are
-    the sequences' results; on the CPU on a worker thread, while the forward pass computes the
-    next layers (errors there reach the caller once the forward is done)."""
+    the sequences' results; on the CPU, half of each group on a worker thread at the same time
+    (:func:`_on_two_threads`)."""
     n_layers, n_heads = int(lm.summary.n_layers), int(lm.summary.n_heads)
     device, d = lm.device, int(lm.summary.d_model)
     lengths = real_lengths(token_ids, attention_mask)
@@ -187,38 +187,29 @@ def effective_attention_batch(
             M = torch.einsum("bhtd,hde->bhte", Vn, factors.right[layer])
             ranks[members, layer] = sequence_rank(M, tol).cpu()
 
-    pending: list[Future[None]] = []
-    # Causal layers on the CPU go to a worker thread: their work is mostly one small LAPACK
-    # call after another on one core, which overlaps well with the forward pass. Bidirectional
-    # layers are two multi-threaded GEMMs per head, which would only compete with it; CUDA
-    # runs asynchronously anyway.
+    # Causal layers on the CPU: half of each length group on a worker thread, at the same time
+    # as the other half here (their work is mostly one small LAPACK call after another, one core
+    # each). Bidirectional layers are two multi-threaded GEMMs per head; CUDA runs
+    # asynchronously anyway.
     worker = _worker() if causal and device.type == "cpu" else None
 
     def process(layer: int, attention: Tensor) -> None:  # attention [B, H, T, T]
         V = values[layer]
         assert V is not None
         values[layer] = None
-        work = partial(process_layer, layer, attention, V)
-        if worker is None:
-            work()
-        else:  # the forward goes on with the next layers meanwhile
-            pending.append(worker.submit(_as_caller, work, torch.is_inference_mode_enabled()))
-
-    def process_layer(layer: int, attention: Tensor, V: Tensor) -> None:
         for n, members, idx, tol, Vn in by_length(V):
             if causal:  # per query prefix, see identifiability/causal.py
                 raw_block, A = blocks[n][0][layer], blocks[n][1][layer]  # [g, H, n, n]
                 raw_block.copy_(attention[idx, :, :n, :n])
                 A.copy_(raw_block)  # float64, turned into the effective attention in place
                 rtol_for = partial(_prefix_rtol, d=d, dtype=V.dtype, rtol=rtol)
-                rank = prefix_effective_attention(
-                    A,
-                    Vn,
-                    rtol_for,
+                project = partial(
+                    prefix_effective_attention,
+                    rtol_for=rtol_for,
                     right=factors.right[layer],
                     right_smin=factors.smin[layer],
-                    out=A,
-                )[1][..., -1]  # the last query's prefix is the whole sequence
+                )
+                rank = _on_two_threads(project, A, Vn, worker)[..., -1]
             else:  # M = V R^T, formed only for heads V alone does not prove full rank
                 projectors = HeadProjectors.build(
                     Vn.reshape(-1, n, Vn.shape[-1]), tol, factors.right[layer], factors.cond2[layer]
@@ -232,21 +223,15 @@ def effective_attention_batch(
                 rank = projectors.rank.view(len(members), n_heads)
             ranks[members, layer] = rank.cpu()
 
-    try:
-        stream_hidden(
-            lm,
-            token_ids,
-            lambda *_: None,
-            attention_mask,
-            attentions=need_attention,
-            values=keep_values,
-            attention_weights=process if need_attention else None,
-        )
-    finally:
-        errors = [job.exception() for job in pending]  # waits for every layer
-    for error in errors:
-        if error is not None:
-            raise error
+    stream_hidden(
+        lm,
+        token_ids,
+        lambda *_: None,
+        attention_mask,
+        attentions=need_attention,
+        values=keep_values,
+        attention_weights=process if need_attention else None,
+    )
     empty = torch.empty(0, dtype=torch.float64)
     ids = token_ids.tolist()
     return [
@@ -261,22 +246,68 @@ def effective_attention_batch(
     ]
 
 
+def _on_two_threads(
+    project: Callable[..., tuple[Tensor, Tensor]],
+    A: Tensor,
+    V: Tensor,
+    worker: ThreadPoolExecutor | None,
+) -> Tensor:
+    """``project(A, V, out=A)`` (:func:`prefix_effective_attention` of ``A [g, H, n, n]``, ``V
+    [g, K, n, dh]``, in place) and its ranks ``[g, H, n]``; with a ``worker``, the sequences
+    ``g // 2 ..`` on it while this thread does the others, one intra-op thread each."""
+    if worker is None or len(A) < 2:
+        return project(A, V, out=A)[1]
+    half = len(A) // 2
+    inference = torch.is_inference_mode_enabled()
+    theirs = worker.submit(
+        _as_caller, partial(project, A[half:], V[half:], out=A[half:]), inference
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mine = project(A[:half], V[:half], out=A[:half])[1]
+    finally:
+        torch.set_num_threads(threads)
+        done = theirs.exception()  # waits for the worker's half in any case
+    if done is not None:
+        raise done
+    return torch.cat([mine, theirs.result()[1]])
+
+
 _WORKER: list[ThreadPoolExecutor] = []  # one thread, kept: its work buffers stay mapped
 
 
 def _worker() -> ThreadPoolExecutor:
-    """The thread that processes layers on the CPU while the forward pass computes the next ones
-    (most of the per-layer work is one small LAPACK call after another, on one core)."""
+    """The thread that processes half of each causal layer on the CPU (:func:`_on_two_threads`),
+    with one intra-op thread (:func:`_one_intra_op_thread`). With the default setting, its own
+    OpenMP team slowed every later forward pass of the caller by a quarter, even once idle
+    (SmolLM2 4 x 128: 0.47 -> 0.61 s)."""
     if not _WORKER:
-        _WORKER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgeom-effective"))
+        executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="tgeom-effective",
+            initializer=_one_intra_op_thread,
+        )
+        executor.submit(lambda: None).result()  # the initializer has run
+        torch.set_num_threads(torch.get_num_threads())  # see _one_intra_op_thread
+        _WORKER.append(executor)
     return _WORKER[0]
 
 
-def _as_caller(work: Callable[[], None], inference: bool) -> None:
+def _one_intra_op_thread() -> None:
+    """One intra-op thread for the calling thread. The setting is per thread, but torch applies
+    its latest value to a thread's first op as that thread's default, hence the call to
+    ``get_num_threads`` first (this thread's first op) and, in :func:`_worker`, the caller
+    setting its own value again (for threads started later)."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _as_caller(work: Callable[[], Any], inference: bool) -> Any:
     """``work()`` with autograd off and the caller's inference mode (both are per thread; the
     caller's tensors may be inference tensors, which only inference mode may change)."""
     with torch.inference_mode(inference), torch.no_grad():
-        work()
+        return work()
 
 
 _WORKSPACES = threading.local()  # per thread: (shape, device, slot) -> a float64 buffer
