@@ -298,3 +298,23 @@ def test_the_worker_thread_leaves_the_callers_threads_alone(monkeypatch):
         if worker is not None:
             worker.shutdown()
         torch.set_num_threads(threads)
+
+
+def test_a_fresh_process_keeps_its_threads_after_the_worker_starts():
+    """The worker may start before the caller's first op (a fresh CLI run): the caller still
+    gets its own default, not the worker's one thread."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from tgeom.analyses.identifiability.effective import _worker\n"
+        "worker = _worker()\n"
+        "print(torch.get_num_threads(), worker.submit(torch.get_num_threads).result())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["2", "1"]

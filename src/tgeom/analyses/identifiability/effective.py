@@ -283,13 +283,14 @@ def _worker() -> ThreadPoolExecutor:
     OpenMP team slowed every later forward pass of the caller by a quarter, even once idle
     (SmolLM2 4 x 128: 0.47 -> 0.61 s)."""
     if not _WORKER:
+        threads = torch.get_num_threads()  # this thread's own, taken before the worker sets 1
         executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="tgeom-effective",
             initializer=_one_intra_op_thread,
         )
         executor.submit(lambda: None).result()  # the initializer has run
-        torch.set_num_threads(torch.get_num_threads())  # see _one_intra_op_thread
+        torch.set_num_threads(threads)  # again torch's default (see _one_intra_op_thread)
         _WORKER.append(executor)
     return _WORKER[0]
 
@@ -298,7 +299,8 @@ def _one_intra_op_thread() -> None:
     """One intra-op thread for the calling thread. The setting is per thread, but torch applies
     its latest value to a thread's first op as that thread's default, hence the call to
     ``get_num_threads`` first (this thread's first op) and, in :func:`_worker`, the caller
-    setting its own value again (for threads started later)."""
+    taking its own value before (a caller whose first op came later got 1) and setting it
+    again after (for threads started later)."""
     torch.get_num_threads()
     torch.set_num_threads(1)
 
