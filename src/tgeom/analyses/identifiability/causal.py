@@ -141,8 +141,10 @@ def prefix_effective_attention(
         deficient = pair_rank < (row + 1).clamp_max(dh)
     heads = cert.repeated.any(-1).nonzero()[:, 0]
     if len(heads):  # repeated rows, distinct rows independent: average over each class
-        averaged = _class_average(A_f[heads], cert.first[heads], visible)
-        effective[heads] = torch.where(cert.repeated[heads].unsqueeze(-1), averaged, A_f[heads])
+        keys, averaged = _class_average(A_f[heads], cert.first[heads], visible)
+        where = heads[:, None, None], rows[None, :, None], keys[None, None, :]
+        repeated = cert.repeated[heads].unsqueeze(-1)
+        effective[where] = torch.where(repeated, averaged, A_f[where])
     by_group = projected.view(-1, g, n)
     groups = by_group.any(-1).any(-1).nonzero()[:, 0]
     if len(groups):  # one staircase basis per KV head, shared by its query heads
@@ -383,16 +385,30 @@ def _first_proven(M: Tensor, shift: Tensor, tries: Tensor) -> Tensor:
     ]
 
 
-def _class_average(A: Tensor, first: Tensor, visible: Tensor) -> Tensor:
-    """``A_eff [b, n, n]`` when each prefix's distinct rows are independent: the range of ``M_i``
-    is then the vectors constant on each class of equal rows, so ``a_eff_i[t]`` is the mean of
-    ``a_i`` over the rows ``<= i`` equal to row ``t``."""
-    n = A.shape[-1]
-    onehot = torch.nn.functional.one_hot(first, n).to(A.dtype)  # [b, n(t), n(class)]
-    sums = A @ onehot  # [b, n(i), n(class)]: A is causal, so only rows <= i count
-    counts = onehot.cumsum(-2)  # [b, n(i), n(class)]: members among the rows <= i
-    means = torch.where(counts > 0, sums / counts.clamp_min(1), 0.0)
-    return (means @ onehot.transpose(-1, -2)) * visible
+def _class_average(A: Tensor, first: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+    """Effective attention of prefixes whose distinct rows are independent: the range of
+    ``M_i`` is then the vectors constant on each class of equal rows, so ``a_eff_i[t]`` is the
+    mean of ``a_i`` over the rows ``<= i`` equal to row ``t``. For ``A [b, n, n]`` and the
+    classes ``first [b, n]`` (:func:`repeated_rows`): the keys ``[r]`` of classes with more than
+    one member in some head (all other keys keep ``a_i[t]``) and ``A_eff`` on them ``[b, n,
+    r]``; ``O(n r)`` per head."""
+    b, n = first.shape
+    rows = torch.arange(n, device=A.device)
+    later = first != rows  # rows repeating an earlier row
+    member = later.clone()
+    member[torch.arange(b, device=A.device)[:, None].expand(b, n)[later], first[later]] = True
+    keys = member.any(0).nonzero()[:, 0]  # [r], ascending; each class's first row is a key
+    r = len(keys)
+    label = torch.searchsorted(keys, first[:, keys].contiguous())  # [b, r]: class, as a key index
+    by_key = label[:, None, :].expand(b, n, r)
+    sums = torch.zeros(b, n, r, dtype=A.dtype, device=A.device)
+    sums.scatter_add_(-1, by_key, A[:, :, keys])  # [b, i, class]: A is causal
+    members = torch.zeros(b, r + 1, r, dtype=A.dtype, device=A.device)  # row 0: no key yet
+    members[:, 1:].scatter_(-1, label[:, :, None], 1.0)
+    seen = torch.searchsorted(keys, rows, right=True)  # [n]: keys <= i
+    counts = members.cumsum(-2)[:, seen]  # [b, i, class]: members among the rows <= i
+    means = sums / counts.clamp_min(1)  # classes with no member yet have zero sums
+    return keys, means.gather(-1, by_key) * visible[:, keys]
 
 
 def _prefix_grams(M: Tensor, head: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
