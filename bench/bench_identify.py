@@ -14,14 +14,14 @@
 2. Effective attention of a batch (every layer and head) against the plain Hugging Face forward
    pass with attentions (target <= 1.5x) of the model's body (``lm.body``: no output head, which
    effective attention does not run either), for MiniLM (bidirectional) and, with ``--decoder``,
-   SmolLM2 (causal: per-prefix null spaces; as in the library, half of each layer is processed
-   on a worker thread while this thread does the other half). Both run back to back in each of
-   ``--rounds`` rounds; reported are the best times and the median of the per-round ratios, and
-   the plain forward's best time before the model's first effective-attention call (effective
-   attention must not slow later forward passes: its worker thread once did, by a quarter).
-   Both run with the malloc settings the CLI uses (:func:`tgeom.runtime.retain_freed_memory`:
-   freed memory is reused instead of being mapped anew each batch); ``--default-malloc`` keeps
-   glibc's.
+   SmolLM2 (causal: per-prefix null spaces; as in the library, its layers are processed on a
+   worker thread while the forward goes on, single-threaded while the worker is busy). Both run
+   back to back in each of ``--rounds`` rounds; reported are the best times and the median of
+   the per-round ratios, and the plain forward's best time before the model's first
+   effective-attention call (effective attention must not slow later forward passes: its
+   worker thread once did, by a quarter). Both run with the malloc settings the CLI uses
+   (:func:`tgeom.runtime.retain_freed_memory`: freed memory is reused instead of being mapped
+   anew each batch); ``--default-malloc`` keeps glibc's.
 
 Usage: python bench/bench_identify.py [--tokens 128] [--batch 16] [--exact-inputs K]
        [--naive-outputs N] [--decoder] [--rounds 7] [--skip-attribution] [--default-malloc]

@@ -223,7 +223,7 @@ def test_causal_effective_attention_on_real_windows_equals_the_reference_in_laye
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_an_error_inside_a_layer_reaches_the_caller(tiny_model, family):
-    """On the CPU half of each causal layer is processed on a worker thread: an error there
+    """On the CPU causal layers are processed on a worker thread: an error there
     (here NaN values from a corrupted W_V) still reaches the caller as the one-line error, and
     the next call works again."""
     from tgeom.errors import TgeomError
@@ -245,8 +245,8 @@ def test_an_error_inside_a_layer_reaches_the_caller(tiny_model, family):
 
 
 def test_effective_attention_under_inference_mode_equals_the_default(tiny_model):
-    """Callers may run under torch.inference_mode; the half layers processed on the worker
-    thread must run there too (in-place work on inference tensors is refused outside it)."""
+    """Callers may run under torch.inference_mode; the layers processed on the worker thread
+    must run there too (in-place work on inference tensors is refused outside it)."""
     lm = tiny_model("llama")
     ids = torch.randint(4, 96, (2, 15), generator=torch.Generator().manual_seed(13))
     expected = effective_attention_batch(lm, ids)
@@ -256,16 +256,29 @@ def test_effective_attention_under_inference_mode_equals_the_default(tiny_model)
         assert torch.equal(x.effective, y.effective) and torch.equal(x.null_dim, y.null_dim)
 
 
-def test_causal_halves_on_two_threads_equal_single_sequences(tiny_model):
-    """Three sequences of one length: the first on this thread, the other two on the worker
-    (:func:`_on_two_threads`); each equals the sequence run alone (no split)."""
+def test_the_callers_threads_are_restored_after_a_causal_run(tiny_model):
+    """While the worker processes layers the caller runs one intra-op thread; afterwards, and
+    after an error there, it has its own number again."""
+    from tgeom.errors import TgeomError
+
     lm = tiny_model("llama")
-    ids = torch.randint(4, 96, (3, 14), generator=torch.Generator().manual_seed(14))
-    together = effective_attention_batch(lm, ids)
-    for b, seq in enumerate(together):
-        (alone,) = effective_attention_batch(lm, ids[b : b + 1])
-        assert torch.allclose(seq.effective, alone.effective, rtol=0, atol=1e-12)
-        assert torch.equal(seq.raw, alone.raw) and torch.equal(seq.null_dim, alone.null_dim)
+    ids = torch.randint(4, 96, (2, 12), generator=torch.Generator().manual_seed(14))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    module = lm.adapter.value_projection(next(iter(lm.blocks())), lm.summary)[0]
+    saved = module.weight.detach().clone()
+    try:
+        effective_attention_batch(lm, ids)
+        assert torch.get_num_threads() == 2
+        with torch.no_grad():
+            module.weight[0, 0] = float("nan")
+        with pytest.raises(TgeomError, match="NaN or inf"):
+            effective_attention_batch(lm, ids)
+        assert torch.get_num_threads() == 2
+    finally:
+        with torch.no_grad():
+            module.weight.copy_(saved)
+        torch.set_num_threads(threads)
 
 
 def test_the_worker_thread_leaves_the_callers_threads_alone(monkeypatch):

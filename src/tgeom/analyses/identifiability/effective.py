@@ -35,7 +35,7 @@ import threading
 import unicodedata
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any, NamedTuple
@@ -133,8 +133,8 @@ def effective_attention_batch(
     the attention stays in cache, into each sequence's own result tensors; work buffers are
     reused by every layer and call (see :func:`_workspace`). Causal heads: a length group at a
     time, in place in one ``[L, g, H, n, n]`` result block per length whose ``[:, j]`` views are
-    the sequences' results; on the CPU, half of each group on a worker thread at the same time
-    (:func:`_on_two_threads`)."""
+    the sequences' results; on the CPU on a worker thread while the forward pass computes the
+    next layers (:class:`_Balance`; errors there reach the caller once the forward is done)."""
     n_layers, n_heads = int(lm.summary.n_layers), int(lm.summary.n_heads)
     device, d = lm.device, int(lm.summary.d_model)
     lengths = real_lengths(token_ids, attention_mask)
@@ -179,37 +179,50 @@ def effective_attention_batch(
             Vn = V[idx, heads, :n].to(torch.float64, memory_format=torch.contiguous_format)
             yield n, members, idx, tol, Vn
 
+    # Causal layers on the CPU go to a worker thread (their work is mostly one small LAPACK call
+    # after another, on one core) while the forward pass goes on, with one intra-op thread
+    # whenever the worker is busy (see _Balance). Bidirectional layers are two multi-threaded
+    # GEMMs per head, done here; CUDA runs asynchronously anyway.
+    on_worker = causal and device.type == "cpu" and need_attention
+    balance = _Balance(_worker()) if on_worker else None
+
+    def checkpoint(*_: Any) -> None:  # at each block's values and output
+        if balance is not None:
+            balance()
+
     def keep_values(layer: int, V: Tensor) -> None:
         if need_attention:
             values[layer] = V
+            checkpoint()
             return
         for _, members, _, tol, Vn in by_length(V):  # the ranks need the values only
             M = torch.einsum("bhtd,hde->bhte", Vn, factors.right[layer])
             ranks[members, layer] = sequence_rank(M, tol).cpu()
 
-    # Causal layers on the CPU: half of each length group on a worker thread, at the same time
-    # as the other half here (their work is mostly one small LAPACK call after another, one core
-    # each). Bidirectional layers are two multi-threaded GEMMs per head; CUDA runs
-    # asynchronously anyway.
-    worker = _worker() if causal and device.type == "cpu" else None
-
     def process(layer: int, attention: Tensor) -> None:  # attention [B, H, T, T]
         V = values[layer]
         assert V is not None
         values[layer] = None
+        if balance is None:
+            process_layer(layer, attention, V)
+        else:
+            balance.submit(partial(process_layer, layer, attention, V))
+
+    def process_layer(layer: int, attention: Tensor, V: Tensor) -> None:
         for n, members, idx, tol, Vn in by_length(V):
             if causal:  # per query prefix, see identifiability/causal.py
                 raw_block, A = blocks[n][0][layer], blocks[n][1][layer]  # [g, H, n, n]
                 raw_block.copy_(attention[idx, :, :n, :n])
                 A.copy_(raw_block)  # float64, turned into the effective attention in place
                 rtol_for = partial(_prefix_rtol, d=d, dtype=V.dtype, rtol=rtol)
-                project = partial(
-                    prefix_effective_attention,
-                    rtol_for=rtol_for,
+                rank = prefix_effective_attention(
+                    A,
+                    Vn,
+                    rtol_for,
                     right=factors.right[layer],
                     right_smin=factors.smin[layer],
-                )
-                rank = _on_two_threads(project, A, Vn, worker)[..., -1]
+                    out=A,
+                )[1][..., -1]  # the last query's prefix is the whole sequence
             else:  # M = V R^T, formed only for heads V alone does not prove full rank
                 projectors = HeadProjectors.build(
                     Vn.reshape(-1, n, Vn.shape[-1]), tol, factors.right[layer], factors.cond2[layer]
@@ -223,15 +236,19 @@ def effective_attention_batch(
                 rank = projectors.rank.view(len(members), n_heads)
             ranks[members, layer] = rank.cpu()
 
-    stream_hidden(
-        lm,
-        token_ids,
-        lambda *_: None,
-        attention_mask,
-        attentions=need_attention,
-        values=keep_values,
-        attention_weights=process if need_attention else None,
-    )
+    try:
+        stream_hidden(
+            lm,
+            token_ids,
+            checkpoint,
+            attention_mask,
+            attentions=need_attention,
+            values=keep_values,
+            attention_weights=process if need_attention else None,
+        )
+    finally:
+        if balance is not None:
+            balance.finish()  # waits for every layer; errors there are raised here
     empty = torch.empty(0, dtype=torch.float64)
     ids = token_ids.tolist()
     return [
@@ -246,40 +263,45 @@ def effective_attention_batch(
     ]
 
 
-def _on_two_threads(
-    project: Callable[..., tuple[Tensor, Tensor]],
-    A: Tensor,
-    V: Tensor,
-    worker: ThreadPoolExecutor | None,
-) -> Tensor:
-    """``project(A, V, out=A)`` (:func:`prefix_effective_attention` of ``A [g, H, n, n]``, ``V
-    [g, K, n, dh]``, in place) and its ranks ``[g, H, n]``; with a ``worker``, the sequences
-    ``g // 2 ..`` on it while this thread does the others, one intra-op thread each."""
-    if worker is None or len(A) < 2:
-        return project(A, V, out=A)[1]
-    half = len(A) // 2
-    inference = torch.is_inference_mode_enabled()
-    theirs = worker.submit(
-        _as_caller, partial(project, A[half:], V[half:], out=A[half:]), inference
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        mine = project(A[:half], V[:half], out=A[:half])[1]
-    finally:
-        torch.set_num_threads(threads)
-        done = theirs.exception()  # waits for the worker's half in any case
-    if done is not None:
-        raise done
-    return torch.cat([mine, theirs.result()[1]])
+class _Balance:
+    """Layers submitted to the worker thread while the caller's forward pass goes on: the
+    caller runs one intra-op thread while the worker has work and its own number otherwise,
+    checked at each submission and block output (the two threads then share the cores instead
+    of three competing for them: a forward pass gains less from a second thread than the
+    worker does from having a core)."""
+
+    def __init__(self, worker: ThreadPoolExecutor) -> None:
+        self.worker = worker
+        self.threads = self.current = torch.get_num_threads()
+        self.inference = torch.is_inference_mode_enabled()
+        self.jobs: list[Future[Any]] = []
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self.jobs.append(self.worker.submit(_as_caller, work, self.inference))
+        self()
+
+    def __call__(self) -> None:
+        busy = bool(self.jobs) and not self.jobs[-1].done()  # one worker: in order
+        wanted = 1 if busy else self.threads
+        if wanted != self.current:
+            torch.set_num_threads(wanted)
+            self.current = wanted
+
+    def finish(self) -> None:
+        """Wait for every layer, restore the caller's threads; raise the first error."""
+        errors = [job.exception() for job in self.jobs]
+        torch.set_num_threads(self.threads)
+        for error in errors:
+            if error is not None:
+                raise error
 
 
 _WORKER: list[ThreadPoolExecutor] = []  # one thread, kept: its work buffers stay mapped
 
 
 def _worker() -> ThreadPoolExecutor:
-    """The thread that processes half of each causal layer on the CPU (:func:`_on_two_threads`),
-    with one intra-op thread (:func:`_one_intra_op_thread`). With the default setting, its own
+    """The thread that processes causal layers on the CPU (:class:`_Balance`), with one
+    intra-op thread (:func:`_one_intra_op_thread`). With the default setting, its own
     OpenMP team slowed every later forward pass of the caller by a quarter, even once idle
     (SmolLM2 4 x 128: 0.47 -> 0.61 s)."""
     if not _WORKER:
