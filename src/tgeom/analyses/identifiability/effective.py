@@ -246,7 +246,9 @@ def effective_attention_batch(
         for handle in watching:
             handle.remove()
         if balance is not None:
-            balance.finish()  # waits for every layer; errors there are raised here
+            balance.finish()  # waits for every layer, restores this thread's settings
+    if balance is not None:
+        balance.raise_first_error()  # (after the forward's own errors, which come first)
     empty = torch.empty(0, dtype=torch.float64)
     ids = token_ids.tolist()
     return [
@@ -298,10 +300,16 @@ class _Balance:
         ]
 
     def finish(self) -> None:
-        """Wait for every layer, restore the caller's threads; raise the first error."""
-        errors = [job.exception() for job in self.jobs]
+        """Wait for every layer and restore the caller's threads."""
+        for job in self.jobs:
+            job.exception()  # waits
         torch.set_num_threads(self.threads)
-        for error in errors:
+        self.current = self.threads
+
+    def raise_first_error(self) -> None:
+        """The first error raised on the worker, if any (call after :meth:`finish`)."""
+        for job in self.jobs:
+            error = job.exception()
             if error is not None:
                 raise error
 
