@@ -292,3 +292,31 @@ def test_full_rank_prefixes_the_certificate_misses_need_no_eigendecomposition(mo
     assert sum(ranked) >= 5  # rows dh - 1 .. dh + 3 were left to the eigenvalues
     assert rank.tolist() == ranks
     assert torch.allclose(effective, expected, atol=1e-10)
+
+
+def test_column_rank_search_stops_at_a_known_bound():
+    """The column-rank search of a certificate (:func:`_certify`) with ``bound``: rows from
+    which another certificate proved full column rank already. Heads whose first ``d_head`` rows
+    are nearly dependent need the search; every row it returns as proven is proven (the shifted
+    prefix Gram has no eigenvalue below the shift, by float64 eigenvalues), no anchor lies past
+    its bound (rows from it on count as proven), and with the bound at ``n`` the result is the
+    unbounded one."""
+    from tgeom.analyses.identifiability.causal import _certify, repeated_rows
+
+    g = torch.Generator().manual_seed(21)
+    b, n, dh = 6, 40, 8
+    M = torch.randn(b, n, dh, generator=g, dtype=torch.float64)
+    M[:, dh - 1] = M[:, : dh - 1].sum(1) + 1e-6 * M[:, dh - 1]  # square prefix near singular
+    M[:, dh : dh + 6] *= 1e-3  # the next rows add little: the search has to go further
+    shift = torch.full((b,), 1e-4 * float((M.mT @ M).norm(dim=(-2, -1)).max()))
+    first = repeated_rows(M)
+    bound = torch.tensor([n, n, 30, 20, 12, dh])
+    free, bounded = _certify(M, shift, first), _certify(M, shift, first, bound)
+    assert torch.equal(_certify(M, shift, first, torch.full((b,), n)).col_ok, free.col_ok)
+    for cert, limit in ((free, torch.full((b,), n)), (bounded, bound)):
+        anchor = torch.where(cert.col_ok.any(-1), cert.col_ok.to(torch.uint8).argmax(-1), n)
+        assert bool((anchor <= limit).all()) and bool((anchor > dh - 1).all())
+        for h in range(b):
+            for i in range(int(anchor[h]), int(limit[h])):
+                lam = torch.linalg.eigvalsh(M[h, : i + 1].mT @ M[h, : i + 1])
+                assert float(lam[0]) > float(shift[h])

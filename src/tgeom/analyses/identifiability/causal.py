@@ -271,8 +271,10 @@ def _certify_heads(
     cert = _certify(V, shift_V, first).expand(g)
     heads = (~(cert.row_ok | cert.col_ok)).any(-1).nonzero()[:, 0]
     M = V[heads // g] @ right[heads]
-    if len(heads):
-        own = _certify(M, shift_M[heads], first[heads // g])
+    if len(heads):  # the rows V proved need no search: M's anchor lies below V's
+        proven = cert.col_ok[heads]
+        bound = torch.where(proven.any(-1), proven.to(torch.uint8).argmax(-1), V.shape[1])
+        own = _certify(M, shift_M[heads], first[heads // g], bound)
         cert.row_ok[heads] |= own.row_ok
         cert.col_ok[heads] |= own.col_ok
     return cert, heads, M
@@ -298,11 +300,15 @@ def repeated_rows(M: Tensor) -> Tensor:
     return same.to(torch.uint8).argmax(-1)  # the first equal row (argmax: first maximum)
 
 
-def _certify(M: Tensor, shift: Tensor, first: Tensor) -> _Certificate:
+def _certify(M: Tensor, shift: Tensor, first: Tensor, bound: Tensor | None = None) -> _Certificate:
     """Certificates for ``M [b, n, dh]`` at the thresholds ``tau^2 = shift [b]`` (the
     module docstring) given its classes of equal rows ``first [b, n]`` (:func:`repeated_rows`):
-    prefixes proven full rank above ``tau`` (``inf``: none)."""
+    prefixes proven full rank above ``tau`` (``inf``: none). ``bound [b]``: the row from which
+    full column rank is proven already (by another certificate); the search stops there, and
+    the rows from it on are marked proven."""
     b, n, dh = M.shape
+    if bound is None:
+        bound = torch.full((b,), n, device=M.device)
     k = min(n, dh)
     rows = torch.arange(n, device=M.device)
     new_row = first == rows
@@ -332,30 +338,29 @@ def _certify(M: Tensor, shift: Tensor, first: Tensor) -> _Certificate:
         # the bracket found.
         ready = torch.where(distinct[:, -1] >= dh, (distinct < dh).sum(-1), n)  # [b]
         square = (ready == dh - 1) & (positive == dh)
-        anchor = torch.where(square, dh - 1, n)
+        anchor = torch.where(square, dh - 1, bound)
         lo = ready + (ready == dh - 1).long()
-        others = (~square & (lo < n)).nonzero()[:, 0]
+        others = (~square & (lo < bound)).nonzero()[:, 0]
         if len(others):
-            lo = lo[others]
-            found = _first_proven(M[others], shift[others], lo[:, None])
+            lo, hi = lo[others], bound[others]
+            found = torch.minimum(_first_proven(M[others], shift[others], lo[:, None]), hi)
             rest = (found > lo).nonzero()[:, 0]
             if len(rest):
-                found[rest] = _gallop(M[others[rest]], shift[others[rest]], lo[rest] + 1)
+                found[rest] = _gallop(M[others[rest]], shift[others[rest]], lo[rest] + 1, hi[rest])
             anchor[others] = found
         col_ok = rows[None, :] >= anchor[:, None]
     return _Certificate(row_ok, distinct, first, col_ok)
 
 
-def _gallop(M: Tensor, shift: Tensor, lo: Tensor) -> Tensor:
-    """The first row ``>= lo[h]`` at which :func:`_first_proven` succeeds for each head of ``M
-    [b, n, dh]`` (``n`` when none; up to 7 rows of the last bracket are tried, so a later row
-    may be returned): the rows ``lo - 1 + 2^j`` and ``n - 1`` in one batch, then inside the
-    bracket."""
-    n = M.shape[-2]
-    powers = 2 ** torch.arange(max(n - int(lo.min()), 1).bit_length(), device=M.device)
-    tries = torch.cat([lo[:, None] - 1 + powers, torch.full_like(lo[:, None], n - 1)], 1)
-    tries = tries.clamp_max(n - 1)  # [b, t], ascending (repeats at the end change nothing)
-    found = _first_proven(M, shift, tries)
+def _gallop(M: Tensor, shift: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """The first row in ``lo[h] .. hi[h] - 1`` at which :func:`_first_proven` succeeds for each
+    head of ``M [b, n, dh]`` (``hi`` when none; up to 7 rows of the last bracket are tried, so a
+    later row may be returned): the rows ``lo - 1 + 2^j`` and ``hi - 1`` in one batch, then
+    inside the bracket."""
+    powers = 2 ** torch.arange(max(int((hi - lo).max()), 1).bit_length(), device=M.device)
+    last = (hi - 1)[:, None]
+    tries = torch.minimum(torch.cat([lo[:, None] - 1 + powers, last], 1), last)  # ascending
+    found = torch.minimum(_first_proven(M, shift, tries), hi)
     below = torch.searchsorted(tries, found[:, None])[:, 0] - 1  # last row tried, not proven
     start = torch.where(below >= 0, tries.gather(1, below.clamp_min(0)[:, None])[:, 0] + 1, lo)
     gap = found - start  # rows strictly inside the bracket
