@@ -141,10 +141,11 @@ def prefix_effective_attention(
         deficient = pair_rank < (row + 1).clamp_max(dh)
     heads = cert.repeated.any(-1).nonzero()[:, 0]
     if len(heads):  # repeated rows, distinct rows independent: average over each class
-        keys, averaged = _class_average(A_f[heads], cert.first[heads], visible)
-        where = heads[:, None, None], rows[None, :, None], keys[None, None, :]
+        part = A_f[heads]  # [h, n, n]
+        keys, averaged = _class_average(part, cert.first[heads], visible)
         repeated = cert.repeated[heads].unsqueeze(-1)
-        effective[where] = torch.where(repeated, averaged, A_f[where])
+        part.index_copy_(-1, keys, torch.where(repeated, averaged, part.index_select(-1, keys)))
+        effective[heads] = part
     by_group = projected.view(-1, g, n)
     groups = by_group.any(-1).any(-1).nonzero()[:, 0]
     if len(groups):  # one staircase basis per KV head, shared by its query heads
@@ -407,13 +408,13 @@ def _class_average(A: Tensor, first: Tensor, visible: Tensor) -> tuple[Tensor, T
     label = torch.searchsorted(keys, first[:, keys].contiguous())  # [b, r]: class, as a key index
     by_key = label[:, None, :].expand(b, n, r)
     sums = torch.zeros(b, n, r, dtype=A.dtype, device=A.device)
-    sums.scatter_add_(-1, by_key, A[:, :, keys])  # [b, i, class]: A is causal
+    sums.scatter_add_(-1, by_key, A.index_select(-1, keys))  # [b, i, class]: A is causal
     members = torch.zeros(b, r + 1, r, dtype=A.dtype, device=A.device)  # row 0: no key yet
     members[:, 1:].scatter_(-1, label[:, :, None], 1.0)
     seen = torch.searchsorted(keys, rows, right=True)  # [n]: keys <= i
-    counts = members.cumsum(-2)[:, seen]  # [b, i, class]: members among the rows <= i
+    counts = members.cumsum(-2).index_select(1, seen)  # [b, i, class]: members in rows <= i
     means = sums / counts.clamp_min(1)  # classes with no member yet have zero sums
-    return keys, means.gather(-1, by_key) * visible[:, keys]
+    return keys, means.gather(-1, by_key) * visible.index_select(-1, keys)
 
 
 def _prefix_grams(M: Tensor, head: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
