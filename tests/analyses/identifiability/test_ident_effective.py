@@ -331,3 +331,29 @@ def test_a_fresh_process_keeps_its_threads_after_the_worker_starts():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["2", "1"]
+
+
+def test_the_balance_leaves_one_core_to_the_busy_worker():
+    """While a submitted layer runs, the caller has one intra-op thread fewer (here 4 -> 3, not
+    1: on a large machine the forward keeps the other cores); its own number again once the
+    worker is idle, and after :meth:`finish`."""
+    import threading
+
+    from tgeom.analyses.identifiability.effective import _Balance, _worker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        balance = _Balance(_worker())
+        release = threading.Event()
+        balance.submit(lambda: release.wait(timeout=10) or None)
+        assert torch.get_num_threads() == 3
+        release.set()
+        balance.jobs[-1].result()
+        balance()
+        assert torch.get_num_threads() == 4
+        balance.finish()
+        balance.raise_first_error()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)

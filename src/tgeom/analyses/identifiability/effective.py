@@ -180,8 +180,8 @@ def effective_attention_batch(
             yield n, members, idx, tol, Vn
 
     # Causal layers on the CPU go to a worker thread (their work is mostly one small LAPACK call
-    # after another, on one core) while the forward pass goes on, with one intra-op thread
-    # whenever the worker is busy (see _Balance). Bidirectional layers are two multi-threaded
+    # after another, on one core) while the forward pass goes on, leaving that core to the
+    # worker whenever it is busy (see _Balance). Bidirectional layers are two multi-threaded
     # GEMMs per head, done here; CUDA runs asynchronously anyway.
     on_worker = causal and device.type == "cpu" and need_attention
     balance = _Balance(_worker()) if on_worker else None
@@ -265,12 +265,13 @@ def effective_attention_batch(
 
 class _Balance:
     """Layers submitted to the worker thread while the caller's forward pass goes on: the
-    caller runs one intra-op thread while the worker has work and its own number otherwise,
-    checked at each submission and before every module of the model's blocks (:meth:`watch`).
-    The two threads then share the cores instead of three competing for them; a forward pass
-    gains less from a second thread than the worker does from having a core. Checked per block
-    only, the forward ran single-threaded long after the worker was done (SmolLM2 4 x 128,
-    without any projection work: 0.70 s against 0.43 s)."""
+    caller leaves one core to the worker while it has work (one intra-op thread fewer, at
+    least one) and runs its own number otherwise, checked at each submission and before every
+    module of the model's blocks (:meth:`watch`). The threads then share the cores instead of
+    competing for them; on two cores a forward pass gains less from its second thread than the
+    worker does from having a core. Checked per block only, the forward ran single-threaded long
+    after the worker was done (SmolLM2 4 x 128, without any projection work: 0.70 s against
+    0.43 s)."""
 
     def __init__(self, worker: ThreadPoolExecutor) -> None:
         self.worker = worker
@@ -284,7 +285,7 @@ class _Balance:
 
     def __call__(self) -> None:
         busy = bool(self.jobs) and not self.jobs[-1].done()  # one worker: in order
-        wanted = 1 if busy else self.threads
+        wanted = max(self.threads - 1, 1) if busy else self.threads  # a core for the worker
         if wanted != self.current:
             torch.set_num_threads(wanted)
             self.current = wanted
