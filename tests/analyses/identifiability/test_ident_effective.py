@@ -281,21 +281,29 @@ def test_the_callers_threads_are_restored_after_a_causal_run(tiny_model):
         torch.set_num_threads(threads)
 
 
-def test_the_worker_thread_leaves_the_callers_threads_alone(monkeypatch):
-    """The worker runs one intra-op thread; the caller and threads started later keep the
+def test_the_worker_threads_leave_the_callers_threads_alone(monkeypatch):
+    """Each worker runs one intra-op thread; the caller and threads started later keep the
     caller's setting (a worker with its own multi-threaded OpenMP team slowed the caller's later
-    forward passes by a quarter). A fresh worker, with the caller at 2 threads."""
+    forward passes by a quarter). Two fresh workers, with the caller at 2 threads."""
     import threading
 
     from tgeom.analyses.identifiability import effective
 
-    monkeypatch.setattr(effective, "_WORKER", [])
+    monkeypatch.setattr(effective, "_WORKERS", {})
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    worker = None
+    workers = None
     try:
-        worker = effective._worker()
-        assert worker.submit(torch.get_num_threads).result() == 1
+        workers = effective._workers(2)
+        both = threading.Barrier(2, timeout=10)  # one task on each thread
+
+        def report() -> tuple[str, int]:
+            both.wait()
+            return threading.current_thread().name, torch.get_num_threads()
+
+        seen_by_workers = [job.result() for job in [workers.submit(report) for _ in range(2)]]
+        assert len({name for name, _ in seen_by_workers}) == 2
+        assert [count for _, count in seen_by_workers] == [1, 1]
         assert torch.get_num_threads() == 2
         seen = []
 
@@ -308,8 +316,8 @@ def test_the_worker_thread_leaves_the_callers_threads_alone(monkeypatch):
         thread.join()
         assert seen == [2]
     finally:
-        if worker is not None:
-            worker.shutdown()
+        if workers is not None:
+            workers.shutdown()
         torch.set_num_threads(threads)
 
 
@@ -322,9 +330,9 @@ def test_a_fresh_process_keeps_its_threads_after_the_worker_starts():
 
     code = (
         "import torch\n"
-        "from tgeom.analyses.identifiability.effective import _worker\n"
-        "worker = _worker()\n"
-        "print(torch.get_num_threads(), worker.submit(torch.get_num_threads).result())\n"
+        "from tgeom.analyses.identifiability.effective import _workers\n"
+        "workers = _workers(1)\n"
+        "print(torch.get_num_threads(), workers.submit(torch.get_num_threads).result())\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     out = subprocess.run(
@@ -333,23 +341,30 @@ def test_a_fresh_process_keeps_its_threads_after_the_worker_starts():
     assert out.stdout.split() == ["2", "1"]
 
 
-def test_the_balance_leaves_one_core_to_the_busy_worker():
-    """While a submitted layer runs, the caller has one intra-op thread fewer (here 4 -> 3, not
-    1: on a large machine the forward keeps the other cores); its own number again once the
-    worker is idle, and after :meth:`finish`."""
+def test_the_balance_leaves_a_core_to_each_busy_worker():
+    """With the caller at 4 threads there are 2 workers; while one submitted layer runs the
+    caller has 3 threads, while two run 2 (not 1: on a large machine the forward keeps the
+    other cores); its own number again once the workers are idle, and after :meth:`finish`."""
     import threading
 
-    from tgeom.analyses.identifiability.effective import _Balance, _worker
+    from tgeom.analyses.identifiability.effective import _Balance
 
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        balance = _Balance(_worker())
-        release = threading.Event()
-        balance.submit(lambda: release.wait(timeout=10) or None)
+        balance = _Balance()
+        assert balance.count == 2
+        first, second = threading.Event(), threading.Event()
+        balance.submit(lambda: first.wait(timeout=10) or None)
         assert torch.get_num_threads() == 3
-        release.set()
-        balance.jobs[-1].result()
+        balance.submit(lambda: second.wait(timeout=10) or None)
+        assert torch.get_num_threads() == 2
+        first.set()
+        balance.jobs[0].result()
+        balance()
+        assert torch.get_num_threads() == 3
+        second.set()
+        balance.jobs[1].result()
         balance()
         assert torch.get_num_threads() == 4
         balance.finish()
@@ -357,3 +372,22 @@ def test_the_balance_leaves_one_core_to_the_busy_worker():
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
+
+
+def test_two_workers_give_the_results_of_one(tiny_model):
+    """With the caller at 4 threads two workers process layers at once; every result equals
+    the one-worker run (caller at 1 thread)."""
+    lm = tiny_model("llama")
+    ids = torch.randint(4, 96, (3, 16), generator=torch.Generator().manual_seed(15))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = effective_attention_batch(lm, ids)
+        torch.set_num_threads(4)
+        two = effective_attention_batch(lm, ids)
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(two, one, strict=True):
+        assert torch.allclose(x.effective, y.effective, rtol=0, atol=1e-12)
+        assert torch.equal(x.raw, y.raw) and torch.equal(x.null_dim, y.null_dim)

@@ -179,12 +179,12 @@ def effective_attention_batch(
             Vn = V[idx, heads, :n].to(torch.float64, memory_format=torch.contiguous_format)
             yield n, members, idx, tol, Vn
 
-    # Causal layers on the CPU go to a worker thread (their work is mostly one small LAPACK call
-    # after another, on one core) while the forward pass goes on, leaving that core to the
-    # worker whenever it is busy (see _Balance). Bidirectional layers are two multi-threaded
+    # Causal layers on the CPU go to worker threads (their work is mostly one small LAPACK call
+    # after another, on one core) while the forward pass goes on, leaving a core to each busy
+    # worker (see _Balance). Bidirectional layers are two multi-threaded
     # GEMMs per head, done here; CUDA runs asynchronously anyway.
     on_worker = causal and device.type == "cpu" and need_attention
-    balance = _Balance(_worker()) if on_worker else None
+    balance = _Balance() if on_worker else None
 
     def keep_values(layer: int, V: Tensor) -> None:
         if need_attention:
@@ -264,28 +264,32 @@ def effective_attention_batch(
 
 
 class _Balance:
-    """Layers submitted to the worker thread while the caller's forward pass goes on: the
-    caller leaves one core to the worker while it has work (one intra-op thread fewer, at
-    least one) and runs its own number otherwise, checked at each submission and before every
-    module of the model's blocks (:meth:`watch`). The threads then share the cores instead of
-    competing for them; on two cores a forward pass gains less from its second thread than the
-    worker does from having a core. Checked per block only, the forward ran single-threaded long
-    after the worker was done (SmolLM2 4 x 128, without any projection work: 0.70 s against
-    0.43 s)."""
+    """Layers submitted to the worker threads while the caller's forward pass goes on: the
+    caller leaves a core to each busy worker (one intra-op thread fewer each, at least one left)
+    and runs its own number otherwise, checked at each submission and before every module of
+    the model's blocks (:meth:`watch`). The threads then share the cores instead of competing
+    for them; on two cores a forward pass gains less from its second thread than the worker
+    does from having a core. Checked per block only, the forward ran single-threaded long after
+    the worker was done (SmolLM2 4 x 128, without any projection work: 0.70 s against 0.43 s)."""
 
-    def __init__(self, worker: ThreadPoolExecutor) -> None:
-        self.worker = worker
+    def __init__(self) -> None:
         self.threads = self.current = torch.get_num_threads()
+        self.count = max(self.threads // 2, 1)  # workers: half the caller's threads
+        self.workers = _workers(self.count)
         self.inference = torch.is_inference_mode_enabled()
         self.jobs: list[Future[Any]] = []
+        self.pending: list[Future[Any]] = []
 
     def submit(self, work: Callable[[], None]) -> None:
-        self.jobs.append(self.worker.submit(_as_caller, work, self.inference))
+        job = self.workers.submit(_as_caller, work, self.inference)
+        self.jobs.append(job)
+        self.pending.append(job)
         self()
 
     def __call__(self) -> None:
-        busy = bool(self.jobs) and not self.jobs[-1].done()  # one worker: in order
-        wanted = max(self.threads - 1, 1) if busy else self.threads  # a core for the worker
+        self.pending = [job for job in self.pending if not job.done()]
+        busy = min(len(self.pending), self.count)
+        wanted = max(self.threads - busy, 1)
         if wanted != self.current:
             torch.set_num_threads(wanted)
             self.current = wanted
@@ -308,38 +312,40 @@ class _Balance:
         self.current = self.threads
 
     def raise_first_error(self) -> None:
-        """The first error raised on the worker, if any (call after :meth:`finish`)."""
+        """The first error raised on a worker, if any (call after :meth:`finish`)."""
         for job in self.jobs:
             error = job.exception()
             if error is not None:
                 raise error
 
 
-_WORKER: list[ThreadPoolExecutor] = []  # one thread, kept: its work buffers stay mapped
+_WORKERS: dict[int, ThreadPoolExecutor] = {}  # by size, kept: their work buffers stay mapped
 
 
-def _worker() -> ThreadPoolExecutor:
-    """The thread that processes causal layers on the CPU (:class:`_Balance`), with one
-    intra-op thread (:func:`_one_intra_op_thread`). With the default setting, its own
-    OpenMP team slowed every later forward pass of the caller by a quarter, even once idle
-    (SmolLM2 4 x 128: 0.47 -> 0.61 s)."""
-    if not _WORKER:
-        threads = torch.get_num_threads()  # this thread's own, taken before the worker sets 1
+def _workers(count: int) -> ThreadPoolExecutor:
+    """``count`` threads that process causal layers on the CPU (:class:`_Balance`), each with
+    one intra-op thread (:func:`_one_intra_op_thread`), all started here. With the default
+    setting, a worker's own OpenMP team slowed every later forward pass of the caller by a
+    quarter, even once idle (SmolLM2 4 x 128: 0.47 -> 0.61 s)."""
+    if count not in _WORKERS:
+        threads = torch.get_num_threads()  # this thread's own, taken before the workers set 1
         executor = ThreadPoolExecutor(
-            max_workers=1,
+            max_workers=count,
             thread_name_prefix="tgeom-effective",
             initializer=_one_intra_op_thread,
         )
-        executor.submit(lambda: None).result()  # the initializer has run
+        started = threading.Barrier(count, timeout=60)
+        for job in [executor.submit(started.wait) for _ in range(count)]:
+            job.result()  # every thread has started, and run the initializer
         torch.set_num_threads(threads)  # again torch's default (see _one_intra_op_thread)
-        _WORKER.append(executor)
-    return _WORKER[0]
+        _WORKERS[count] = executor
+    return _WORKERS[count]
 
 
 def _one_intra_op_thread() -> None:
     """One intra-op thread for the calling thread. The setting is per thread, but torch applies
     its latest value to a thread's first op as that thread's default, hence the call to
-    ``get_num_threads`` first (this thread's first op) and, in :func:`_worker`, the caller
+    ``get_num_threads`` first (this thread's first op) and, in :func:`_workers`, the caller
     taking its own value before (a caller whose first op came later got 1) and setting it
     again after (for threads started later)."""
     torch.get_num_threads()
