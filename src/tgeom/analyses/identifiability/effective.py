@@ -133,7 +133,7 @@ def effective_attention_batch(
     the attention stays in cache, into each sequence's own result tensors; work buffers are
     reused by every layer and call (see :func:`_workspace`). Causal heads: a length group at a
     time, in place in one ``[L, g, H, n, n]`` result block per length whose ``[:, j]`` views are
-    the sequences' results; on the CPU on a worker thread while the forward pass computes the
+    the sequences' results; on the CPU on worker threads while the forward pass computes the
     next layers (:class:`_Balance`; errors there reach the caller once the forward is done)."""
     n_layers, n_heads = int(lm.summary.n_layers), int(lm.summary.n_heads)
     device, d = lm.device, int(lm.summary.d_model)
@@ -181,8 +181,8 @@ def effective_attention_batch(
 
     # Causal layers on the CPU go to worker threads (their work is mostly one small LAPACK call
     # after another, on one core) while the forward pass goes on, leaving a core to each busy
-    # worker (see _Balance). Bidirectional layers are two multi-threaded
-    # GEMMs per head, done here; CUDA runs asynchronously anyway.
+    # worker (see _Balance). Bidirectional layers are two multi-threaded GEMMs per head, done
+    # here; CUDA runs asynchronously anyway.
     on_worker = causal and device.type == "cpu" and need_attention
     balance = _Balance() if on_worker else None
 
