@@ -391,3 +391,22 @@ def test_two_workers_give_the_results_of_one(tiny_model):
     for x, y in zip(two, one, strict=True):
         assert torch.allclose(x.effective, y.effective, rtol=0, atol=1e-12)
         assert torch.equal(x.raw, y.raw) and torch.equal(x.null_dim, y.null_dim)
+
+
+def test_a_forked_child_gets_workers_of_its_own():
+    """A child forked after the workers started has none of their threads: it must start its
+    own instead of queueing work for threads that do not exist (which would wait forever)."""
+    import multiprocessing
+
+    from tgeom.analyses.identifiability.effective import _workers
+
+    assert _workers(1).submit(lambda: 1).result() == 1  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply_async(_one_job_on_fresh_workers).get(timeout=60) == 2
+
+
+def _one_job_on_fresh_workers() -> int:
+    from tgeom.analyses.identifiability.effective import _workers
+
+    return _workers(1).submit(lambda: 2).result(timeout=30)

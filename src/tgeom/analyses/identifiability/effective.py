@@ -30,6 +30,7 @@ the signed mean and the mean of absolute values (figures use the signed one and 
 
 from __future__ import annotations
 
+import os
 import string
 import threading
 import unicodedata
@@ -319,7 +320,9 @@ class _Balance:
                 raise error
 
 
-_WORKERS: dict[int, ThreadPoolExecutor] = {}  # by size, kept: their work buffers stay mapped
+# by process (a forked child has none of its parent's threads) and size; kept: their work
+# buffers stay mapped
+_WORKERS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _workers(count: int) -> ThreadPoolExecutor:
@@ -327,7 +330,8 @@ def _workers(count: int) -> ThreadPoolExecutor:
     one intra-op thread (:func:`_one_intra_op_thread`), all started here. With the default
     setting, a worker's own OpenMP team slowed every later forward pass of the caller by a
     quarter, even once idle (SmolLM2 4 x 128: 0.47 -> 0.61 s)."""
-    if count not in _WORKERS:
+    key = (os.getpid(), count)
+    if key not in _WORKERS:
         threads = torch.get_num_threads()  # this thread's own, taken before the workers set 1
         executor = ThreadPoolExecutor(
             max_workers=count,
@@ -338,8 +342,8 @@ def _workers(count: int) -> ThreadPoolExecutor:
         for job in [executor.submit(started.wait) for _ in range(count)]:
             job.result()  # every thread has started, and run the initializer
         torch.set_num_threads(threads)  # again torch's default (see _one_intra_op_thread)
-        _WORKERS[count] = executor
-    return _WORKERS[count]
+        _WORKERS[key] = executor
+    return _WORKERS[key]
 
 
 def _one_intra_op_thread() -> None:
