@@ -300,9 +300,10 @@ def repeated_rows(M: Tensor) -> Tensor:
     probe = torch.randn(dh, generator=generator, dtype=M.dtype).to(M.device)
     key = M @ probe  # equal rows have equal keys; equal keys are checked row by row
     rows = torch.arange(n, device=M.device)
-    candidate = (key[:, :, None] == key[:, None, :]) & (rows[None, :] < rows[:, None])
-    if not bool(candidate.any()):  # the common case: all rows differ
+    ordered = key.sort(-1).values
+    if not bool((ordered[:, 1:] == ordered[:, :-1]).any()):  # the common case: all keys differ
         return rows.expand(M.shape[0], n)
+    candidate = (key[:, :, None] == key[:, None, :]) & (rows[None, :] < rows[:, None])
     same = torch.zeros_like(candidate)
     h, t, j = candidate.nonzero().unbind(-1)
     exact = (M[h, t] == M[h, j]).all(-1)
