@@ -135,7 +135,7 @@ def prefix_effective_attention(
             else M_formed[torch.searchsorted(formed, pair_heads)]
         )
         head, row = pairs.unbind(-1)
-        pair_rank = _prefix_ranks(M, index, row, rtol)
+        pair_rank, deficient_grams = _prefix_ranks(M, index, row, rtol)
         rank[head, row] = pair_rank
         projected[head, row] = (pair_rank == dh) & (row >= dh)  # full column rank after all
         deficient = pair_rank < (row + 1).clamp_max(dh)
@@ -159,7 +159,9 @@ def prefix_effective_attention(
             grouped[groups] = part
     if len(pairs) and bool(deficient.any()):  # a smaller rank: the eigenvectors are needed
         head, index, row = head[deficient], index[deficient], row[deficient]
-        effective[head, row] = _gram_projection(A_f[head, row], M, index, row, pair_rank[deficient])
+        effective[head, row] = _gram_projection(
+            A_f[head, row], M, index, row, pair_rank[deficient], deficient_grams
+        )
     return effective.reshape(A.shape), rank.reshape(A.shape[:-1])
 
 
@@ -428,46 +430,53 @@ def _class_average(A: Tensor, first: Tensor, visible: Tensor) -> tuple[Tensor, T
     return keys, means.gather(-1, by_key) * visible.index_select(-1, keys)
 
 
-def _prefix_grams(M: Tensor, head: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
-    """The prefixes ``M[head, :row+1]`` of ``M [b, n, dh]`` (later rows zeroed) ``[p, n, dh]``
-    and their Gram matrices ``[p, dh, dh]``."""
+def _prefixes(M: Tensor, head: Tensor, row: Tensor) -> Tensor:
+    """The prefixes ``M[head, :row+1]`` of ``M [b, n, dh]``, later rows zeroed: ``[p, n, dh]``."""
     mask = torch.arange(M.shape[-2], device=M.device)[None, :] <= row[:, None]  # [p, n]
-    Mp = M[head] * mask[..., None].to(M.dtype)
-    return Mp, Mp.transpose(-1, -2) @ Mp
+    return M[head] * mask[..., None].to(M.dtype)
 
 
-def _prefix_ranks(M: Tensor, head: Tensor, row: Tensor, rtol: Tensor, chunk: int = 512) -> Tensor:
+def _prefix_ranks(
+    M: Tensor, head: Tensor, row: Tensor, rtol: Tensor, chunk: int = 512
+) -> tuple[Tensor, Tensor]:
     """Ranks ``[p]`` of the prefixes ``M[head, :row+1]`` (``M [b, n, dh]``, float64): singular
     values, as square roots of the Gram matrix's float64 eigenvalues (resolved down to about
-    ``1e-7 s_max``, far below the tolerance), above ``rtol[row] * s_max``."""
-    ranks = []
+    ``1e-7 s_max``, far below the tolerance), above ``rtol[row] * s_max``; and the Gram
+    matrices ``[d, dh, dh]`` of the ``d`` rank-deficient prefixes (rank below ``min(row + 1,
+    dh)``), in order, for :func:`_gram_projection`."""
+    dh = M.shape[-1]
+    ranks, deficient = [], []
     for start in range(0, len(head), chunk):
         h, r = head[start : start + chunk], row[start : start + chunk]
-        s = torch.linalg.eigvalsh(_prefix_grams(M, h, r)[1]).clamp_min(0).sqrt()  # ascending
-        ranks.append((s > rtol[r, None] * s[:, -1:].clamp_min(torch.finfo(s.dtype).tiny)).sum(-1))
-    return torch.cat(ranks)
+        Mp = _prefixes(M, h, r)
+        G = Mp.transpose(-1, -2) @ Mp
+        s = torch.linalg.eigvalsh(G).clamp_min(0).sqrt()  # ascending
+        rank = (s > rtol[r, None] * s[:, -1:].clamp_min(torch.finfo(s.dtype).tiny)).sum(-1)
+        ranks.append(rank)
+        deficient.append(G[rank < (r + 1).clamp_max(dh)])
+    return torch.cat(ranks), torch.cat(deficient)
 
 
 def _gram_projection(
-    a: Tensor, M: Tensor, head: Tensor, row: Tensor, rank: Tensor, chunk: int = 512
+    a: Tensor, M: Tensor, head: Tensor, row: Tensor, rank: Tensor, G: Tensor, chunk: int = 512
 ) -> Tensor:
     """Effective rows ``[p, n]`` for the attention rows ``a [p, n]`` of the prefixes ``M[head,
-    :row+1]`` (``M [b, n, dh]``) of rank ``rank [p]`` (:func:`_prefix_ranks`): the projection
-    on the eigenvectors of the ``rank`` largest eigenvalues of the prefix Gram matrix, refined
-    once; ``chunk`` rows at a time."""
+    :row+1]`` (``M [b, n, dh]``) of rank ``rank [p]``, with their Gram matrices ``G [p, dh,
+    dh]`` (both from :func:`_prefix_ranks`): the projection on the eigenvectors of the ``rank``
+    largest eigenvalues of ``G``, refined once; ``chunk`` rows at a time."""
     n, dh = M.shape[-2:]
     out_rows = []
     for start in range(0, len(head), chunk):
         part = slice(start, start + chunk)
-        Mp, G = _prefix_grams(M, head[part], row[part])
-        lam, W = torch.linalg.eigh(G)  # ascending
+        Mp = _prefixes(M, head[part], row[part])
+        lam, W = torch.linalg.eigh(G[part])  # ascending
         keep = torch.arange(dh, device=M.device)[None, :] >= dh - rank[part, None]
         inv = torch.where(keep, 1.0 / lam.clamp_min(torch.finfo(lam.dtype).tiny), 0.0)
 
         def solve(rhs: Tensor, W: Tensor = W, inv: Tensor = inv) -> Tensor:  # G^+ rhs, [p, dh]
             return (W @ (inv * (W.transpose(-1, -2) @ rhs[..., None])[..., 0])[..., None])[..., 0]
 
-        visible = torch.arange(n, device=M.device)[None, :] <= row[part, None]
+        visible = torch.arange(n, device=M.device)[None, :] <= row[part, None]  # [c, n]
         a_p = a[part] * visible.to(a.dtype)
         z = solve((a_p[:, None, :] @ Mp)[:, 0])
         effective = (Mp @ z[..., None])[..., 0]
