@@ -14,8 +14,8 @@
 2. Effective attention of a batch (every layer and head) against the plain Hugging Face forward
    pass with attentions (target <= 1.5x) of the model's body (``lm.body``: no output head, which
    effective attention does not run either), for MiniLM (bidirectional) and, with ``--decoder``,
-   SmolLM2 (causal: per-prefix null spaces; as in the library, its layers are processed on
-   worker threads while the forward goes on, one thread fewer per busy worker). Both run
+   SmolLM2 (causal: per-prefix null spaces; as in the library, its layers are projected after
+   the forward pass, on one worker thread per intra-op thread of the caller). Both run
    back to back in each of ``--rounds`` rounds; reported are the best times and the median of
    the per-round ratios, and the plain forward's best time before the model's first
    effective-attention call (effective attention must not slow later forward passes: its

@@ -223,9 +223,9 @@ def test_causal_effective_attention_on_real_windows_equals_the_reference_in_laye
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_an_error_inside_a_layer_reaches_the_caller(tiny_model, family):
-    """On the CPU causal layers are processed on a worker thread: an error there
-    (here NaN values from a corrupted W_V) still reaches the caller as the one-line error, and
-    the next call works again."""
+    """On the CPU causal layers are projected on worker threads: an error there (here NaN
+    values from a corrupted W_V) still reaches the caller as the one-line error, and the next
+    call works again."""
     from tgeom.errors import TgeomError
 
     lm = tiny_model(family)
@@ -245,7 +245,7 @@ def test_an_error_inside_a_layer_reaches_the_caller(tiny_model, family):
 
 
 def test_effective_attention_under_inference_mode_equals_the_default(tiny_model):
-    """Callers may run under torch.inference_mode; the layers processed on the worker thread
+    """Callers may run under torch.inference_mode; the layers projected on the worker threads
     must run there too (in-place work on inference tensors is refused outside it)."""
     lm = tiny_model("llama")
     ids = torch.randint(4, 96, (2, 15), generator=torch.Generator().manual_seed(13))
@@ -257,8 +257,8 @@ def test_effective_attention_under_inference_mode_equals_the_default(tiny_model)
 
 
 def test_the_callers_threads_are_restored_after_a_causal_run(tiny_model):
-    """While the worker processes layers the caller runs one intra-op thread; afterwards, and
-    after an error there, it has its own number again."""
+    """The workers run one intra-op thread each; the caller keeps its own number, after a run
+    and after an error on a worker."""
     from tgeom.errors import TgeomError
 
     lm = tiny_model("llama")
@@ -341,41 +341,44 @@ def test_a_fresh_process_keeps_its_threads_after_the_worker_starts():
     assert out.stdout.split() == ["2", "1"]
 
 
-def test_the_balance_leaves_a_core_to_each_busy_worker():
-    """With the caller at 4 threads there are 2 workers; while one submitted layer runs the
-    caller has 3 threads, while two run 2 (not 1: on a large machine the forward keeps the
-    other cores); its own number again once the workers are idle, and after :meth:`finish`."""
+def test_the_layers_run_at_once_one_worker_per_thread():
+    """With the caller at 4 threads, 4 jobs run at once on 4 workers of one intra-op thread
+    each (a barrier only all 4 together pass); the caller's own setting is left alone, and the
+    first job's error is raised once every job is done."""
     import threading
 
-    from tgeom.analyses.identifiability.effective import _Balance
+    from tgeom.analyses.identifiability.effective import _project_on_workers
 
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        balance = _Balance()
-        assert balance.count == 2
-        first, second = threading.Event(), threading.Event()
-        balance.submit(lambda: first.wait(timeout=10) or None)
-        assert torch.get_num_threads() == 3
-        balance.submit(lambda: second.wait(timeout=10) or None)
-        assert torch.get_num_threads() == 2
-        first.set()
-        balance.jobs[0].result()
-        balance()
-        assert torch.get_num_threads() == 3
-        second.set()
-        balance.jobs[1].result()
-        balance()
+        together = threading.Barrier(4, timeout=10)
+        seen: list[tuple[str, int]] = []
+
+        def job() -> None:
+            together.wait()
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+
+        _project_on_workers([job] * 4)
+        assert len({name for name, _ in seen}) == 4 and {count for _, count in seen} == {1}
         assert torch.get_num_threads() == 4
-        balance.finish()
-        balance.raise_first_error()
+        done: list[int] = []
+
+        def fails(k: int) -> None:
+            if k in (1, 2):
+                raise ValueError(f"job {k}")
+            done.append(k)
+
+        with pytest.raises(ValueError, match="job 1"):
+            _project_on_workers([lambda k=k: fails(k) for k in range(4)])
+        assert sorted(done) == [0, 3]
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
 
 
 def test_two_workers_give_the_results_of_one(tiny_model):
-    """With the caller at 4 threads two workers process layers at once; every result equals
+    """With the caller at 4 threads four workers project layers at once; every result equals
     the one-worker run (caller at 1 thread)."""
     lm = tiny_model("llama")
     ids = torch.randint(4, 96, (3, 16), generator=torch.Generator().manual_seed(15))

@@ -36,7 +36,7 @@ import threading
 import unicodedata
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any, NamedTuple
@@ -127,15 +127,15 @@ def effective_attention_batch(
     (``token_ids [B, T]``, right padding marked by ``attention_mask``); ``rtol`` is the relative
     rank tolerance (default ``max(n, d) * eps`` of the stored values' dtype).
 
-    One forward pass; each layer is processed inside it, as soon as the layer's attention
-    probabilities exist (they and the value vectors are still in cache), the sequences of each
-    length together (float64): nothing of size ``[L, B, H, T, T]`` is stacked. Bidirectional
-    heads: one projector per head, applied one sequence at a time so that its float64 copy of
-    the attention stays in cache, into each sequence's own result tensors; work buffers are
+    One forward pass; each layer's attention probabilities are taken as soon as they exist,
+    the sequences of each length together (float64): nothing of size ``[L, B, H, T, T]`` is
+    stacked. Bidirectional heads, processed there (the attention and the value vectors still
+    in cache): one projector per head, applied one sequence at a time so that its float64 copy
+    of the attention stays in cache, into each sequence's own result tensors; work buffers are
     reused by every layer and call (see :func:`_workspace`). Causal heads: a length group at a
     time, in place in one ``[L, g, H, n, n]`` result block per length whose ``[:, j]`` views are
-    the sequences' results; on the CPU on worker threads while the forward pass computes the
-    next layers (:class:`_Balance`; errors there reach the caller once the forward is done)."""
+    the sequences' results, copied there during the forward pass and projected in place after
+    it (on the CPU, the layers spread over worker threads: :func:`_project_on_workers`)."""
     n_layers, n_heads = int(lm.summary.n_layers), int(lm.summary.n_heads)
     device, d = lm.device, int(lm.summary.d_model)
     lengths = real_lengths(token_ids, attention_mask)
@@ -180,12 +180,14 @@ def effective_attention_batch(
             Vn = V[idx, heads, :n].to(torch.float64, memory_format=torch.contiguous_format)
             yield n, members, idx, tol, Vn
 
-    # Causal layers on the CPU go to worker threads (their work is mostly one small LAPACK call
-    # after another, on one core) while the forward pass goes on, leaving a core to each busy
-    # worker (see _Balance). Bidirectional layers are two multi-threaded GEMMs per head, done
-    # here; CUDA runs asynchronously anyway.
-    on_worker = causal and device.type == "cpu" and need_attention
-    balance = _Balance() if on_worker else None
+    # Causal layers on the CPU: the forward pass only copies each layer's attention into its
+    # block; the projections (mostly small single-threaded LAPACK calls) run after it, the
+    # layers spread over one worker thread per intra-op thread (see _project_on_workers).
+    # Bidirectional layers are two multi-threaded GEMMs per head, done here; CUDA runs
+    # asynchronously anyway.
+    deferred: list[Callable[[], None]] | None = (
+        [] if causal and device.type == "cpu" and need_attention else None
+    )
 
     def keep_values(layer: int, V: Tensor) -> None:
         if need_attention:
@@ -199,26 +201,13 @@ def effective_attention_batch(
         V = values[layer]
         assert V is not None
         values[layer] = None
-        if balance is None:
-            process_layer(layer, attention, V)
-        else:
-            balance.submit(partial(process_layer, layer, attention, V))
-
-    def process_layer(layer: int, attention: Tensor, V: Tensor) -> None:
         for n, members, idx, tol, Vn in by_length(V):
-            if causal:  # per query prefix, see identifiability/causal.py
+            if causal:
                 raw_block, A = blocks[n][0][layer], blocks[n][1][layer]  # [g, H, n, n]
                 raw_block.copy_(attention[idx, :, :n, :n])
                 A.copy_(raw_block)  # float64, turned into the effective attention in place
-                rtol_for = partial(_prefix_rtol, d=d, dtype=V.dtype, rtol=rtol)
-                rank = prefix_effective_attention(
-                    A,
-                    Vn,
-                    rtol_for,
-                    right=factors.right[layer],
-                    right_smin=factors.smin[layer],
-                    out=A,
-                )[1][..., -1]  # the last query's prefix is the whole sequence
+                job = partial(project_causal, layer, members, A, Vn, V.dtype)
+                job() if deferred is None else deferred.append(job)
             else:  # M = V R^T, formed only for heads V alone does not prove full rank
                 projectors = HeadProjectors.build(
                     Vn.reshape(-1, n, Vn.shape[-1]), tol, factors.right[layer], factors.cond2[layer]
@@ -229,27 +218,35 @@ def effective_attention_batch(
                     heads = slice(j * n_heads, (j + 1) * n_heads)
                     source = raw_ if projectors.keeps_all(heads) else A.copy_(raw_)
                     projectors.apply(source, heads, eff[b][layer])
-                rank = projectors.rank.view(len(members), n_heads)
-            ranks[members, layer] = rank.cpu()
+                ranks[members, layer] = projectors.rank.view(len(members), n_heads).cpu()
 
-    watching = balance.watch(lm) if balance is not None else []
-    try:
-        stream_hidden(
-            lm,
-            token_ids,
-            lambda *_: None,
-            attention_mask,
-            attentions=need_attention,
-            values=keep_values,
-            attention_weights=process if need_attention else None,
-        )
-    finally:
-        for handle in watching:
-            handle.remove()
-        if balance is not None:
-            balance.finish()  # waits for every layer, restores this thread's settings
-    if balance is not None:
-        balance.raise_first_error()  # (after the forward's own errors, which come first)
+    def project_causal(
+        layer: int, members: list[int], A: Tensor, Vn: Tensor, dtype: torch.dtype
+    ) -> None:
+        """Per query prefix, in place in ``A [g, H, n, n]`` (see identifiability/causal.py);
+        ``dtype``: that of the values the model computed (the default tolerance's)."""
+        rtol_for = partial(_prefix_rtol, d=d, dtype=dtype, rtol=rtol)
+        rank = prefix_effective_attention(
+            A,
+            Vn,
+            rtol_for,
+            right=factors.right[layer],
+            right_smin=factors.smin[layer],
+            out=A,
+        )[1][..., -1]  # the last query's prefix is the whole sequence
+        ranks[members, layer] = rank.cpu()
+
+    stream_hidden(
+        lm,
+        token_ids,
+        lambda *_: None,
+        attention_mask,
+        attentions=need_attention,
+        values=keep_values,
+        attention_weights=process if need_attention else None,
+    )
+    if deferred:
+        _project_on_workers(deferred)
     empty = torch.empty(0, dtype=torch.float64)
     ids = token_ids.tolist()
     return [
@@ -264,60 +261,23 @@ def effective_attention_batch(
     ]
 
 
-class _Balance:
-    """Layers submitted to the worker threads while the caller's forward pass goes on: the
-    caller leaves a core to each busy worker (one intra-op thread fewer each, at least one left)
-    and runs its own number otherwise, checked at each submission and before every module of
-    the model's blocks (:meth:`watch`). The threads then share the cores instead of competing
-    for them; on two cores a forward pass gains less from its second thread than the worker
-    does from having a core. Checked per block only, the forward ran single-threaded long after
-    the worker was done (SmolLM2 4 x 128, without any projection work: 0.70 s against 0.43 s)."""
+def _project_on_workers(jobs: list[Callable[[], None]]) -> None:
+    """Run ``jobs`` (causal layers' projections, independent of each other) on one worker
+    thread per intra-op thread of the caller, each worker with one intra-op thread, in order
+    (the first layers, whose ranks most often need eigendecompositions, first); raises the
+    first job's error once all are done.
 
-    def __init__(self) -> None:
-        self.threads = self.current = torch.get_num_threads()
-        self.count = max(self.threads // 2, 1)  # workers: half the caller's threads
-        self.workers = _workers(self.count)
-        self.inference = torch.is_inference_mode_enabled()
-        self.jobs: list[Future[Any]] = []
-        self.pending: list[Future[Any]] = []
-
-    def submit(self, work: Callable[[], None]) -> None:
-        job = self.workers.submit(_as_caller, work, self.inference)
-        self.jobs.append(job)
-        self.pending.append(job)
-        self()
-
-    def __call__(self) -> None:
-        self.pending = [job for job in self.pending if not job.done()]
-        busy = min(len(self.pending), self.count)
-        wanted = max(self.threads - busy, 1)
-        if wanted != self.current:
-            torch.set_num_threads(wanted)
-            self.current = wanted
-
-    def watch(self, lm: Any) -> list[Any]:
-        """Hooks that check before every leaf module of ``lm``'s blocks; remove them after."""
-        check = lambda *_: self()  # noqa: E731
-        return [
-            module.register_forward_pre_hook(check)
-            for block in lm.blocks()
-            for module in block.modules()
-            if next(module.children(), None) is None
-        ]
-
-    def finish(self) -> None:
-        """Wait for every layer and restore the caller's threads."""
-        for job in self.jobs:
-            job.exception()  # waits
-        torch.set_num_threads(self.threads)
-        self.current = self.threads
-
-    def raise_first_error(self) -> None:
-        """The first error raised on a worker, if any (call after :meth:`finish`)."""
-        for job in self.jobs:
-            error = job.exception()
-            if error is not None:
-                raise error
+    Why after the forward pass and not beside it: the forward pass's GEMMs scale with their
+    threads (SmolLM2 4 x 128: 1.36 s on one thread, 0.72 s on two), so sharing the cores with
+    it saves nothing, and the sharing cost more than it saved (handing threads back and forth
+    between the two): SmolLM2 4 x 128 effective attention best of 5, 1.27 s beside the forward
+    pass, 1.10 s after it."""
+    inference = torch.is_inference_mode_enabled()
+    futures = [_workers(torch.get_num_threads()).submit(_as_caller, job, inference) for job in jobs]
+    errors = [future.exception() for future in futures]  # waits for every job
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 # by process (a forked child has none of its parent's threads) and size; kept: their work
@@ -326,8 +286,8 @@ _WORKERS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _workers(count: int) -> ThreadPoolExecutor:
-    """``count`` threads that process causal layers on the CPU (:class:`_Balance`), each with
-    one intra-op thread (:func:`_one_intra_op_thread`), all started here. With the default
+    """``count`` threads that process causal layers on the CPU (:func:`_project_on_workers`),
+    each with one intra-op thread (:func:`_one_intra_op_thread`), all started here. With the default
     setting, a worker's own OpenMP team slowed every later forward pass of the caller by a
     quarter, even once idle (SmolLM2 4 x 128: 0.47 -> 0.61 s)."""
     key = (os.getpid(), count)
