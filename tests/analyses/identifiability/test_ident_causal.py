@@ -9,6 +9,7 @@ import torch
 
 from tgeom.analyses.identifiability.causal import (
     FAST_PATH_MIN_RTOL,
+    _output_gram_norms,
     certified_prefix_full_rank,
     prefix_effective_attention,
 )
@@ -256,6 +257,27 @@ def test_grouped_query_heads_equal_the_definition_on_m(rtol):
             assert ((effective[b, h] - A[b, h]) @ M).norm() <= 1e-9 * (A[b, h] @ M).norm()
     assert (rank[:, 1, dh:] == dh - 1).all()  # the singular right factor costs a dimension
     assert rank[0, 3, 4] == 4  # the repeat in KV head 1 (query heads 3..5)
+
+
+def test_output_gram_norms_equal_the_norms_of_the_formed_grams():
+    """||M_h^T M_h||_F from tr((G P)^2) with one GEMM per KV head equals the norm of the
+    formed Gram of M_h = V right[h], for every (sequence, KV head, query head) in that order,
+    generic, singular and ill-conditioned right factors alike."""
+    g = torch.Generator().manual_seed(21)
+    B, K, group, n, dh = 3, 2, 3, 20, 5
+    V, right, _, _ = grouped_heads(g, B, K, group, n, dh)
+    G = (V.transpose(-1, -2) @ V).reshape(B * K, dh, dh)
+    got = _output_gram_norms(G, right, group)
+    expected = torch.stack(
+        [
+            torch.linalg.matrix_norm(
+                (V[b, h // group] @ right[h]).T @ (V[b, h // group] @ right[h])
+            )
+            for b in range(B)
+            for h in range(K * group)
+        ]
+    )
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)
 
 
 def test_full_rank_prefixes_the_certificate_misses_need_no_eigendecomposition(monkeypatch):

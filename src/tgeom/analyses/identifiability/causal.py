@@ -99,15 +99,11 @@ def prefix_effective_attention(
     visible = (rows[None, :] <= rows[:, None]).to(V.dtype)  # [i, j]: key j visible to query i
     rtol = torch.tensor([rtol_for(i + 1) for i in range(n)], dtype=V.dtype, device=V.device)
     V_f = V.reshape(-1, n, dh)  # [k, n, dh], KV head of query head q: q // g
-    head_right = head_smin = None  # per query head q of the batch: [q, dh, dh], [q]
-    if right is not None:
-        if right_smin is None:
-            raise ValueError("right_smin (the smallest singular values of right) is needed")
-        head_right = right.repeat(V_f.shape[0] // K, 1, 1)
-        head_smin = right_smin.repeat(V_f.shape[0] // K)
+    if right is not None and right_smin is None:
+        raise ValueError("right_smin (the smallest singular values of right) is needed")
     if float(rtol.min()) < FAST_PATH_MIN_RTOL:
         M = V_f.repeat_interleave(g, 0)
-        M = M if head_right is None else M @ head_right
+        M = M if right is None else M @ right.repeat(V_f.shape[0] // K, 1, 1)
         A_f = A.reshape(-1, n, n)
         effective, rank = _svd_projection(A_f * visible, M, visible, rtol, rows)
         effective = torch.where((rank == rows + 1).unsqueeze(-1), A_f, effective)
@@ -115,7 +111,7 @@ def prefix_effective_attention(
             effective = out.view(-1, n, n).copy_(effective)
         return effective.reshape(A.shape), rank.reshape(A.shape[:-1])
     A_f = A.reshape(-1, n, n)  # [q, n, n]
-    cert, formed, M_formed = _certify_heads(V_f, g, head_right, head_smin, float(rtol.max()))
+    cert, formed, M_formed = _certify_heads(V_f, g, right, right_smin, float(rtol.max()))
     rank = torch.where(cert.row_ok, cert.distinct, dh)
     if out is None:
         effective = A_f.clone()
@@ -129,11 +125,7 @@ def prefix_effective_attention(
         pair_heads, index = pairs[:, 0].unique(return_inverse=True)
         # M of these heads: V itself, or formed already by the certificates (a row V left
         # unproven made them certify M)
-        M = (
-            V_f[pair_heads]
-            if head_right is None
-            else M_formed[torch.searchsorted(formed, pair_heads)]
-        )
+        M = V_f[pair_heads] if right is None else M_formed[torch.searchsorted(formed, pair_heads)]
         head, row = pairs.unbind(-1)
         pair_rank, deficient_grams = _prefix_ranks(M, index, row, rtol)
         rank[head, row] = pair_rank
@@ -242,30 +234,31 @@ def certified_prefix_full_rank(M: Tensor, rtol: Tensor) -> tuple[Tensor, Tensor]
     See the module docstring (shifted Cholesky factorisations, threshold ``1.1 max(rtol) s``)."""
     n, dh = M.shape[-2:]
     M_f = M.reshape(-1, n, dh)
-    shift = _shift(M_f.transpose(-1, -2) @ M_f, float(rtol.max()))
+    shift = _shift(torch.linalg.matrix_norm(M_f.transpose(-1, -2) @ M_f), float(rtol.max()))
     cert = _certify(M_f, shift, repeated_rows(M_f))
     full_row = cert.row_ok & ~cert.repeated
     return full_row.reshape(M.shape[:-1]), cert.col_ok.reshape(M.shape[:-1])
 
 
-def _shift(G: Tensor, rtol: float) -> Tensor:
-    """``tau^2 = (1.1 rtol)^2 ||G||_F [b]`` for Gram matrices ``G [b, dh, dh]``: ``||G||_F >=
-    s_max^2`` of the matrix and of each of its prefixes; the factor 1.1 absorbs the float64
-    error of Gram matrices."""
-    return (1.1 * rtol) ** 2 * torch.linalg.matrix_norm(G)
+def _shift(gram_norm: Tensor, rtol: float) -> Tensor:
+    """``tau^2 = (1.1 rtol)^2 ||G||_F [b]`` from the Frobenius norms ``gram_norm [b]`` of Gram
+    matrices ``G``: ``||G||_F >= s_max^2`` of the matrix and of each of its prefixes; the
+    factor 1.1 absorbs the float64 error of Gram matrices."""
+    return (1.1 * rtol) ** 2 * gram_norm
 
 
 def _certify_heads(
     V: Tensor, g: int, right: Tensor | None, right_smin: Tensor | None, rtol: float
 ) -> tuple[_Certificate, Tensor, Tensor]:
     """Certificates ``[q, n]`` for the query heads (``q = g k``) of the KV heads ``V [k, n,
-    dh]``, the rank rule being that of ``M_h = V right[h]`` (``right [q, dh, dh]``, ``right_smin
-    [q]`` its smallest singular values; ``None``: ``M = V``, ``g = 1``).
+    dh]`` (``k = b K``: ``b`` sequences of ``K`` KV heads), the rank rule being that of ``M_h =
+    V right[h]`` (``right [H, dh, dh]`` with ``H = g K``, the same for every sequence;
+    ``right_smin [H]`` its smallest singular values; ``None``: ``M = V``, ``g = 1``).
 
     First from ``V`` once per KV head: ``s_j(M_i) >= s_j(V_i) s_min(right)``, so a prefix of
     ``V`` proven above ``tau = 1.1 rtol max_h s_h / s_min(right[h])`` (``s_h^2 = ||M_h^T
-    M_h||_F``, computed as ``||right^T (V^T V) right||_F``) is proven for every query head of the
-    group. ``M_h`` is formed, and certified itself, only for the query heads with a row left
+    M_h||_F``, see :func:`_output_gram_norms`) is proven for every query head of the group.
+    ``M_h`` is formed, and certified itself, only for the query heads with a row left
     unproven. Equal rows of ``V`` are equal rows of every ``M_h``: one set of classes.
 
     Returns the certificate, the query heads for which ``M`` was formed (ascending) and their
@@ -275,15 +268,14 @@ def _certify_heads(
     first = repeated_rows(V)
     none = torch.empty(0, dtype=torch.long, device=V.device)
     if right is None:
-        return _certify(V, _shift(G, rtol), first), none, V[:0]
+        return _certify(V, _shift(torch.linalg.matrix_norm(G), rtol), first), none, V[:0]
     assert right_smin is not None
-    q = torch.arange(k * g, device=V.device)
-    G_M = right.transpose(-1, -2) @ G[q // g] @ right  # [q, dh, dh]
-    shift_M = _shift(G_M, rtol)
-    shift_V = (shift_M / right_smin.square()).view(k, g).amax(-1)  # inf where right is singular
-    cert = _certify(V, shift_V, first).expand(g)
+    H = right.shape[0]
+    shift_M = _shift(_output_gram_norms(G, right, g), rtol)  # [q]
+    shift_V = (shift_M / right_smin.repeat(k // (H // g)).square()).view(k, g).amax(-1)
+    cert = _certify(V, shift_V, first).expand(g)  # (inf where right is singular)
     heads = (~(cert.row_ok | cert.col_ok)).any(-1).nonzero()[:, 0]
-    M = V[heads // g] @ right[heads]
+    M = V[heads // g] @ right[heads % H]
     if len(heads):  # the rows V proved need no search: M's anchor lies below V's
         proven = cert.col_ok[heads]
         bound = torch.where(proven.any(-1), proven.to(torch.uint8).argmax(-1), V.shape[1])
@@ -291,6 +283,22 @@ def _certify_heads(
         cert.row_ok[heads] |= own.row_ok
         cert.col_ok[heads] |= own.col_ok
     return cert, heads, M
+
+
+def _output_gram_norms(G: Tensor, right: Tensor, g: int) -> Tensor:
+    """``||right[h]^T G right[h]||_F [q]`` (the Frobenius norm of ``M_h^T M_h``, ``M_h = V
+    right[h]``) for the Gram matrices ``G [b K, dh, dh]`` of ``b`` sequences' ``K`` KV heads
+    and the ``H = g K`` query heads' ``right [H, dh, dh]``, in the order ``(sequence, KV head,
+    query head of the group)``, without forming ``M_h^T M_h``: the norm is ``tr((G P)^2)^(1/2)``
+    with ``P = right right^T``, and ``G P`` for all ``g`` heads of a KV head and all sequences is
+    one GEMM per KV head ``[b dh, dh] x [dh, g dh]``."""
+    H, dh = right.shape[0], right.shape[-1]
+    K = H // g
+    b = G.shape[0] // K
+    P = (right @ right.transpose(-1, -2)).view(K, g, dh, dh).transpose(1, 2).reshape(K, dh, -1)
+    by_kv = G.view(b, K, dh, dh).transpose(0, 1).reshape(K, b * dh, dh)
+    X = (by_kv @ P).view(K, b, dh, g, dh).permute(1, 0, 3, 2, 4)  # [b, K, g, dh, dh]: G P
+    return (X * X.transpose(-1, -2)).sum((-2, -1)).clamp_min(0).sqrt().reshape(-1)
 
 
 def repeated_rows(M: Tensor) -> Tensor:
