@@ -203,10 +203,8 @@ def effective_attention_batch(
         values[layer] = None
         for n, members, idx, tol, Vn in by_length(V):
             if causal:
-                raw_block, A = blocks[n][0][layer], blocks[n][1][layer]  # [g, H, n, n]
-                raw_block.copy_(attention[idx, :, :n, :n])
-                A.copy_(raw_block)  # float64, turned into the effective attention in place
-                job = partial(project_causal, layer, members, A, Vn, V.dtype)
+                raw_block = blocks[n][0][layer].copy_(attention[idx, :, :n, :n])  # [g, H, n, n]
+                job = partial(project_causal, layer, n, members, raw_block, Vn, V.dtype)
                 job() if deferred is None else deferred.append(job)
             else:  # M = V R^T, formed only for heads V alone does not prove full rank
                 projectors = HeadProjectors.build(
@@ -221,10 +219,13 @@ def effective_attention_batch(
                 ranks[members, layer] = projectors.rank.view(len(members), n_heads).cpu()
 
     def project_causal(
-        layer: int, members: list[int], A: Tensor, Vn: Tensor, dtype: torch.dtype
+        layer: int, n: int, members: list[int], raw_block: Tensor, Vn: Tensor, dtype: torch.dtype
     ) -> None:
-        """Per query prefix, in place in ``A [g, H, n, n]`` (see identifiability/causal.py);
-        ``dtype``: that of the values the model computed (the default tolerance's)."""
+        """Per query prefix (see identifiability/causal.py), in place in the float64 copy of
+        ``raw_block [g, H, n, n]`` (made here, on a worker: the forward pass only copies the
+        attention); ``dtype``: that of the values the model computed (the default
+        tolerance's)."""
+        A = blocks[n][1][layer].copy_(raw_block)
         rtol_for = partial(_prefix_rtol, d=d, dtype=dtype, rtol=rtol)
         rank = prefix_effective_attention(
             A,
