@@ -17,8 +17,9 @@ of ``M`` (:mod:`tgeom.analyses.identifiability.projection`: a Cholesky-certified
 1e-5). When ``R`` is invertible the range of ``M`` is that of ``V``, so heads whose ``V``
 proves ``M`` full rank (``cond(M) <= cond(V) cond(R)``) never form ``M``. Heads with a trivial
 null space keep ``A`` bit for bit. ``V`` and ``A`` are the ones the model computes, taken by
-hooks during its forward pass, and each layer is processed as soon as its attention exists;
-each sequence is cut to its own length (padding never enters ``T``).
+hooks during its forward pass; each bidirectional layer is processed as soon as its attention
+exists, causal layers on the CPU after the forward pass, spread over worker threads; each
+sequence is cut to its own length (padding never enters ``T``).
 
 Causal (decoder) heads: query ``i`` sees only ``T[:i+1]``, so its null space is that of the prefix
 (:mod:`tgeom.analyses.identifiability.causal`): effective attention stays causal and a query's
@@ -222,8 +223,8 @@ def effective_attention_batch(
         layer: int, n: int, members: list[int], raw_block: Tensor, Vn: Tensor, dtype: torch.dtype
     ) -> None:
         """Per query prefix (see identifiability/causal.py), in place in the float64 copy of
-        ``raw_block [g, H, n, n]`` (made here, on a worker: the forward pass only copies the
-        attention); ``dtype``: that of the values the model computed (the default
+        ``raw_block [g, H, n, n]`` (made here, on a worker when deferred: the forward pass only
+        copies the attention); ``dtype``: that of the values the model computed (the default
         tolerance's)."""
         A = blocks[n][1][layer].copy_(raw_block)
         rtol_for = partial(_prefix_rtol, d=d, dtype=dtype, rtol=rtol)
