@@ -271,8 +271,9 @@ def _certify_heads(
         return _certify(V, _shift(torch.linalg.matrix_norm(G), rtol), first), none, V[:0]
     assert right_smin is not None
     H = right.shape[0]
+    sequences = k // (H // g)  # (H // g KV heads each)
     shift_M = _shift(_output_gram_norms(G, right, g), rtol)  # [q]
-    shift_V = (shift_M / right_smin.repeat(k // (H // g)).square()).view(k, g).amax(-1)
+    shift_V = (shift_M / right_smin.repeat(sequences).square()).view(k, g).amax(-1)
     cert = _certify(V, shift_V, first).expand(g)  # (inf where right is singular)
     heads = (~(cert.row_ok | cert.col_ok)).any(-1).nonzero()[:, 0]
     M = V[heads // g] @ right[heads % H]

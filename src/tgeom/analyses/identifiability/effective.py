@@ -265,9 +265,9 @@ def effective_attention_batch(
 
 def _project_on_workers(jobs: list[Callable[[], None]]) -> None:
     """Run ``jobs`` (causal layers' projections, independent of each other) on one worker
-    thread per intra-op thread of the caller, each worker with one intra-op thread, in order
-    (the first layers, whose ranks most often need eigendecompositions, first); raises the
-    first job's error once all are done.
+    thread per intra-op thread of the caller, each worker with one intra-op thread, taken in
+    order (layer 0 first: the first layers cost the most on real models); raises the first
+    job's error once all are done.
 
     Why after the forward pass and not beside it: the forward pass's GEMMs scale with their
     threads (SmolLM2 4 x 128: 1.36 s on one thread, 0.72 s on two), so sharing the cores with
@@ -275,7 +275,8 @@ def _project_on_workers(jobs: list[Callable[[], None]]) -> None:
     between the two): SmolLM2 4 x 128 effective attention best of 5, 1.27 s beside the forward
     pass, 1.10 s after it."""
     inference = torch.is_inference_mode_enabled()
-    futures = [_workers(torch.get_num_threads()).submit(_as_caller, job, inference) for job in jobs]
+    workers = _workers(torch.get_num_threads())
+    futures = [workers.submit(_as_caller, job, inference) for job in jobs]
     errors = [future.exception() for future in futures]  # waits for every job
     for error in errors:
         if error is not None:
