@@ -70,7 +70,9 @@ class LoadedModel:
         return self.adapter.blocks(self.hf)
 
     def special_token_ids(self) -> list[int]:
-        return sorted(set(self.tokenizer.all_special_ids))
+        """Every id the tokenizer flags special (:func:`tokenizer_special_ids`) that has an
+        embedding row."""
+        return [i for i in tokenizer_special_ids(self.tokenizer) if i < self.summary.vocab_size]
 
     @cached_property
     def vocab_strings(self) -> list[str]:
@@ -86,6 +88,16 @@ class LoadedModel:
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1).tolist()
         return [vocab[int(i)] for i in ids]
+
+
+def tokenizer_special_ids(tokenizer: Any) -> list[int]:
+    """Sorted ids of every token ``tokenizer`` flags special: its named special tokens
+    (``all_special_ids``: BOS, EOS, PAD, ...) and every added token marked ``special`` in its
+    added-tokens table (SmolLM2's ``<filename>``, ``<jupyter_code>``, ... are only there)."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", ()) if i is not None}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    return sorted(ids)
 
 
 def load_model(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tgeom.analyses.embedding.filters import frequent_token_ids, mask_from_strings, token_mask
+from tgeom.analyses.embedding.interaction import head_top_pairs
 from tgeom.analyses.embedding.lens import lens_logits, logit_lens
 from tgeom.analyses.embedding.projection import (
     neuron_vector,
@@ -82,6 +83,23 @@ def test_token_mask_drops_the_tokenizer_special_tokens(tiny_model):
     assert mask.shape == (lm.summary.vocab_size,)
     assert not mask[lm.special_token_ids()].any()
     assert int(mask.sum()) == lm.summary.vocab_size - len(lm.special_token_ids())
+
+
+@pytest.mark.slow
+def test_every_token_the_tokenizer_flags_special_is_dropped_on_real_models(smollm2, minilm):
+    # SmolLM2's all_special_ids is [0, 1, 2]; ids 3-16 (<repo_name>, <filename>, <jupyter_*>...)
+    # are flagged special only in the added-tokens table.
+    added = smollm2.tokenizer.added_tokens_decoder
+    assert smollm2.special_token_ids() == sorted(i for i, t in added.items() if t.special)
+    assert smollm2.special_token_ids() == list(range(17))
+    mask = token_mask(smollm2)
+    assert not mask[:17].any() and bool(mask[17:].all())
+    assert minilm.special_token_ids() == [0, 100, 101, 102, 103]  # [PAD] [UNK] [CLS] [SEP] [MASK]
+    assert int(token_mask(minilm).sum()) == 30522 - 5
+    # <filename> (id 6) was the top OV pair of layer 20, head 3 with the special tokens kept.
+    pairs = head_top_pairs(smollm2.weights(), 20, 3, "ov", 3, row_mask=mask, col_mask=mask)
+    assert smollm2.vocab_strings[int(pairs.rows[0])] != "<filename>"
+    assert int(pairs.rows.min()) >= 17 and int(pairs.cols.min()) >= 17
 
 
 def test_frequent_token_ids_counts_the_windows():

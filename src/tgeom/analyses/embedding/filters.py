@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tgeom.errors import TgeomError
+from tgeom.models.load import tokenizer_special_ids
 
 
 def vocabulary(lm_or_tokenizer: Any) -> list[str]:
@@ -26,10 +27,11 @@ def vocabulary(lm_or_tokenizer: Any) -> list[str]:
 
 
 def special_ids(lm_or_tokenizer: Any) -> list[int]:
-    """The special token ids (BOS/EOS/PAD/CLS/SEP/UNK/MASK...)."""
+    """Every id the tokenizer flags special: BOS/EOS/PAD/CLS/SEP/UNK/MASK... and the added
+    tokens marked special (:func:`tgeom.models.load.tokenizer_special_ids`)."""
     if hasattr(lm_or_tokenizer, "special_token_ids"):
         return list(lm_or_tokenizer.special_token_ids())
-    return sorted(set(lm_or_tokenizer.all_special_ids))
+    return tokenizer_special_ids(lm_or_tokenizer)
 
 
 def _core(token: str) -> str:
