@@ -29,17 +29,7 @@ REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model au
 
 
 def _text_ids(lm: Any, text: str) -> Any:
-    from tgeom.errors import TgeomError
-
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
-    if ids.shape[1] < 2:
-        raise TgeomError("the text gives fewer than 2 tokens; pass a longer --text.")
-    if ids.shape[1] > lm.summary.n_ctx:
-        raise TgeomError(
-            f"the text gives {ids.shape[1]} tokens, more than the model context "
-            f"({lm.summary.n_ctx}); pass a shorter --text."
-        )
-    return ids
+    return lm.encode_text(text, min_tokens=2)
 
 
 def _windows(lm: Any, corpus: str, seq_len: int, per_topic: int) -> Any:

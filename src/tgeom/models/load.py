@@ -82,6 +82,30 @@ class LoadedModel:
         decoded = self.tokenizer.batch_decode([[i] for i in range(known)])
         return list(decoded) + [f"<id:{i}>" for i in range(known, n)]
 
+    def encode_text(self, text: str, *, min_tokens: int = 1) -> torch.Tensor:
+        """Token ids ``[1, T]`` of ``text`` with the tokenizer's special tokens (BOS/CLS...).
+
+        The one place a user's text becomes tokens for an analysis: refuses (TgeomError) a text
+        that is empty or only whitespace, one that gives no token besides special tokens, fewer
+        than ``min_tokens`` tokens, or more than the model's context."""
+        if not text.strip():
+            raise TgeomError("the text is empty or only whitespace; pass --text with some words.")
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        if set(ids[0].tolist()) <= set(self.special_token_ids()):
+            raise TgeomError("the text gives only special tokens; pass --text with some words.")
+        n_tokens = int(ids.shape[1])
+        if n_tokens < min_tokens:
+            raise TgeomError(
+                f"the text gives {n_tokens} token(s), fewer than the {min_tokens} needed; "
+                "pass a longer --text."
+            )
+        if n_tokens > self.summary.n_ctx:
+            raise TgeomError(
+                f"the text gives {n_tokens} tokens, more than the model context "
+                f"({self.summary.n_ctx}); pass a shorter --text."
+            )
+        return ids
+
     def token_strings(self, ids: Any) -> list[str]:
         """Display strings for token ids (any iterable of ints or an int tensor)."""
         vocab = self.vocab_strings

@@ -79,10 +79,7 @@ def logit_lens(lm: Any, text: str, k: int = 5, *, mask: Tensor | None = None) ->
 
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise TgeomError(f"k must be a positive integer, got {k!r}; pass k >= 1.")
-    if not text or not text.strip():
-        raise TgeomError("the text is empty; pass --text with some words.")
-    encoded = lm.tokenizer(text, return_tensors="pt")
-    input_ids = encoded["input_ids"][:, : lm.summary.n_ctx]
+    input_ids = lm.encode_text(text)  # [1, T]: refuses an empty text or one beyond the context
     cw = lm.weights()
     hidden = capture(lm, input_ids).hidden[:, 0]  # [L+1, T, d]
     V = cw.W_U.shape[0]
