@@ -7,13 +7,17 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tgeom.errors import TgeomError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def tgeom_version() -> str:
@@ -89,3 +93,41 @@ def read_results(out: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise TgeomError(f"no results.json at {path}; run the command with --out first.")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def results_frame(
+    payload: Any,
+    table: str,
+    tables: Sequence[str],
+    *,
+    explode: Sequence[str] = (),
+) -> pd.DataFrame:
+    """One table of a ``results.json`` payload as a tidy DataFrame, its columns the payload's names.
+
+    ``payload``: what a result's ``to_json`` returns, or the result itself when ``results.json``
+    holds it whole (converted here as ``write_results`` does, so cells equal the file's values,
+    NaN as None). ``table`` (one of ``tables``) names a list
+    of records: one row per record, the record's keys as columns in order. A dotted name walks
+    in: ``"a.b"`` is key ``b`` of dict ``a``, or, when ``a`` is a list of records, one row per
+    record of each one's list ``b``, led by that record's other fields. ``explode``: columns
+    holding equal-length lists, spread to one element per row.
+    """
+    import pandas as pd
+
+    if table not in tables:
+        raise TgeomError(f"unknown table {table!r}; choose one of {', '.join(tables)}.")
+    rows: Any = to_jsonable(payload)
+    for key in table.split("."):
+        if isinstance(rows, dict):
+            rows = rows[key]
+        else:  # a list of records: each record's own list, led by its other fields
+            rows = [
+                {**{k: v for k, v in parent.items() if k != key}, **child}
+                for parent in rows
+                for child in parent[key]
+            ]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    frame = pd.DataFrame.from_records(rows, columns=columns)
+    if explode:
+        frame = frame.explode(list(explode), ignore_index=True).infer_objects()
+    return frame

@@ -118,15 +118,20 @@ def project(
         raise TgeomError("pass exactly one of --neuron LAYER:NEURON or --head LAYER:HEAD.")
     if neuron is not None:
         layer, n = _pair(neuron, "neuron")
-        parameter: dict[str, Any] = {"kind": "neuron", "layer": layer, "neuron": n, "side": side}
+        which: dict[str, Any] = {"neuron": n, "side": side}
     else:
         layer, h = _pair(head or "", "head")
-        parameter = {"kind": "subhead", "layer": layer, "head": h, "subhead": subhead}
-        parameter["index"] = index
+        which = {"head": h, "subhead": subhead, "index": index}
     lm = _load(model, trust_remote_code)
     mask = _mask(lm, keep_special, ascii_only, alpha_only)
     result = project_parameter(
-        lm, parameter, k, mask=mask, embedding=_embedding(embedding), fold_norm=fold_norm
+        lm,
+        layer=layer,
+        **which,
+        k=k,
+        mask=mask,
+        embedding=_embedding(embedding),
+        fold_norm=fold_norm,
     )
     payload = {
         "model": lm.source,
@@ -136,7 +141,7 @@ def project(
     write_results(out, "weights project", {**payload, **result.to_json()})
     top, bottom = result.top.records(), result.bottom.records()
     _print_table(
-        f"{lm.source}: {_describe(parameter)} read through {result.embedding}",
+        f"{lm.source}: {_describe(result.parameter)} read through {result.embedding}",
         ["rank", "top token", "score", "bottom token", "score"],
         [
             [a["rank"], a["token"], a["score"], b["token"], b["score"]]

@@ -85,10 +85,7 @@ def weights_section(ctx: ReportContext) -> Section:
             record = {"layer": layer_index, "neuron": neuron}
             for side in ("key", "value"):
                 proj = project_parameter(
-                    lm,
-                    {"kind": "neuron", "layer": layer_index, "neuron": neuron, "side": side},
-                    8,
-                    mask=no_special,
+                    lm, layer=layer_index, neuron=neuron, side=side, k=8, mask=no_special
                 )
                 record[side] = [r["token"] for r in proj.top.records()]
             neuron_records.append(record)

@@ -12,7 +12,7 @@ import io
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
@@ -20,7 +20,10 @@ from torch import Tensor
 from tgeom.analyses.embedding.interaction import ROPE_NOTE, head_top_pairs, resolve_embedding
 from tgeom.errors import TgeomError, check_index
 from tgeom.models.weights import CanonicalWeights
-from tgeom.results import atomic_write_text
+from tgeom.results import atomic_write_text, results_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,10 @@ class HeadAtlas:
         if include_rows:
             out["rows"] = [dict(zip(COLUMNS, astuple(row), strict=True)) for row in self.rows]
         return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table as a DataFrame, one row per (layer, head, circuit, rank): :data:`COLUMNS`."""
+        return results_frame(self.to_json(), "rows", ("rows",))
 
 
 def head_atlas(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -35,6 +35,10 @@ from tgeom.analyses.embedding.classifier import (
 from tgeom.analyses.embedding.validation import topk_tokens
 from tgeom.errors import TgeomError
 from tgeom.models.load import LoadedModel
+from tgeom.results import results_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -195,6 +199,10 @@ class FinetuningDiff:
         """Column-wise table (``pandas.DataFrame(diff.columns())`` gives a DataFrame)."""
         names = list(DiffRow.__dataclass_fields__)
         return {n: [getattr(r, n) for r in self.rows] for n in names}
+
+    def to_frame(self) -> pd.DataFrame:
+        """``rows`` as a DataFrame: one row per changed vector, the fields of :class:`DiffRow`."""
+        return results_frame(self, "rows", ("rows",))
 
 
 def finetuning_diff(

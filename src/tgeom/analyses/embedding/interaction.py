@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
@@ -20,6 +20,10 @@ from tgeom.analyses.embedding.projection import EMBEDDING_NAMES
 from tgeom.errors import TgeomError, check_index
 from tgeom.linalg.topk import factored_topk
 from tgeom.models.weights import CanonicalWeights
+from tgeom.results import results_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Circuit = Literal["qk", "ov"]
 ROPE_NOTE = (
@@ -72,6 +76,10 @@ class InteractionPairs:
             "rope_note": self.rope_note,
             "pairs": self.pairs(vocab),
         }
+
+    def to_frame(self, vocab: Sequence[str] | None = None) -> pd.DataFrame:
+        """:meth:`pairs` as a DataFrame: row, col, (row_token, col_token with ``vocab``), value."""
+        return results_frame(self.to_json(vocab), "pairs", ("pairs",))
 
 
 def resolve_embedding(cw: CanonicalWeights, E: Tensor | str | None) -> tuple[Tensor, str]:

@@ -9,12 +9,16 @@ post-LN encoders (BERT) there is no final norm: the hidden states are already no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from tgeom.errors import TgeomError
+from tgeom.results import results_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -59,6 +63,11 @@ class LogitLens:
                 for layer in range(self.n_layers + 1)
             ],
         }
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer and position: layer, position, input_token and the lists top_ids,
+        top_tokens, top_scores (best first; ``.explode`` them for one row per token)."""
+        return results_frame(self.to_json(), "layers.positions", ("layers.positions",))
 
 
 def lens_logits(cw: Any, hidden: Tensor) -> Tensor:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from tgeom.errors import TgeomError, check_index
 from tgeom.models.weights import CanonicalWeights, Norm
+from tgeom.results import results_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Embedding = Literal["out", "in"]
 EMBEDDING_NAMES = {"out": "W_U", "in": "W_E"}
@@ -46,6 +50,10 @@ class VocabProjection:
             {"rank": r, "token_id": i, "token": t, "score": s}
             for r, (i, t, s) in enumerate(zip(ids, names, scores, strict=True))
         ]
+
+    def to_frame(self, row: int = 0) -> pd.DataFrame:
+        """:meth:`records` of vector ``row`` as a DataFrame: rank, token_id, token, score."""
+        return results_frame({"records": self.records(row)}, "records", ("records",))
 
 
 def project_vector(
@@ -171,37 +179,47 @@ class ParameterProjection:
             **self.options,
         }
 
+    def to_frame(self, table: str = "top") -> pd.DataFrame:
+        """The ``top`` (or ``bottom``) tokens as a DataFrame: rank, token_id, token, score."""
+        return results_frame(self.to_json(), table, ("top", "bottom"))
+
 
 def project_parameter(
     lm: Any,
-    parameter: dict[str, Any],
-    k: int,
     *,
+    layer: int,
+    neuron: int | None = None,
+    side: str = "key",
+    head: int | None = None,
+    subhead: str = "v",
+    index: int = 0,
+    k: int = 20,
     mask: Tensor | None = None,
     embedding: Embedding = "out",
     fold_norm: bool = False,
 ) -> ParameterProjection:
-    """Project a neuron (``{"kind": "neuron", layer, neuron, side}``) or a subhead
-    (``{"kind": "subhead", layer, head, subhead, index}``) of ``lm`` (a LoadedModel)."""
+    """Top and bottom ``k`` tokens of one parameter vector of ``lm`` (a LoadedModel): FFN
+    ``neuron`` of ``layer`` (its ``side``: key, gate or value, see :func:`neuron_vector`) or
+    ``subhead[index]`` of ``head`` (q, k, v column or o row, see :func:`subhead_vector`).
+
+    Pass exactly one of ``neuron`` and ``head``. The result's ``parameter`` records the choice
+    (``{"kind": "neuron", layer, neuron, side}`` or ``{"kind": "subhead", layer, head, subhead,
+    index}``)."""
     cw = lm.weights()
-    if parameter["kind"] == "neuron":
-        x = neuron_vector(
-            cw, parameter["layer"], parameter["neuron"], parameter["side"], fold_norm=fold_norm
-        )
-    elif parameter["kind"] == "subhead":
-        x = subhead_vector(
-            cw,
-            parameter["layer"],
-            parameter["head"],
-            parameter["subhead"],
-            parameter["index"],
-            fold_norm=fold_norm,
-        )
+    parameter: dict[str, Any]
+    if (neuron is None) == (head is None):
+        raise TgeomError("pass exactly one of neuron= (an FFN neuron) or head= (a subhead).")
+    if neuron is not None:
+        parameter = {"kind": "neuron", "layer": layer, "neuron": neuron, "side": side}
+        x = neuron_vector(cw, layer, neuron, side, fold_norm=fold_norm)
     else:
-        raise TgeomError(f"unknown parameter kind {parameter['kind']!r}: use neuron or subhead.")
+        assert head is not None
+        parameter = {"kind": "subhead", "layer": layer, "head": head, "subhead": subhead}
+        parameter["index"] = index
+        x = subhead_vector(cw, layer, head, subhead, index, fold_norm=fold_norm)
     E = vocab_matrix(cw, embedding)
     name = EMBEDDING_NAMES[embedding]
     vocab = lm.vocab_strings
     top = project_vector(x, E, k, mask=mask, vocab=vocab, embedding=name)
     bottom = project_vector(x, E, k, mask=mask, bottom=True, vocab=vocab, embedding=name)
-    return ParameterProjection(dict(parameter), name, fold_norm, top, bottom)
+    return ParameterProjection(parameter, name, fold_norm, top, bottom)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from scipy.stats import binomtest
@@ -26,6 +26,10 @@ from tgeom.analyses.embedding.finetune import majority_rate
 from tgeom.errors import TgeomError
 from tgeom.models.reference import embed, run_blocks
 from tgeom.models.weights import CanonicalWeights
+from tgeom.results import results_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def stitching_map(E_A: Tensor, E_B: Tensor) -> Tensor:
@@ -73,6 +77,11 @@ class StitchingResult:
             ),
             key=lambda t: t[2],
         )
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per run and split layer: name, seed, layers (the split layer), accuracy,
+        p_value, own_accuracy, chance (the fields of :class:`StitchingRun`)."""
+        return results_frame(self, "runs", ("runs",), explode=("layers", "accuracy", "p_value"))
 
 
 @torch.no_grad()

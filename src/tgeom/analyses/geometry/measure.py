@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from tgeom.analyses.geometry.context import (
 from tgeom.analyses.geometry.stats import GeometryStats
 from tgeom.errors import TgeomError, check_index
 from tgeom.linalg.spectral import RANK_METHODS, dct_matrix, optimal_rank, stable_rank
+from tgeom.results import results_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 N_MASSIVE = 5  # channels listed per layer in the massive-activation report
 
@@ -91,6 +95,11 @@ class GeometryResult:
             "gram": self.gram[g].tolist(),
             "gram_dct": self.gram_dct[g].tolist(),
         }
+
+    def to_frame(self, table: str = "layers") -> pd.DataFrame:
+        """``layers`` (one row per layer: every measurement, arrays as list cells) or
+        ``massive_channels`` (one row per layer) as a DataFrame."""
+        return results_frame(self.to_json(), table, ("layers", "massive_channels"))
 
 
 def check_measure_options(ctx_map: str, rank_method: str) -> None:

@@ -15,13 +15,17 @@ sequence, with ``x = hidden[0]`` and the plain differentiable forward of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from tgeom.errors import TgeomError
 from tgeom.models.reference import embed, run_blocks
+from tgeom.results import results_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -81,6 +85,11 @@ class AttributionResult:
             "norm_standard_errors": self.norm_se,
             "contribution_standard_errors": self.contribution_se,
         }
+
+    def to_frame(self, table: str = "layers") -> pd.DataFrame:
+        """``layers`` (one row per layer) or ``layers.by_relative_position`` (one row per layer
+        and offset ``j - i``, led by the layer's own fields) as a DataFrame."""
+        return results_frame(self.to_json(), table, ("layers", "layers.by_relative_position"))
 
 
 def _forward(cw: Any, mask: Tensor | None) -> Any:

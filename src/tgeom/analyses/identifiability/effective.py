@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,10 +49,20 @@ from tgeom.analyses.identifiability.causal import prefix_effective_attention
 from tgeom.analyses.identifiability.projection import HeadProjectors, sequence_rank
 from tgeom.capture import stream_hidden
 from tgeom.linalg.nullspace import default_rtol
+from tgeom.results import results_frame
 from tgeom.runtime import Runtime
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TOKEN_TYPES = ("cls/bos", "sep/eos", "punctuation", "other")
 TYPE_SUMS = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")  # token-type summaries
+SUMMARY_TABLES = (
+    "pearson",
+    "pearson_by_layer",
+    "pearson_by_length",
+    *(f"token_type_attention.{name}" for name in TYPE_SUMS),
+)
 
 
 @dataclass
@@ -450,6 +460,12 @@ class EffectiveSummary:
             "summary_note": "signed = mean summed weight per query; abs = mean summed |weight|",
         }
 
+    def to_frame(self, table: str = "pearson") -> pd.DataFrame:
+        """One table of :data:`SUMMARY_TABLES` as a DataFrame: ``pearson`` (one row per layer
+        and head, ``by_sequence`` a list cell), ``pearson_by_layer``, ``pearson_by_length`` or
+        ``token_type_attention.NAME`` (one row per layer and head, a column per token type)."""
+        return results_frame(self.to_json(), table, SUMMARY_TABLES)
+
 
 @dataclass
 class EffectiveAttentionResult:
@@ -522,6 +538,12 @@ class EffectiveAttentionResult:
                 for h in range(H)
             ]
         return data
+
+    def to_frame(self, table: str = "pearson", matrices_of: int = 0) -> pd.DataFrame:
+        """A table of :meth:`EffectiveSummary.to_frame`, or ``heads``: one row per layer and
+        head of sequence ``matrices_of`` with its raw and effective matrices as list cells."""
+        payload = self.to_json(matrices_of if table == "heads" else None)
+        return results_frame(payload, table, (*SUMMARY_TABLES, "heads"))
 
 
 def pearson_t(x: Tensor, y: Tensor) -> Tensor:

@@ -13,14 +13,18 @@ seed; rates are measured on the test sequences only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from tgeom.capture import iter_captures
 from tgeom.errors import TgeomError, check_index
+from tgeom.results import results_frame
 from tgeom.runtime import Runtime
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -43,6 +47,10 @@ class IdentifiabilityResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"layers": self.rows, **self.options}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer, g and distance: layer, g, distance, rate, n_tokens."""
+        return results_frame(self.to_json(), "layers", ("layers",))
 
 
 def split_sizes(n: int, split: tuple[float, float, float]) -> tuple[int, int, int]:

@@ -5,13 +5,17 @@ tolerance; generic heads give ``max(0, d_s - d_head)``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from tgeom.analyses.identifiability.effective import effective_attention_batch
+from tgeom.results import results_frame
 from tgeom.runtime import Runtime
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -73,6 +77,11 @@ class NullSpaceResult:
             "by_length": self.by_length(),
             "expected_generic": "max(0, length - d_head)",
         }
+
+    def to_frame(self, table: str = "heads") -> pd.DataFrame:
+        """``heads`` (one row per layer and head; ``null_dim`` per sequence as a list cell) or
+        ``by_length`` (one row per sequence length) as a DataFrame."""
+        return results_frame(self.to_json(), table, ("heads", "by_length"))
 
 
 def null_space_dims(
