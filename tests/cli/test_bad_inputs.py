@@ -191,7 +191,7 @@ MODEL_COMMANDS = {
         *("geometry", "collect", "{model}", "{good_corpus}", "--seq-len", "8"),
         *("--out", "{out}"),
     ],
-    "geometry qk": ["geometry", "qk", "{model}", "{stats}", "--layer", "0"],
+    "geometry qk": ["geometry", "qk", "{model}", "{stats}", "--block", "0"],
     "attention nullspace": [
         *("attention", "nullspace", "{model}", "--corpus", "{good_corpus}", "--seq-len", "8"),
         *("--out", "{out}"),
@@ -298,8 +298,11 @@ RANGE_CASES = {
         ["attention", "effective", "{good}", "--text", "{text}", "--head", "9"],
         "head 9",
     ),
-    "qk layer": (["geometry", "qk", "{good}", "{stats}", "--layer", "9"], "layer 9"),
-    "measure layer": (["geometry", "measure", "{stats_copy}", "--layer", "9"], "layer 9"),
+    "qk block": (["geometry", "qk", "{good}", "{stats}", "--block", "9"], "block 9"),
+    "measure hidden": (
+        ["geometry", "measure", "{stats_copy}", "--hidden", "9"],
+        "hidden state 9",
+    ),
     "stitch layers": (
         ["weights", "stitch", "{good}", "{classifier}", "--layers", "0,99"],
         "split layer 99 is out of range",
@@ -347,7 +350,7 @@ def test_corpus_too_small_for_the_identifiability_split(bad, tmp_path, capsys):
 
 
 def test_statistics_of_another_model(bad, tmp_path, capsys):
-    argv = ["geometry", "qk", str(bad["other_vocab"]), str(bad["stats"]), "--layer", "0"]
+    argv = ["geometry", "qk", str(bad["other_vocab"]), str(bad["stats"]), "--block", "0"]
     code, err = run_main(argv, capsys)
     assert_clean_failure(code, err, "another model")
 

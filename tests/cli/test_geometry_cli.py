@@ -13,7 +13,7 @@ import pytest
 from tgeom.cli import main
 
 REQUIRED = [
-    "layer",
+    "hidden",
     "var_share_pos",
     "var_share_ctx",
     "var_share_resid",
@@ -84,7 +84,7 @@ def test_run_writes_required_keys_and_figures(
             str(tmp_out),
             "--batch-size",
             "3",
-            "--layer",
+            "--hidden",
             "1",
         ],
         capsys,
@@ -92,21 +92,22 @@ def test_run_writes_required_keys_and_figures(
     assert code == 0, err
     results = json.loads((tmp_out / "results.json").read_text())
     assert results["command"] == "geometry measure"
-    assert [row["layer"] for row in results["layers"]] == [0, 1, 2]
-    for row in results["layers"]:
+    assert [row["hidden"] for row in results["by_hidden"]] == [0, 1, 2]
+    assert (results["n_blocks"], results["n_hidden"]) == (2, 3)
+    for row in results["by_hidden"]:
         assert set(REQUIRED) <= set(row)
         shares = row["var_share_pos"] + row["var_share_ctx"] + row["var_share_resid"]
         assert shares == pytest.approx(1.0, abs=1e-9)
     for name in [
         "variance_shares.png",
         "spectra.png",
-        "spiral_2d_layer1.png",
-        "gram_dct_layer1.png",
-        "context_map_layer1.png",
-        "pos_ctx_cos_layer1.png",
+        "spiral_2d_hidden1.png",
+        "gram_dct_hidden1.png",
+        "context_map_hidden1.png",
+        "pos_ctx_cos_hidden1.png",
     ]:
         assert (tmp_out / name).read_bytes()[:4] == b"\x89PNG"
-    html = (tmp_out / "spiral_3d_layer1.html").read_text()
+    html = (tmp_out / "spiral_3d_hidden1.html").read_text()
     assert len(html) > 1_000_000  # plotly.js embedded: opens offline
 
 
@@ -128,14 +129,14 @@ def test_collect_then_measure_and_collect_again_resumes(
     assert run_main(args, capsys)[0] == 0
     assert run_main(args, capsys)[0] == 0  # complete checkpoint: nothing to redo
     assert run_main(["geometry", "measure", str(tmp_out)], capsys)[0] == 0
-    assert len(json.loads((tmp_out / "results.json").read_text())["layers"]) == 3
+    assert len(json.loads((tmp_out / "results.json").read_text())["by_hidden"]) == 3
     options = ["--ctx-map", "tsne", "--rank-threshold", "exact"]
     assert run_main(["geometry", "measure", str(tmp_out), *options], capsys)[0] == 0
     results = json.loads((tmp_out / "results.json").read_text())
     assert results["options"]["ctx_map"] == "tsne"
     assert results["options"]["rank_method"] == "exact"
     n_windows = results["n_windows"]
-    assert all(len(row["ctx_map_2d"]) == n_windows for row in results["layers"])
+    assert all(len(row["ctx_map_2d"]) == n_windows for row in results["by_hidden"])
 
 
 @pytest.mark.parametrize(
@@ -144,7 +145,7 @@ def test_collect_then_measure_and_collect_again_resumes(
         ("seq_len", "seq-len"),
         ("one_topic", "in 1 topic"),
         ("mismatch", "another --seq-len"),
-        ("layer", "layer 9 is out of range"),
+        ("hidden", "hidden state 9 is out of range"),
         ("no_stats", "no geometry statistics"),
         ("ctx_map", "--ctx-map must be one of pca, tsne"),
     ],
@@ -176,11 +177,11 @@ def test_bad_input_is_one_line_exit_2(
             run_main([*collect, "--seq-len", "16", "--max-windows-per-topic", "1"], capsys)[0] == 0
         )
         argv = [*collect, "--seq-len", "12", "--max-windows-per-topic", "1"]
-    elif case == "layer":
+    elif case == "hidden":
         assert (
             run_main([*collect, "--seq-len", "16", "--max-windows-per-topic", "2"], capsys)[0] == 0
         )
-        argv = ["geometry", "measure", str(tmp_out), "--layer", "9"]
+        argv = ["geometry", "measure", str(tmp_out), "--hidden", "9"]
     elif case == "ctx_map":
         argv = ["geometry", "run", model, corpus, "--seq-len", "8", "--out", str(tmp_out)]
         argv += ["--ctx-map", "umap"]
@@ -250,7 +251,7 @@ def test_qk_split_command_and_model_mismatch(tiny_model_dir, tmp_path):
     model = str(tiny_model_dir("llama"))
     collect = [*base, "collect", model, str(corpus), "--seq-len", "16", "--out", str(out)]
     assert _sp.run(collect, capture_output=True, timeout=300).returncode == 0
-    done = _sp.run([*base, "qk", model, str(out), "--layer", "1"], capture_output=True, text=True)
+    done = _sp.run([*base, "qk", model, str(out), "--block", "1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     heads = _json.loads((out / "qk" / "results.json").read_text())["heads"]
     assert len(heads) == 4
@@ -258,6 +259,6 @@ def test_qk_split_command_and_model_mismatch(tiny_model_dir, tmp_path):
         shares = [row[f"share_{p}"] for p in ("pos-pos", "pos-ctx", "ctx-pos", "ctx-ctx")]
         assert abs(sum(shares) - 1) < 1e-9
     other = str(tiny_model_dir("gpt2"))
-    bad = _sp.run([*base, "qk", other, str(out), "--layer", "1"], capture_output=True, text=True)
+    bad = _sp.run([*base, "qk", other, str(out), "--block", "1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "another model" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tgeom.cli import app
+from tgeom.cli.options import BLOCK_MEANING, HIDDEN_MEANING, renamed_layer
 
 geometry_app = typer.Typer(
     help="Hidden-state geometry: positional and context parts.", no_args_is_help=True
@@ -31,9 +32,14 @@ FIRST_OPT = typer.Option(False, "--keep-first", help="Keep position 0 (dropped b
 REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model author's code.")
 K_OPT = typer.Option(10, "--k-subspace", help="Dimension of the pos/ctx subspaces compared.")
 LOWF_OPT = typer.Option(10, "--low-freq", help="Frequencies counted as low (DCT of the Gram).")
-DROP_OPT = typer.Option(0, "--drop-channels", help="Remove each layer's top-m |h| channels.")
+DROP_OPT = typer.Option(0, "--drop-channels", help="Remove each hidden state's top-m |h| channels.")
 SEED_OPT = typer.Option(0, "--seed", help="Seed of k-means and random baselines.")
-LAYER_OPT = typer.Option(None, "--layer", help="Layer drawn in per-layer figures (default last).")
+HIDDEN_OPT = typer.Option(
+    None,
+    "--hidden",
+    help="Hidden state (0 = embeddings .. L) drawn in the per-hidden-state figures (default L).",
+)
+OLD_LAYER_OPT = renamed_layer("--hidden", HIDDEN_MEANING)
 MAP_OPT = typer.Option("pca", "--ctx-map", help="Context map: pca or tsne (slower).")
 RANK_OPT = typer.Option(
     "cubic", "--rank-threshold", help="Gavish-Donoho omega(beta): cubic (paper) or exact."
@@ -93,7 +99,8 @@ def _collect(
     )
     Console().print(
         f"collected {stats.n_done} windows x {stats.n_positions} positions, "
-        f"{stats.n_layers_plus_one} layers, d={stats.d_model} -> {out_dir}"
+        f"{stats.n_hidden} hidden states (embeddings + {stats.n_hidden - 1} blocks), "
+        f"d={stats.d_model} -> {out_dir}"
     )
     return stats
 
@@ -104,7 +111,7 @@ def _measure(
     low_freq: int,
     drop_channels: int,
     seed: int,
-    layer: int | None,
+    hidden: int | None,
     ctx_map: str = "pca",
     rank_threshold: str = "cubic",
 ) -> None:
@@ -123,20 +130,20 @@ def _measure(
         ctx_map=ctx_map,
         rank_method=rank_threshold,
     )
-    chosen = result.n_layers_plus_one - 1 if layer is None else result.check_layer(layer)
-    write_results(out_dir, "geometry measure", result.to_json(gram_layer=chosen))
+    chosen = result.n_hidden - 1 if hidden is None else result.check_hidden(hidden)
+    write_results(out_dir, "geometry measure", result.to_json(gram_hidden=chosen))
     for name, fig in (
         ("variance_shares.png", figs.plot_variance_shares(result)),
         ("spectra.png", figs.plot_spectra(result)),
-        (f"spiral_2d_layer{chosen}.png", figs.plot_spiral_2d(result, chosen)),
-        (f"gram_dct_layer{chosen}.png", figs.plot_gram_dct(result, chosen)),
-        (f"context_map_layer{chosen}.png", figs.plot_context_map(result, chosen)),
-        (f"pos_ctx_cos_layer{chosen}.png", figs.plot_pos_ctx_cosines(result, chosen)),
+        (f"spiral_2d_hidden{chosen}.png", figs.plot_spiral_2d(result, chosen)),
+        (f"gram_dct_hidden{chosen}.png", figs.plot_gram_dct(result, chosen)),
+        (f"context_map_hidden{chosen}.png", figs.plot_context_map(result, chosen)),
+        (f"pos_ctx_cos_hidden{chosen}.png", figs.plot_pos_ctx_cosines(result, chosen)),
     ):
         fig.savefig(out_dir / name, dpi=110)
         figs.plt.close(fig)
     figs.plot_spiral_3d(result, chosen).write_html(
-        str(out_dir / f"spiral_3d_layer{chosen}.html"), include_plotlyjs=True
+        str(out_dir / f"spiral_3d_hidden{chosen}.html"), include_plotlyjs=True
     )
     _print_summary(result)
 
@@ -144,7 +151,7 @@ def _measure(
 def _print_summary(result: Any) -> None:
     table = Table(title=f"Position/context geometry of {result.meta.get('model', '?')}")
     columns = [
-        ("layer", "layer", "{}"),
+        ("hidden", "hidden", "{}"),
         ("pos", "var_share_pos", "{:.3f}"),
         ("ctx", "var_share_ctx", "{:.3f}"),
         ("resid", "var_share_resid", "{:.3f}"),
@@ -159,7 +166,7 @@ def _print_summary(result: Any) -> None:
     ]
     for title, _, _ in columns:
         table.add_column(title, justify="right")
-    for row in result.layers:
+    for row in result.by_hidden:
         table.add_row(*[_fmt(fmt, row[key]) for _, key, fmt in columns])
     Console().print(table)
 
@@ -185,7 +192,7 @@ def collect_cmd(
         16, "--checkpoint-every", help="Save a resumable checkpoint every N batches."
     ),
 ) -> None:
-    """Run MODEL over CORPUS once and save running sums of every layer's hidden states.
+    """Run MODEL over CORPUS once and save running sums of every hidden state (0..L).
 
     Re-running the same command into the same --out resumes an interrupted collection.
     Under torchrun the windows are sharded across ranks and the sums all-reduced."""
@@ -209,12 +216,13 @@ def measure_cmd(
     low_freq: int = LOWF_OPT,
     drop_channels: int = DROP_OPT,
     seed: int = SEED_OPT,
-    layer: int | None = LAYER_OPT,
+    hidden: int | None = HIDDEN_OPT,
     ctx_map: str = MAP_OPT,
     rank_threshold: str = RANK_OPT,
+    _layer: str | None = OLD_LAYER_OPT,
 ) -> None:
     """Measure the saved statistics: shares, spectra, spiral, clusters, incoherence, figures."""
-    _measure(out, k_subspace, low_freq, drop_channels, seed, layer, ctx_map, rank_threshold)
+    _measure(out, k_subspace, low_freq, drop_channels, seed, hidden, ctx_map, rank_threshold)
 
 
 @geometry_app.command("run")
@@ -231,9 +239,10 @@ def run_cmd(
     low_freq: int = LOWF_OPT,
     drop_channels: int = DROP_OPT,
     seed: int = SEED_OPT,
-    layer: int | None = LAYER_OPT,
+    hidden: int | None = HIDDEN_OPT,
     ctx_map: str = MAP_OPT,
     rank_threshold: str = RANK_OPT,
+    _layer: str | None = OLD_LAYER_OPT,
 ) -> None:
     """collect, then measure, into the same --out."""
     from tgeom.analyses.geometry.measure import check_measure_options
@@ -251,15 +260,18 @@ def run_cmd(
         need_topics=True,
     )
     if stats is not None:  # rank 0 (or the only process) measures
-        _measure(out, k_subspace, low_freq, drop_channels, seed, layer, ctx_map, rank_threshold)
+        _measure(out, k_subspace, low_freq, drop_channels, seed, hidden, ctx_map, rank_threshold)
 
 
 @geometry_app.command("qk")
 def qk_cmd(
     model: str = MODEL_ARG,
     out: Path = typer.Argument(..., help="Folder holding geometry_stats.safetensors."),
-    layer: int = typer.Option(..., "--layer", help="Block whose attention logits are split."),
+    block: int = typer.Option(
+        ..., "--block", help="Block (0..L-1) whose attention logits are split; it reads hidden B."
+    ),
     trust_remote_code: bool = REMOTE_OPT,
+    _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
     """Split every head's QK logits into pos-pos, pos-ctx, ctx-pos and ctx-ctx parts."""
     from tgeom.analyses.geometry import GeometryStats
@@ -271,11 +283,11 @@ def qk_cmd(
     stats = GeometryStats.load(out)
     lm = load_model(model, trust_remote_code=trust_remote_code)
     wanted = {**stats.meta, "model": str(lm.source), "d_model": lm.summary.d_model}
-    wanted["n_layers"] = lm.summary.n_layers
+    wanted["n_blocks"] = lm.summary.n_layers
     check_same_identity(stats.meta, wanted, str(out), "pass the model that collected them.")
-    result = qk_logit_parts(stats, lm.weights(), layer)
+    result = qk_logit_parts(stats, lm.weights(), block)
     write_results(Path(out) / "qk", "geometry qk", {"model": lm.source, **result})
     console = Console()
     for row in result["heads"]:
         shares = "  ".join(f"{p} {row['share_' + p]:.2f}" for p in PARTS)
-        console.print(f"layer {layer} head {row['head']}: {shares}", markup=False)
+        console.print(f"block {block} head {row['head']}: {shares}", markup=False)

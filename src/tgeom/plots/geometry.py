@@ -15,43 +15,45 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from tgeom.plots import HIDDEN_AXIS
+
 
 def plot_variance_shares(result: Any) -> Figure:
-    """Stacked bars of the pos / ctx / resid variance shares by layer."""
-    layers = [row["layer"] for row in result.layers]
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(layers) + 2), 3.5))
-    bottom = np.zeros(len(layers))
+    """Stacked bars of the pos / ctx / resid variance shares by hidden state (0 = embeddings)."""
+    hidden = [row["hidden"] for row in result.by_hidden]
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(hidden) + 2), 3.5))
+    bottom = np.zeros(len(hidden))
     for key, label in (
         ("var_share_pos", "pos"),
         ("var_share_ctx", "ctx"),
         ("var_share_resid", "resid"),
     ):
-        values = np.array([row[key] for row in result.layers], dtype=float)
-        ax.bar(layers, values, bottom=bottom, label=label)
+        values = np.array([row[key] for row in result.by_hidden], dtype=float)
+        ax.bar(hidden, values, bottom=bottom, label=label)
         bottom += values
-    ax.set(xlabel="layer", ylabel="share of variance", ylim=(0, 1), title="Variance shares")
+    ax.set(xlabel=HIDDEN_AXIS, ylabel="share of variance", ylim=(0, 1), title="Variance shares")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_spiral_2d(result: Any, layer: int) -> Figure:
+def plot_spiral_2d(result: Any, hidden: int) -> Figure:
     """Top-2 principal coordinates of pos_t over t (colour = position)."""
-    coords = result.pos_coords[result.check_layer(layer)]
+    coords = result.pos_coords[result.check_hidden(hidden)]
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot(coords[:, 0], coords[:, 1], color="0.7", lw=0.8)
     points = ax.scatter(coords[:, 0], coords[:, 1], c=result.positions, cmap="viridis", s=14)
     fig.colorbar(points, ax=ax, label="position t")
-    ax.set(xlabel="PC1", ylabel="PC2", title=f"Positional part, layer {layer}")
+    ax.set(xlabel="PC1", ylabel="PC2", title=f"Positional part, hidden {hidden}")
     fig.tight_layout()
     return fig
 
 
-def plot_spiral_3d(result: Any, layer: int) -> Any:
+def plot_spiral_3d(result: Any, hidden: int) -> Any:
     """Interactive 3-D plot (plotly) of the top-3 principal coordinates of pos_t."""
     import plotly.graph_objects as go
 
-    coords = result.pos_coords[result.check_layer(layer)]
+    coords = result.pos_coords[result.check_hidden(hidden)]
     trace = go.Scatter3d(
         x=coords[:, 0],
         y=coords[:, 1],
@@ -68,41 +70,41 @@ def plot_spiral_3d(result: Any, layer: int) -> Any:
     )
     fig = go.Figure(trace)
     fig.update_layout(
-        title=f"Positional part, layer {layer} (top-3 PCs)",
+        title=f"Positional part, hidden {hidden} (top-3 PCs)",
         scene={"xaxis_title": "PC1", "yaxis_title": "PC2", "zaxis_title": "PC3"},
     )
     return fig
 
 
 def plot_spectra(result: Any) -> Figure:
-    """Normalised singular values of the positional part, one line per layer (log scale)."""
+    """Normalised singular values of the positional part, one line per hidden state (log scale)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     cmap = plt.get_cmap("viridis")
     n = len(result.pos_singular_values)
-    for layer, s in enumerate(result.pos_singular_values):
+    for hidden, s in enumerate(result.pos_singular_values):
         if s.size and s[0] > 0:
             ax.semilogy(
                 np.arange(1, s.size + 1),
                 s / s[0],
-                color=cmap(layer / max(n - 1, 1)),
+                color=cmap(hidden / max(n - 1, 1)),
                 lw=1,
-                label=f"{layer}" if n <= 8 else None,
+                label=f"{hidden}" if n <= 8 else None,
             )
     ax.set(xlabel="index", ylabel="s_i / s_1", title="Singular values of pos")
     if n <= 8:
-        ax.legend(title="layer", fontsize=7)
+        ax.legend(title="hidden", fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def plot_gram_dct(result: Any, layer: int) -> Figure:
+def plot_gram_dct(result: Any, hidden: int) -> Figure:
     """The cosine Gram of pos_t and its orthonormal DCT-II (log |coefficient|)."""
-    layer = result.check_layer(layer)
+    hidden = result.check_hidden(hidden)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    image = axes[0].imshow(result.gram[layer], cmap="RdBu_r", vmin=-1, vmax=1)
+    image = axes[0].imshow(result.gram[hidden], cmap="RdBu_r", vmin=-1, vmax=1)
     fig.colorbar(image, ax=axes[0])
-    axes[0].set(title=f"cos(pos_s, pos_t), layer {layer}", xlabel="t", ylabel="s")
-    dct = np.log10(np.abs(result.gram_dct[layer]) + 1e-12)
+    axes[0].set(title=f"cos(pos_s, pos_t), hidden {hidden}", xlabel="t", ylabel="s")
+    dct = np.log10(np.abs(result.gram_dct[hidden]) + 1e-12)
     image = axes[1].imshow(dct, cmap="magma")
     fig.colorbar(image, ax=axes[1])
     axes[1].set(title="DCT-II of the Gram (log10 |.|)", xlabel="frequency", ylabel="frequency")
@@ -110,9 +112,9 @@ def plot_gram_dct(result: Any, layer: int) -> Figure:
     return fig
 
 
-def plot_context_map(result: Any, layer: int) -> Figure:
+def plot_context_map(result: Any, hidden: int) -> Figure:
     """2-D map of ctx_c (PCA, or t-SNE when measured with ``ctx_map="tsne"``) by topic."""
-    coords = result.ctx_map[result.check_layer(layer)]
+    coords = result.ctx_map[result.check_hidden(hidden)]
     ids = np.asarray(result.topic_ids)
     fig, ax = plt.subplots(figsize=(5, 4))
     for index, topic in enumerate(result.topics):
@@ -120,26 +122,26 @@ def plot_context_map(result: Any, layer: int) -> Figure:
         ax.scatter(coords[mask, 0], coords[mask, 1], s=14, label=topic)
     tsne = result.options.get("ctx_map") == "tsne"
     axes = ("t-SNE 1", "t-SNE 2") if tsne else ("PC1", "PC2")
-    ax.set(xlabel=axes[0], ylabel=axes[1], title=f"Context part, layer {layer}")
+    ax.set(xlabel=axes[0], ylabel=axes[1], title=f"Context part, hidden {hidden}")
     ax.legend(fontsize=7, markerscale=1, loc="best")
     fig.tight_layout()
     return fig
 
 
-def plot_pos_ctx_cosines(result: Any, layer: int) -> Figure:
+def plot_pos_ctx_cosines(result: Any, hidden: int) -> Figure:
     """Heatmap of cos(pos_t, ctx_c), windows sorted by topic."""
-    layer = result.check_layer(layer)
-    cos = result.pos_ctx_cos[layer]
+    hidden = result.check_hidden(hidden)
+    cos = result.pos_ctx_cos[hidden]
     order = np.argsort(np.asarray(result.topic_ids), kind="stable")
     fig, ax = plt.subplots(figsize=(6, 4))
     limit = float(np.abs(cos).max()) or 1.0
     image = ax.imshow(cos[:, order], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
     fig.colorbar(image, ax=ax)
-    baseline = result.layers[layer]["random_baseline_mean"]
+    baseline = result.by_hidden[hidden]["random_baseline_mean"]
     ax.set(
         xlabel="window c (by topic)",
         ylabel="position t",
-        title=f"cos(pos_t, ctx_c), layer {layer} (random mean |cos| {baseline:.3f})",
+        title=f"cos(pos_t, ctx_c), hidden {hidden} (random mean |cos| {baseline:.3f})",
     )
     fig.tight_layout()
     return fig

@@ -5,8 +5,8 @@ from __future__ import annotations
 from tgeom.report import html as H
 from tgeom.report.build import ReportContext, Section
 
-LAYER_COLUMNS = (
-    ("layer", "layer"),
+HIDDEN_COLUMNS = (
+    ("hidden", "hidden"),
     ("var_share_pos", "pos share"),
     ("var_share_ctx", "ctx share"),
     ("var_share_resid", "resid share"),
@@ -32,68 +32,70 @@ def geometry_section(ctx: ReportContext) -> Section:
     with ctx.progress.stage("geometry: measurements"):
         result = measure(stats, seed=ctx.options.seed)
     data = result.to_json()
-    layers = data["layers"]
-    shown = len(layers) * 2 // 3  # a representative upper-middle layer for the per-layer plots
-    table_rows = [[row.get(key) for key, _ in LAYER_COLUMNS] for row in layers]
+    rows = data["by_hidden"]
+    shown = len(rows) * 2 // 3  # a representative upper-middle hidden state for its own plots
+    table_rows = [[row.get(key) for key, _ in HIDDEN_COLUMNS] for row in rows]
     parts = [
-        '<p class="note">Each layer\'s hidden states h[c, t] over C windows x T positions are '
-        "decomposed into global mean + positional means pos_t + context means ctx_c + residual, "
+        '<p class="note">Each hidden state h[c, t] (hidden 0 = the embedding output, hidden l '
+        "= the output of block l-1) over C windows x T positions is decomposed into"
+        " global mean + positional means pos_t + context means ctx_c + residual, "
         "from streaming float64 sums (Song &amp; Zhong 2023). Position 0 is dropped.</p>",
         H.table(
             table_rows,
-            [title for _, title in LAYER_COLUMNS],
-            table_id="geometry-layers",
+            [title for _, title in HIDDEN_COLUMNS],
+            table_id="geometry-hidden",
             scroll=True,
         ),
         ctx.save_figure(
             P.plot_variance_shares(result),
             "variance-shares",
             "Share of the centred hidden-state variance in the positional, context and residual "
-            "parts, by layer (they sum to 1).",
+            "parts, by hidden state (they sum to 1).",
         ),
         H.plotly_figure(
             P.plot_spiral_3d(result, shown),
-            f"Positional means of layer {shown} in their top-3 principal coordinates, coloured "
-            "by position: the paper found a smooth, low-dimensional spiral.",
+            f"Positional means of hidden state {shown} in their top-3 principal coordinates, "
+            "coloured by position: the paper found a smooth, low-dimensional spiral.",
             fig_id="fig-spiral-3d",
         ),
         ctx.save_figure(
             P.plot_spiral_2d(result, shown),
-            f"spiral-2d-L{shown}",
-            f"Top-2 principal coordinates of the positional means at layer {shown}.",
+            f"spiral-2d-hidden{shown}",
+            f"Top-2 principal coordinates of the positional means at hidden state {shown}.",
         ),
         ctx.save_figure(
             P.plot_spectra(result),
             "pos-spectra",
-            "Singular values of the positional matrix P by layer: a few dominate (low rank), "
-            "as the paper found (stable rank ~2 in GPT-2).",
+            "Singular values of the positional matrix P by hidden state: a few dominate (low "
+            "rank), as the paper found (stable rank ~2 in GPT-2).",
         ),
         ctx.save_figure(
             P.plot_gram_dct(result, shown),
-            f"gram-dct-L{shown}",
-            f"Cosine Gram of the positional means at layer {shown} and its 2-D DCT-II: energy in "
-            "low frequencies means the positional part varies smoothly with t.",
+            f"gram-dct-hidden{shown}",
+            f"Cosine Gram of the positional means at hidden state {shown} and its 2-D DCT-II: "
+            "energy in low frequencies means the positional part varies smoothly with t.",
         ),
         ctx.save_figure(
             P.plot_context_map(result, shown),
-            f"context-map-L{shown}",
-            f"Context means of layer {shown} (PCA), coloured by topic: the paper found "
+            f"context-map-hidden{shown}",
+            f"Context means of hidden state {shown} (PCA), coloured by topic: the paper found "
             "clusters by topic.",
         ),
         ctx.save_figure(
             P.plot_pos_ctx_cosines(result, shown),
-            f"pos-ctx-cos-L{shown}",
-            f"|cos| between positional and context means at layer {shown}, against the random "
-            "baseline sqrt(2/(pi d)): near-orthogonality means position and context are "
+            f"pos-ctx-cos-hidden{shown}",
+            f"|cos| between positional and context means at hidden state {shown}, against the "
+            "random baseline sqrt(2/(pi d)): near-orthogonality means position and context are "
             "stored incoherently.",
         ),
     ]
     from tgeom.analyses.geometry.attention import PARTS, qk_logit_parts
 
-    qk_layer = min(shown, lm.summary.n_layers - 1)
-    qk = qk_logit_parts(stats, lm.weights(), qk_layer)
+    qk_block = min(shown, lm.summary.n_layers - 1)  # it reads hidden state qk_block
+    qk = qk_logit_parts(stats, lm.weights(), qk_block)
     parts += [
-        f"<h3>Attention logits of layer {qk_layer}: positional and context parts</h3>",
+        f"<h3>Attention logits of block {qk_block} (reading hidden state {qk_block}): "
+        "positional and context parts</h3>",
         '<p class="note">Share of each head\'s squared QK logits coming from query/key '
         "positional parts (global mean + pos) and context parts, with the norm linearised at "
         "the corpus scale; the last column is the share of ||W_QK||^2 inside the top-3 "

@@ -14,7 +14,7 @@ from tgeom.analyses.geometry.context import random_mean_abs_cos
 from tgeom.errors import TgeomError
 
 REQUIRED = [
-    "layer",
+    "hidden",
     "var_share_pos",
     "var_share_ctx",
     "var_share_resid",
@@ -69,7 +69,7 @@ def _stats(**kwargs: object) -> GeometryStats:
 
 
 def test_planted_helix_clusters_and_orthogonality_are_recovered() -> None:
-    row = measure(_stats()).layers[0]
+    row = measure(_stats()).by_hidden[0]
     assert row["pos_explained_top2"] > 0.95
     assert row["pos_stable_rank"] < 2.2
     assert row["pos_rank"] == 2
@@ -82,7 +82,7 @@ def test_planted_helix_clusters_and_orthogonality_are_recovered() -> None:
 
 
 def test_planted_aligned_context_is_not_incoherent() -> None:
-    row = measure(_stats(aligned=True)).layers[0]
+    row = measure(_stats(aligned=True)).by_hidden[0]
     assert row["incoherence_mean"] > 5 * row["random_baseline_mean"]
     assert min(row["principal_angles_deg"]) < 10
 
@@ -95,7 +95,7 @@ def test_shares_sum_to_one_and_match_dense_anova() -> None:
         pos, ctx = h.mean(dim=0) - mu, h.mean(dim=1) - mu
         resid = h - mu - pos[None] - ctx[:, None]
         total = float(((h - mu) ** 2).sum())
-        row = result.layers[layer]
+        row = result.by_hidden[layer]
         assert row["var_share_pos"] == pytest.approx(
             h.shape[0] * float((pos**2).sum()) / total, rel=1e-9
         )
@@ -114,12 +114,12 @@ def test_massive_channel_is_reported_and_can_be_dropped() -> None:
     dropped = measure(_stats(), drop_channels=1)
     plain = measure(_stats())
     # Without channel 7 layer 1 is layer 0 minus one ordinary channel: the helix is back.
-    assert dropped.layers[1]["pos_explained_top2"] > 0.95
-    assert dropped.layers[1]["ctx_ari"] == plain.layers[0]["ctx_ari"] == 1.0
+    assert dropped.by_hidden[1]["pos_explained_top2"] > 0.95
+    assert dropped.by_hidden[1]["ctx_ari"] == plain.by_hidden[0]["ctx_ari"] == 1.0
 
 
 def test_lowfreq_share_is_high_for_a_smooth_gram() -> None:
-    row = measure(_stats(), low_freq=4).layers[0]
+    row = measure(_stats(), low_freq=4).by_hidden[0]
     assert row["pos_lowfreq_share"] > 0.9
 
 
@@ -133,8 +133,8 @@ def test_random_mean_abs_cos_matches_monte_carlo() -> None:
 
 def test_result_json_has_required_keys() -> None:
     payload = measure(_stats()).to_json()
-    assert len(payload["layers"]) == 2
-    for row in payload["layers"]:
+    assert len(payload["by_hidden"]) == 2
+    for row in payload["by_hidden"]:
         assert set(REQUIRED) <= set(row)
     assert np.asarray(payload["gram"]).shape == (32, 32)
 

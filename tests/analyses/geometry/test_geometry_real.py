@@ -47,14 +47,14 @@ def test_real_model_geometry_numbers(name: str, request: pytest.FixtureRequest) 
     )
     result = measure(stats)
     print(f"\n{name}: {len(windows)} windows, topics {windows.counts_by_topic()}")
-    print("layer " + " ".join(f"{k[:14]:>14}" for k in KEYS))
-    for row in result.layers:
-        print(f"{row['layer']:5d} " + " ".join(f"{float(row[k]):14.4f}" for k in KEYS))
+    print("hidden " + " ".join(f"{k[:14]:>14}" for k in KEYS))
+    for row in result.by_hidden:
+        print(f"{row['hidden']:6d} " + " ".join(f"{float(row[k]):14.4f}" for k in KEYS))
         total = row["var_share_pos"] + row["var_share_ctx"] + row["var_share_resid"]
         assert total == pytest.approx(1.0, abs=1e-9)
         assert 1.0 <= row["pos_stable_rank"] <= row["pos_rank"] + 1e-9 or row["pos_rank"] == 0
-    print("massive:", [(m["layer"], m["channels"][:3]) for m in result.massive_channels])
+    print("massive:", [(m["hidden"], m["channels"][:3]) for m in result.massive_channels])
     dropped = measure(stats, drop_channels=2)
-    print("with each layer's top-2 |h| channels removed:")
-    for row in dropped.layers:
-        print(f"{row['layer']:5d} " + " ".join(f"{float(row[k]):14.4f}" for k in KEYS))
+    print("with each hidden state's top-2 |h| channels removed:")
+    for row in dropped.by_hidden:
+        print(f"{row['hidden']:6d} " + " ".join(f"{float(row[k]):14.4f}" for k in KEYS))

@@ -91,7 +91,7 @@ def test_window_order_changes_nothing_but_ctx_order(tiny_model: Any, topic_corpu
     perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
     windows.token_ids, windows.topic_ids = windows.token_ids[perm], windows.topic_ids[perm]
     shuffled = collect_statistics(lm, windows, runtime, progress=False)
-    for layer in range(base.n_layers_plus_one):
+    for layer in range(base.n_hidden):
         a, b = base.decomposition(layer), shuffled.decomposition(layer)
         torch.testing.assert_close(a.pos, b.pos, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(a.ctx[perm], b.ctx, rtol=1e-9, atol=1e-9)

@@ -1,9 +1,9 @@
 """Attention logits split into positional and context parts [SZ] (SPEC section 4, "Attention").
 
-For block ``layer`` the attention input is ``norm(hidden[layer])`` (pre-LN; post-LN models read
-``hidden[layer]`` directly). With ``h[c, t] = mu + pos_t + ctx_c + resid`` we write the query-side
-input as ``x = P(t) + C(c)`` where ``P(t) = lin(mu + pos_t) + beta`` (global mean and position)
-and ``C(c) = lin(ctx_c)``; then for query (c, t) and key (c, s)
+Block ``b`` (0-based) reads hidden state ``b``: its attention input is ``norm(hidden[b])``
+(pre-LN; post-LN models read ``hidden[b]`` directly). With ``h[c, t] = mu + pos_t + ctx_c +
+resid`` we write the query-side input as ``x = P(t) + C(c)`` where ``P(t) = lin(mu + pos_t) +
+beta`` (global mean and position) and ``C(c) = lin(ctx_c)``; then for query (c, t) and key (c, s)
 
     logit = scale * q(t, c) . k(s, c) = pos-pos + pos-ctx + ctx-pos + ctx-ctx
 
@@ -12,7 +12,7 @@ embeddings applied at t and s (rotation is linear, so the split stays exact). Th
 left out (it averages to zero over contexts and positions).
 
 The norm is not linear; we use its corpus-level linearisation: ``lin(h) = gamma * center(h) / s``
-with ``s`` the root-mean-square norm of the layer's hidden states over the whole corpus
+with ``s`` the root-mean-square norm of hidden state ``b``'s vectors over the whole corpus
 (``center`` removes the channel mean for LayerNorm and is the identity for RMSNorm). This choice
 is recorded in the results. Parts are summarised by their root-mean-square over contexts and
 the (causal) position pairs, and by their share of the summed squares.
@@ -45,16 +45,16 @@ def linearised_norm(norm: Norm | None, scale: float) -> Any:
 
 
 def split_inputs(
-    stats: GeometryStats, cw: CanonicalWeights, layer: int
+    stats: GeometryStats, cw: CanonicalWeights, block: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``P [T', d]``, ``C [C, d]`` (float64) and the positions ``[T']`` of block ``layer``'s
-    attention input, under the linearised norm."""
-    check_index("layer", layer, len(cw.layers))
-    dec = stats.decomposition(layer)
+    """``P [T', d]``, ``C [C, d]`` (float64) and the positions ``[T']`` of block ``block``'s
+    attention input (hidden state ``block``), under the linearised norm."""
+    check_index("block", block, len(cw.layers))
+    dec = stats.decomposition(block)
     n = stats.n_windows * stats.n_positions
     pre_norm = cw.summary.norm_placement == "pre"
-    norm = cw.layers[layer].ln_attn if pre_norm else None
-    rms = float((stats.sumsq[layer].sum() / n / stats.d_model) ** 0.5)
+    norm = cw.layers[block].ln_attn if pre_norm else None
+    rms = float((stats.sumsq[block].sum() / n / stats.d_model) ** 0.5)
     lin = linearised_norm(norm, rms)
     beta = norm.bias.double() if norm is not None and norm.bias is not None else 0.0
     P = lin(dec.mu[None, :] + dec.pos) + beta
@@ -76,11 +76,11 @@ def _project(
     return out
 
 
-def logit_parts(stats: GeometryStats, cw: CanonicalWeights, layer: int) -> dict[str, Tensor]:
+def logit_parts(stats: GeometryStats, cw: CanonicalWeights, block: int) -> dict[str, Tensor]:
     """The four parts of every head's scaled QK logits, each ``[C, H, T', T']`` float64
     (query position t, key position s); their sum is the logit of ``x = P(t) + C(c)``."""
-    P, C, positions = split_inputs(stats, cw, layer)
-    lw = cw.layers[layer]
+    P, C, positions = split_inputs(stats, cw, block)
+    lw = cw.layers[block]
     T = P.shape[0]
     q_pos = _project(P, lw.W_Q, lw.b_Q, cw, positions)  # [H, T, dh]
     k_pos = _project(P, lw.W_K, lw.b_K, cw, positions)
@@ -99,13 +99,14 @@ def logit_parts(stats: GeometryStats, cw: CanonicalWeights, layer: int) -> dict[
 
 
 def qk_logit_parts(
-    stats: GeometryStats, cw: CanonicalWeights, layer: int, heads: list[int] | None = None
+    stats: GeometryStats, cw: CanonicalWeights, block: int, heads: list[int] | None = None
 ) -> dict[str, Any]:
-    """Per head of block ``layer``: RMS and share of the four logit parts over contexts and
-    allowed (query t, key s) pairs (s <= t for causal models), float64."""
-    check_index("layer", layer, len(cw.layers))
-    lw = cw.layers[layer]
-    parts = logit_parts(stats, cw, layer)
+    """Per head of block ``block`` (0-based; it reads hidden state ``block``): RMS and share of
+    the four logit parts over contexts and allowed (query t, key s) pairs (s <= t for causal
+    models), float64."""
+    check_index("block", block, len(cw.layers))
+    lw = cw.layers[block]
+    parts = logit_parts(stats, cw, block)
     n_heads = lw.W_Q.shape[0]
     chosen = (
         list(range(n_heads)) if heads is None else [check_index("head", h, n_heads) for h in heads]
@@ -114,14 +115,14 @@ def qk_logit_parts(
     allowed = torch.ones(T, T, dtype=torch.bool)
     if cw.summary.is_causal:
         allowed = allowed.tril()
-    P, _, _ = split_inputs(stats, cw, layer)
+    P, _, _ = split_inputs(stats, cw, block)
     heads_out = []
     for h in chosen:
         squares = {name: float((v[:, h][:, allowed] ** 2).mean()) for name, v in parts.items()}
         total = sum(squares.values()) or 1.0
         heads_out.append(
             {
-                "layer": layer,
+                "block": block,
                 "head": h,
                 **{f"rms_{name}": squares[name] ** 0.5 for name in PARTS},
                 **{f"share_{name}": squares[name] / total for name in PARTS},
@@ -129,7 +130,9 @@ def qk_logit_parts(
             }
         )
     return {
-        "layer": layer,
+        "block": block,
+        "input_hidden": block,
+        "n_blocks": len(cw.layers),
         "norm_linearisation": "gamma * center(h) / corpus RMS of h (bias with position)",
         "rotary_applied": cw.rotary is not None,
         "heads": heads_out,

@@ -34,7 +34,8 @@ def stats_identity(lm: Any, windows: Any, keep_first: bool, corpus: str | None) 
     """What a statistics file must agree on to be resumed or compared."""
     return {
         "model": str(lm.source),
-        "n_layers": int(lm.summary.n_layers),
+        "n_blocks": int(lm.summary.n_layers),
+        "n_hidden": int(lm.summary.n_layers) + 1,
         "d_model": int(lm.summary.d_model),
         "seq_len": int(windows.seq_len),
         "corpus": corpus,
@@ -60,7 +61,7 @@ def check_same_identity(
         "corpus": "corpus",
         "windows_sha256": "windows (corpus, --max-windows-per-topic or tokenizer)",
         "d_model": "d_model",
-        "n_layers": "number of layers",
+        "n_blocks": "number of blocks",
     }
     for key, label in names.items():
         if found.get(key) != wanted.get(key):
@@ -83,7 +84,7 @@ def collect_statistics(
     corpus: str | None = None,
     shard: Shard | None = None,
 ) -> GeometryStats:
-    """Accumulate the running sums of every layer's hidden states over ``windows``.
+    """Accumulate the running sums of every hidden state (0..L) over ``windows``.
 
     ``lm``: a LoadedModel; ``windows``: :class:`tgeom.corpus.Windows` (``token_ids [C, T]``).
     Position 0 is dropped unless ``keep_first`` (so T' = T - 1 positions by default).
@@ -118,12 +119,12 @@ def collect_statistics(
     if len(windows) < 1:
         raise TgeomError("the corpus gave no window; pass a smaller --seq-len or more text.")
     identity = stats_identity(lm, windows, keep_first, corpus)
-    n_layers_plus_one = int(lm.summary.n_layers) + 1
+    n_hidden = int(lm.summary.n_layers) + 1  # embedding output + each block's output
     d = int(lm.summary.d_model)
 
     stats = _resume(checkpoint_path, identity)
     if stats is None:
-        stats = GeometryStats.empty(n_layers_plus_one, seq_len - first, len(windows), d, identity)
+        stats = GeometryStats.empty(n_hidden, seq_len - first, len(windows), d, identity)
     device = runtime.device
     acc = {
         name: getattr(stats, name).to(device)
@@ -135,11 +136,11 @@ def collect_statistics(
     for batches, start in enumerate(range(0, token_ids.shape[0], runtime.batch_size), start=1):
         batch_ids = token_ids[start : start + runtime.batch_size]
         window_sums = torch.empty(
-            batch_ids.shape[0], n_layers_plus_one, d, dtype=torch.float64, device=device
+            batch_ids.shape[0], n_hidden, d, dtype=torch.float64, device=device
         )
 
-        def fold(layer: int, hidden: Tensor, window_sums: Tensor = window_sums) -> None:
-            window_sums[:, layer] = _fold_layer(acc, layer, hidden, first)
+        def fold(index: int, hidden: Tensor, window_sums: Tensor = window_sums) -> None:
+            window_sums[:, index] = _fold_hidden(acc, index, hidden, first)
 
         stream_hidden(lm, batch_ids, fold)
         row = stats.n_done
@@ -236,20 +237,21 @@ def _collect_sharded(
     return total
 
 
-def _fold_layer(acc: dict[str, Tensor], layer: int, hidden: Tensor, first: int) -> Tensor:
-    """Fold one layer's batch ``hidden [B, T, d]`` (positions ``first:``) into the float64 sums
-    ``acc[...][layer]``; return its per-window sums over positions ``[B, d]`` (float64).
+def _fold_hidden(acc: dict[str, Tensor], index: int, hidden: Tensor, first: int) -> Tensor:
+    """Fold hidden state ``index``'s batch ``hidden [B, T, d]`` (positions ``first:``) into the
+    float64 sums ``acc[...][index]``; return its per-window sums over positions ``[B, d]``
+    (float64).
 
-    Called from the block's forward hook, while the layer output is still in cache. One float64
+    Called from the block's forward hook, while the block's output is still in cache. One float64
     copy (exact: float32 -> float64 loses nothing), two sums read from it, then ``|h|`` and
     ``h^2`` are formed *in place* in that copy, so no other temporary of its size is allocated.
     """
     h = hidden[:, first:].to(device=acc["sum_pos"].device, dtype=torch.float64)  # [B, T', d]
-    acc["sum_pos"][layer] += h.sum(dim=0)
+    acc["sum_pos"][index] += h.sum(dim=0)
     window_sums = h.sum(dim=1)
-    acc["sum_total"][layer] += window_sums.sum(dim=0)
-    acc["sum_abs"][layer] += h.abs_().sum(dim=(0, 1))
-    acc["sumsq"][layer] += h.mul_(h).sum(dim=(0, 1))
+    acc["sum_total"][index] += window_sums.sum(dim=0)
+    acc["sum_abs"][index] += h.abs_().sum(dim=(0, 1))
+    acc["sumsq"][index] += h.mul_(h).sum(dim=(0, 1))
     return window_sums
 
 

@@ -1,4 +1,6 @@
-"""Per-layer measurements of the position/context decomposition [SZ] (SPEC section 4).
+"""Per-hidden-state measurements of the position/context decomposition [SZ] (SPEC section 4).
+
+Hidden state ``h`` is indexed 0..L: 0 the embedding output, ``h`` the output of block ``h - 1``.
 
 Everything here is computed from :class:`GeometryStats` alone (no model): variance shares, the
 positional part's spectrum (stable rank, Gavish-Donoho rank, explained variance, principal
@@ -6,7 +8,7 @@ coordinates: the spiral), its smoothness (cosine Gram ``G = P~ P~^T`` of the row
 ``P``, ``D G D^T`` with D the orthonormal DCT-II, and the share of the non-DC energy at
 frequencies ``<= low_freq`` in both axes), context clustering, incoherence beside random
 baselines, and the massive-activation channels (largest mean ``|h|``), optionally removed
-(``drop_channels = m``: each layer's own top-m channels are dropped before every metric).
+(``drop_channels = m``: each hidden state's own top-m channels are dropped before every metric).
 
 ``pos_relative_norm`` is ``sqrt(mean_t ||pos_t||^2) / sqrt(mean_{c,t} ||h[c,t]||^2)``: the RMS
 positional vector against the RMS raw hidden state (mean included).
@@ -36,19 +38,20 @@ from tgeom.results import results_frame
 if TYPE_CHECKING:
     import pandas as pd
 
-N_MASSIVE = 5  # channels listed per layer in the massive-activation report
+N_MASSIVE = 5  # channels listed per hidden state in the massive-activation report
 
 
 @dataclass
 class GeometryResult:
-    """Measurements per layer (``layers``: JSON-ready dicts) and arrays for the figures.
+    """Measurements per hidden state (``by_hidden``: JSON-ready dicts, index 0..L) and arrays for
+    the figures.
 
-    Arrays per layer ``l``: ``pos_singular_values[l] [min(T', d)]``, ``pos_coords[l] [T', 3]``
-    (top-3 principal coordinates over t), ``ctx_map[l] [C, 2]`` (PCA of ctx), ``pos_ctx_cos[l]
-    [T', C]``, ``gram[l]`` and ``gram_dct[l] [T', T']``.
+    Arrays per hidden state ``l``: ``pos_singular_values[l] [min(T', d)]``, ``pos_coords[l]
+    [T', 3]`` (top-3 principal coordinates over t), ``ctx_map[l] [C, 2]`` (PCA of ctx),
+    ``pos_ctx_cos[l] [T', C]``, ``gram[l]`` and ``gram_dct[l] [T', T']``.
     """
 
-    layers: list[dict[str, Any]]
+    by_hidden: list[dict[str, Any]]
     massive_channels: list[dict[str, Any]]
     topics: list[str]
     topic_ids: list[int]
@@ -63,19 +66,21 @@ class GeometryResult:
     gram_dct: list[np.ndarray] = field(repr=False)
 
     @property
-    def n_layers_plus_one(self) -> int:
-        return len(self.layers)
+    def n_hidden(self) -> int:
+        """Hidden states measured: the embedding output and each block's output (L + 1)."""
+        return len(self.by_hidden)
 
-    def check_layer(self, layer: int) -> int:
-        return check_index("layer", layer, self.n_layers_plus_one)
+    def check_hidden(self, hidden: int) -> int:
+        return check_index("hidden state", hidden, self.n_hidden)
 
-    def to_json(self, gram_layer: int | None = None) -> dict[str, Any]:
-        """Plain JSON payload: identity, options, ``layers`` (scalars + per-layer arrays) and the
-        Gram and its DCT for ``gram_layer`` (default: the last layer)."""
-        g = self.n_layers_plus_one - 1 if gram_layer is None else self.check_layer(gram_layer)
-        layers = []
-        for i, row in enumerate(self.layers):
-            layers.append(
+    def to_json(self, gram_hidden: int | None = None) -> dict[str, Any]:
+        """Plain JSON payload: identity, ``n_blocks`` and ``n_hidden`` (= n_blocks + 1), options,
+        ``by_hidden`` (scalars + per-hidden-state arrays, one row per hidden state 0..L) and the
+        Gram and its DCT for hidden state ``gram_hidden`` (default: the last one)."""
+        g = self.n_hidden - 1 if gram_hidden is None else self.check_hidden(gram_hidden)
+        rows = []
+        for i, row in enumerate(self.by_hidden):
+            rows.append(
                 {
                     **row,
                     "pos_singular_values": self.pos_singular_values[i].tolist(),
@@ -85,13 +90,15 @@ class GeometryResult:
             )
         return {
             **{k: v for k, v in self.meta.items() if k not in ("topic_ids", "topics")},
+            "n_blocks": self.n_hidden - 1,
+            "n_hidden": self.n_hidden,
             "options": self.options,
             "topics": self.topics,
             "topic_ids": self.topic_ids,
             "positions": self.positions,
             "massive_channels": self.massive_channels,
-            "layers": layers,
-            "gram_layer": g,
+            "by_hidden": rows,
+            "gram_hidden": g,
             "gram": self.gram[g].tolist(),
             "gram_dct": self.gram_dct[g].tolist(),
         }
@@ -122,7 +129,7 @@ def measure(
     ctx_map: str = "pca",
     rank_method: str = "cubic",
 ) -> GeometryResult:
-    """Measure every layer of ``stats`` (see the module docstring for each quantity).
+    """Measure every hidden state of ``stats`` (see the module docstring for each quantity).
 
     ``ctx_map``: "pca" or "tsne" (the 2-D context map); ``rank_method``: how the Gavish-Donoho
     coefficient omega(beta) is computed for ``pos_rank`` ("cubic" or "exact", see
@@ -138,7 +145,7 @@ def measure(
     n = stats.n_windows * stats.n_positions
     mean_abs = stats.sum_abs / n  # [L+1, d]
     result = GeometryResult(
-        layers=[],
+        by_hidden=[],
         massive_channels=[],
         topics=stats.topics,
         topic_ids=topic_ids.tolist(),
@@ -161,11 +168,11 @@ def measure(
         gram_dct=[],
     )
     dct = dct_matrix(stats.n_positions)
-    for layer in range(stats.n_layers_plus_one):
-        order = torch.argsort(mean_abs[layer], descending=True)
-        result.massive_channels.append(_massive(layer, mean_abs[layer], order))
+    for hidden in range(stats.n_hidden):
+        order = torch.argsort(mean_abs[hidden], descending=True)
+        result.massive_channels.append(_massive(hidden, mean_abs[hidden], order))
         keep = torch.sort(order[drop_channels:]).values if drop_channels else None
-        _measure_layer(result, stats, layer, keep, dct, k_subspace, low_freq, seed)
+        _measure_hidden(result, stats, hidden, keep, dct, k_subspace, low_freq, seed)
     return result
 
 
@@ -174,21 +181,21 @@ def _positions(stats: GeometryStats) -> list[int]:
     return list(range(first, first + stats.n_positions))
 
 
-def _massive(layer: int, mean_abs: torch.Tensor, order: torch.Tensor) -> dict[str, Any]:
+def _massive(hidden: int, mean_abs: torch.Tensor, order: torch.Tensor) -> dict[str, Any]:
     top = order[:N_MASSIVE]
     median = float(mean_abs.median())
     return {
-        "layer": layer,
+        "hidden": hidden,
         "channels": top.tolist(),
         "mean_abs": mean_abs[top].tolist(),
         "ratio_to_median": [float(v) / median if median > 0 else math.inf for v in mean_abs[top]],
     }
 
 
-def _measure_layer(
+def _measure_hidden(
     result: GeometryResult,
     stats: GeometryStats,
-    layer: int,
+    hidden: int,
     keep: torch.Tensor | None,
     dct: torch.Tensor,
     k_subspace: int,
@@ -196,7 +203,7 @@ def _measure_layer(
     seed: int,
 ) -> None:
     ctx_map, rank_method = result.options["ctx_map"], result.options["rank_method"]
-    dec = stats.decomposition(layer, keep)
+    dec = stats.decomposition(hidden, keep)
     share_pos, share_ctx, share_resid = dec.shares()
     pos, ctx = dec.pos, dec.ctx
     u, s, _ = torch.linalg.svd(pos, full_matrices=False)
@@ -206,7 +213,7 @@ def _measure_layer(
         return float((s[:k] ** 2).sum() / energy) if energy > 0 else float("nan")
 
     n = stats.n_windows * stats.n_positions
-    sumsq = stats.sumsq[layer] if keep is None else stats.sumsq[layer, keep]
+    sumsq = stats.sumsq[hidden] if keep is None else stats.sumsq[hidden, keep]
     rms_h = math.sqrt(float(sumsq.sum()) / n)
     rms_pos = math.sqrt(float((pos**2).sum()) / pos.shape[0])
     unit = unit_rows(pos)
@@ -223,9 +230,9 @@ def _measure_layer(
 
     ctx_part = context_metrics(ctx, stats.topic_ids, seed, ctx_map)
     inc = incoherence(pos, ctx, k_subspace, seed)
-    result.layers.append(
+    result.by_hidden.append(
         {
-            "layer": layer,
+            "hidden": hidden,
             "var_share_pos": share_pos,
             "var_share_ctx": share_ctx,
             "var_share_resid": share_resid,

@@ -1,6 +1,7 @@
 """Running float64 statistics of hidden states for the position/context decomposition [SZ].
 
-SPEC section 4. For each layer ``l`` and hidden states ``h[c, t]`` (C windows x T' positions,
+SPEC section 4. For each hidden state ``l`` (0 = embedding output, ``l`` = output of block
+``l - 1``) and its vectors ``h[c, t]`` (C windows x T' positions,
 position 0 dropped unless ``keep_first``):
 
 - ``mu = mean_{c,t} h``, ``pos_t = mean_c h[c, t] - mu``, ``ctx_c = mean_t h[c, t] - mu``,
@@ -62,7 +63,8 @@ class GeometryStats:
         return int(self.sum_pos.shape[1])
 
     @property
-    def n_layers_plus_one(self) -> int:
+    def n_hidden(self) -> int:
+        """Hidden states per window: the embedding output and each block's output (L + 1)."""
         return int(self.sum_total.shape[0])
 
     @property
@@ -83,15 +85,15 @@ class GeometryStats:
 
     @classmethod
     def empty(
-        cls, n_layers_plus_one: int, n_positions: int, n_windows: int, d: int, meta: dict[str, Any]
+        cls, n_hidden: int, n_positions: int, n_windows: int, d: int, meta: dict[str, Any]
     ) -> GeometryStats:
         f64 = torch.float64
         return cls(
-            sum_total=torch.zeros(n_layers_plus_one, d, dtype=f64),
-            sum_pos=torch.zeros(n_layers_plus_one, n_positions, d, dtype=f64),
-            ctx_means=torch.zeros(n_windows, n_layers_plus_one, d, dtype=f64),
-            sumsq=torch.zeros(n_layers_plus_one, d, dtype=f64),
-            sum_abs=torch.zeros(n_layers_plus_one, d, dtype=f64),
+            sum_total=torch.zeros(n_hidden, d, dtype=f64),
+            sum_pos=torch.zeros(n_hidden, n_positions, d, dtype=f64),
+            ctx_means=torch.zeros(n_windows, n_hidden, d, dtype=f64),
+            sumsq=torch.zeros(n_hidden, d, dtype=f64),
+            sum_abs=torch.zeros(n_hidden, d, dtype=f64),
             n_done=0,
             meta=dict(meta),
         )
@@ -125,8 +127,9 @@ class GeometryStats:
         return stats
 
     # -- the decomposition ----------------------------------------------------------------
-    def decomposition(self, layer: int, channels: Tensor | None = None) -> Decomposition:
-        """mu, pos, ctx and the sums of squares of ``layer``, restricted to ``channels``."""
+    def decomposition(self, hidden: int, channels: Tensor | None = None) -> Decomposition:
+        """mu, pos, ctx and the sums of squares of hidden state ``hidden`` (0..L), restricted to
+        ``channels``."""
         if not self.complete:
             raise TgeomError(
                 f"the statistics hold {self.n_done} of {self.n_windows} windows; run "
@@ -135,10 +138,10 @@ class GeometryStats:
         keep = slice(None) if channels is None else channels
         c, t = self.n_windows, self.n_positions
         n = c * t
-        mu = self.sum_total[layer, keep] / n
-        pos = self.sum_pos[layer][:, keep] / c - mu
-        ctx = self.ctx_means[:, layer, keep] - mu
-        total = float(self.sumsq[layer, keep].sum()) - n * float(mu @ mu)
+        mu = self.sum_total[hidden, keep] / n
+        pos = self.sum_pos[hidden][:, keep] / c - mu
+        ctx = self.ctx_means[:, hidden, keep] - mu
+        total = float(self.sumsq[hidden, keep].sum()) - n * float(mu @ mu)
         ss_pos = c * float((pos**2).sum())
         ss_ctx = t * float((ctx**2).sum())
         return Decomposition(mu, pos, ctx, total, ss_pos, ss_ctx, total - ss_pos - ss_ctx)
@@ -201,7 +204,7 @@ class GeometryStats:
 
 @dataclass
 class Decomposition:
-    """One layer's parts: ``mu [d]``, ``pos [T', d]``, ``ctx [C, d]`` and the sums of squares
+    """One hidden state's parts: ``mu [d]``, ``pos [T', d]``, ``ctx [C, d]`` and the sums of squares
     ``ss_total = ss_pos + ss_ctx + ss_resid`` (balanced two-way ANOVA)."""
 
     mu: Tensor

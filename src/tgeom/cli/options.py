@@ -1,0 +1,28 @@
+"""Options shared by several command groups: the two layer indices, named apart.
+
+``--hidden H`` picks a hidden state (0..L: 0 the embedding output, H the output of block H-1);
+``--block B`` picks a transformer block (0..L-1; block B reads hidden B and writes hidden B+1).
+The old ``--layer`` meant one or the other depending on the command; it is refused with one line
+that names its replacement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from tgeom.errors import TgeomError
+
+HIDDEN_MEANING = "a hidden state 0..L, 0 = the embedding output, H = the output of block H-1"
+BLOCK_MEANING = "a block 0..L-1; block B reads hidden state B and writes B+1"
+
+
+def renamed_layer(new: str, meaning: str, flag: str = "--layer") -> Any:
+    """A hidden ``flag`` option that stops the command with one line naming ``new``."""
+
+    def refuse(value: str | None) -> None:
+        if value is not None:
+            raise TgeomError(f"{flag} was renamed: pass {new} ({meaning}).")
+
+    return typer.Option(None, flag, hidden=True, callback=refuse, help=f"Renamed: use {new}.")

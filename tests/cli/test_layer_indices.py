@@ -1,0 +1,139 @@
+"""The two layer indices, named apart in every results.json and option (issue 21).
+
+``hidden`` indexes hidden states 0..L (0 = the embedding output, h = the output of block h-1),
+``block`` indexes transformer blocks 0..L-1 (block b reads hidden b and writes hidden b+1). Each
+command runs once on a tiny 2-block model; its results.json must use the right name with the
+right range, hold no key that says ``layer``, and its options must accept the new names, refuse
+out-of-range values and refuse the old ``--layer`` with one line naming the replacement.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tgeom.cli import main
+from tgeom.models import load_model
+
+TEXT = "The boat left the harbour at dawn and the gulls cried over the sea."
+
+
+def run_main(argv: list[str]) -> int:
+    old = sys.argv
+    sys.argv = ["tgeom", *argv]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = old
+    return int(exit_info.value.code or 0)
+
+
+def keys_saying_layer(document: Any, where: str = "") -> list[str]:
+    """Every key path of a JSON document whose key contains 'layer' (ambiguous: hidden or block)."""
+    found = []
+    if isinstance(document, dict):
+        for key, value in document.items():
+            if "layer" in key.lower():
+                found.append(f"{where}/{key}")
+            found += keys_saying_layer(value, f"{where}/{key}")
+    elif isinstance(document, list):
+        for index, value in enumerate(document):
+            found += keys_saying_layer(value, f"{where}[{index}]")
+    return found
+
+
+def _corpus(folder: Path) -> Path:
+    texts = {"letters": "abcdefghij klmnop " * 12, "digits": "0123456789 " * 20}
+    for topic, text in texts.items():
+        (folder / topic).mkdir(parents=True)
+        (folder / topic / "a.txt").write_text(text, encoding="utf-8")
+        (folder / topic / "b.txt").write_text(text[::-1], encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Each command run once on the tiny GPT-2 (L = 2 blocks): its results.json by name."""
+    root = tmp_path_factory.mktemp("layer-indices")
+    model = str(tiny_model_dir("gpt2"))
+    n_blocks = load_model(model, device="cpu").summary.n_layers
+    corpus = str(_corpus(root / "corpus"))
+    geo = root / "geo"
+    commands = {
+        "geometry measure": [
+            *("geometry", "run", model, corpus, "--seq-len", "16", "--out", str(geo)),
+            *("--hidden", str(n_blocks)),  # the last hidden state is in range
+        ],
+        "geometry qk": ["geometry", "qk", model, str(geo), "--block", str(n_blocks - 1)],
+    }
+    outs = {"geometry measure": geo, "geometry qk": geo / "qk"}
+    results = {}
+    for name, argv in commands.items():
+        assert run_main(argv) == 0, name
+        results[name] = json.loads((outs[name] / "results.json").read_text())
+    return {"n_blocks": n_blocks, "model": model, "geo": geo, "results": results}
+
+
+def test_tiny_model_has_two_blocks(runs: dict[str, Any]) -> None:
+    assert runs["n_blocks"] == 2  # so hidden runs 0..2 and block 0..1 below
+
+
+def test_no_results_json_says_layer(runs: dict[str, Any]) -> None:
+    for name, document in runs["results"].items():
+        assert keys_saying_layer(document) == [], name
+
+
+def test_geometry_rows_are_hidden_states(runs: dict[str, Any]) -> None:
+    L = runs["n_blocks"]
+    doc = runs["results"]["geometry measure"]
+    assert (doc["n_blocks"], doc["n_hidden"]) == (L, L + 1)
+    assert [row["hidden"] for row in doc["by_hidden"]] == list(range(L + 1))
+    assert [row["hidden"] for row in doc["massive_channels"]] == list(range(L + 1))
+    assert doc["gram_hidden"] == L
+    assert (runs["geo"] / f"spiral_2d_hidden{L}.png").is_file()
+
+
+def test_geometry_qk_is_by_block(runs: dict[str, Any]) -> None:
+    L = runs["n_blocks"]
+    doc = runs["results"]["geometry qk"]
+    assert (doc["block"], doc["input_hidden"], doc["n_blocks"]) == (L - 1, L - 1, L)
+    assert doc["heads"] and all(row["block"] == L - 1 for row in doc["heads"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["geometry", "measure", "{geo}", "--hidden", "3"], "hidden state 3 is out of range"),
+        (["geometry", "measure", "{geo}", "--hidden", "-1"], "hidden state -1 is out of range"),
+        (["geometry", "measure", "{geo}", "--layer", "1"], "--layer was renamed: pass --hidden"),
+        (["geometry", "qk", "{model}", "{geo}", "--block", "2"], "block 2 is out of range"),
+        (
+            ["geometry", "qk", "{model}", "{geo}", "--layer", "1"],
+            "--layer was renamed: pass --block",
+        ),
+    ],
+)
+def test_options_range_checked_and_old_name_refused(
+    runs: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    needle: str,
+) -> None:
+    import shutil
+
+    geo = tmp_path / "geo"  # a copy: a refused command must leave the original as it was
+    shutil.copytree(runs["geo"], geo)
+    before = (geo / "results.json").read_bytes()
+    values = {"geo": str(geo), "model": runs["model"]}
+    code = run_main([arg.format(**values) for arg in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("tgeom: error: ")
+    assert needle in err
+    assert (geo / "results.json").read_bytes() == before
