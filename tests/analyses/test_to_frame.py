@@ -95,7 +95,7 @@ def geometry_case(tiny_model: Any, tmp_path: Path) -> Case:
     stats = collect_statistics(lm, windows, Runtime(torch.device("cpu"), 8), progress=False)
     result = measure(stats)
     return result.to_json(), [
-        (result.to_frame(), lambda doc: doc["layers"]),
+        (result.to_frame(), lambda doc: doc["by_hidden"]),
         (result.to_frame("massive_channels"), lambda doc: doc["massive_channels"]),
     ]
 

@@ -103,10 +103,10 @@ class GeometryResult:
             "gram_dct": self.gram_dct[g].tolist(),
         }
 
-    def to_frame(self, table: str = "layers") -> pd.DataFrame:
-        """``layers`` (one row per layer: every measurement, arrays as list cells) or
-        ``massive_channels`` (one row per layer) as a DataFrame."""
-        return results_frame(self.to_json(), table, ("layers", "massive_channels"))
+    def to_frame(self, table: str = "by_hidden") -> pd.DataFrame:
+        """``by_hidden`` (one row per hidden state 0..L: every measurement, arrays as list cells)
+        or ``massive_channels`` (one row per hidden state) as a DataFrame."""
+        return results_frame(self.to_json(), table, ("by_hidden", "massive_channels"))
 
 
 def check_measure_options(ctx_map: str, rank_method: str) -> None:
