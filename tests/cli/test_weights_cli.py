@@ -52,6 +52,37 @@ def test_topk_writes_pairs_with_the_required_keys(tiny_model_dir, tmp_path):
     assert (out / "top_pairs.png").stat().st_size > 0
 
 
+def test_topk_tl_embedding_is_recorded(tiny_model_dir, tmp_path):
+    payload = invoke(
+        "topk", str(tiny_model_dir("llama")), "--layer", "0", "--head", "1", "--circuit", "ov",
+        "--embedding", "tl", "--k", "3", "--out", str(tmp_path / "tl"),
+    )  # fmt: skip
+    assert payload["embedding_convention"] == "tl"
+    assert (payload["row_embedding"], payload["col_embedding"]) == ("W_E", "W_U")
+    result = runner.invoke(
+        app,
+        ["weights", "topk", str(tiny_model_dir("llama")), "--layer", "0", "--head", "1",
+         "--embedding", "both", "--out", str(tmp_path / "bad")],
+    )  # fmt: skip
+    assert "--embedding must be out (W_U), in (W_E) or tl" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_minilm_topk_records_the_input_embedding_it_reads(tmp_path):
+    # MiniLM has no output head: its pairs are read through W_E, and results must say so.
+    for embedding in ("out", "tl"):
+        payload = invoke(
+            "topk", "minilm", "--layer", "2", "--head", "0", "--circuit", "ov", "--k", "3",
+            "--embedding", embedding, "--out", str(tmp_path / embedding),
+        )  # fmt: skip
+        assert payload["embedding"] == payload["row_embedding"] == "W_E"
+        assert payload["col_embedding"] == "W_E"
+    neuron = invoke(
+        "project", "minilm", "--neuron", "0:0", "--k", "3", "--out", str(tmp_path / "p"),
+    )  # fmt: skip
+    assert neuron["embedding"] == "W_E"
+
+
 def test_topk_layer_out_of_range_exits_2_with_one_line(tiny_model_dir, tmp_path):
     proc = run_tgeom(
         "weights", "topk", str(tiny_model_dir("gpt2")), "--layer", "9", "--head", "0",

@@ -31,7 +31,16 @@ ALPHA_OPT = typer.Option(False, "--alpha-only", help="Keep only alphabetic token
 SPECIAL_OPT = typer.Option(
     False, "--keep-special", help="Keep special tokens (dropped by default)."
 )
-EMBED_OPT = typer.Option("out", "--embedding", help="Vocabulary matrix: out (W_U) or in (W_E).")
+EMBED_OPT = typer.Option(
+    "out", "--embedding", help="Vocabulary matrix: out (W_U; W_E without an LM head) or in (W_E)."
+)
+PAIR_EMBED_OPT = typer.Option(
+    "out",
+    "--embedding",
+    help="Vocabulary matrices: out (W_U on both sides; W_E without an LM head) or in (W_E): "
+    "one matrix, as Dar et al.; tl: W_E for the tokens entering the head (QK rows and columns, "
+    "OV rows), W_U for the tokens it promotes (OV columns), as TransformerLens.",
+)
 REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model author's code.")
 
 
@@ -57,6 +66,14 @@ def _embedding(name: str) -> Literal["out", "in"]:
     if name not in ("out", "in"):
         raise TgeomError(f"--embedding must be out (W_U) or in (W_E), got {name!r}.")
     return "out" if name == "out" else "in"
+
+
+def _pair_embedding(name: str) -> str:
+    if name not in ("out", "in", "tl"):
+        raise TgeomError(
+            f"--embedding must be out (W_U), in (W_E) or tl (W_E in, W_U out), got {name!r}."
+        )
+    return name
 
 
 def _pair(text: str, what: str) -> tuple[int, int]:
@@ -158,7 +175,7 @@ def topk(
     circuit: str = typer.Option("ov", "--circuit", help="qk or ov."),
     k: int = K_OPT,
     negative: bool = typer.Option(False, "--negative", help="Most negative entries instead."),
-    embedding: str = EMBED_OPT,
+    embedding: str = PAIR_EMBED_OPT,
     ascii_only: bool = ASCII_OPT,
     alpha_only: bool = ALPHA_OPT,
     keep_special: bool = SPECIAL_OPT,
@@ -183,7 +200,7 @@ def topk(
         largest=not negative,
         row_mask=mask,
         col_mask=mask,
-        E=embedding,
+        E=_pair_embedding(embedding),
     )
     vocab = lm.vocab_strings
     payload = {
@@ -198,7 +215,7 @@ def topk(
     save_figure(top_pairs_figure(result, vocab), prepare_out_dir(out) / "top_pairs.png")
     _print_table(
         f"{lm.source}: {circuit.upper()} layer {layer} head {head}"
-        f" ({'most negative' if negative else 'largest'})",
+        f" ({'most negative' if negative else 'largest'}; E = {result.embedding})",
         ["rank", "row token", "col token", "value"],
         [
             [i, p["row_token"], p["col_token"], p["value"]]
@@ -215,7 +232,7 @@ def atlas(
     k: int = typer.Option(10, "--k", help="Pairs per head and circuit."),
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated layers (all)."),
     negative: bool = typer.Option(False, "--negative", help="Most negative entries instead."),
-    embedding: str = EMBED_OPT,
+    embedding: str = PAIR_EMBED_OPT,
     ascii_only: bool = ASCII_OPT,
     alpha_only: bool = ALPHA_OPT,
     keep_special: bool = SPECIAL_OPT,
@@ -245,7 +262,7 @@ def atlas(
         largest=not negative,
         row_mask=mask,
         col_mask=mask,
-        E=embedding,
+        E=_pair_embedding(embedding),
         quiet=quiet,
     )
     folder = prepare_out_dir(out)
@@ -260,7 +277,8 @@ def atlas(
     write_results(out, "weights atlas", payload)
     best = [r for r in result.rows if r.rank == 0][:20]
     _print_table(
-        f"{lm.source}: head atlas (top pair per head, {len(result.rows)} rows in atlas.csv)",
+        f"{lm.source}: head atlas (top pair per head, {len(result.rows)} rows in atlas.csv; "
+        f"E = {result.embedding})",
         ["layer", "head", "circuit", "row token", "col token", "value"],
         [[r.layer, r.head, r.circuit, r.row_token, r.col_token, r.value] for r in best],
     )

@@ -51,3 +51,19 @@ def test_atlas_on_chosen_layers_and_one_circuit(tiny_model):
 def test_atlas_rejects_a_layer_out_of_range(tiny_model):
     with pytest.raises(TgeomError, match=r"valid layers are 0\.\.1"):
         head_atlas(tiny_model("gpt2").weights(), 2, layers=[3], quiet=True)
+
+
+def test_atlas_tl_convention_records_each_circuits_sides(tiny_model):
+    cw = tiny_model("llama").weights()
+    atlas = head_atlas(cw, 2, layers=[1], E="tl", quiet=True)
+    assert atlas.convention == "tl"
+    assert atlas.sides == {
+        "qk": {"rows": "W_E", "cols": "W_E"},
+        "ov": {"rows": "W_E", "cols": "W_U"},
+    }
+    assert atlas.to_json()["embedding_sides"] == atlas.sides
+    for row in atlas.rows[::2]:
+        pairs = head_top_pairs(cw, 1, row.head, row.circuit, 2, E="tl")
+        assert (row.row, row.col) == (int(pairs.rows[0]), int(pairs.cols[0]))
+    plain = head_atlas(cw, 2, layers=[1], quiet=True)
+    assert plain.convention == "dar" and plain.embedding == "W_U"

@@ -43,6 +43,48 @@ def test_qk_and_ov_pairs_equal_the_dense_matrices(tiny_model, family, largest):
         torch.testing.assert_close(result.values.double(), want_values, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("largest", [True, False])
+def test_tl_convention_reads_inputs_with_w_e_and_outputs_with_w_u(tiny_model, largest):
+    cw = tiny_model("llama").weights()  # untied: W_E and W_U differ
+    assert not torch.equal(cw.W_E, cw.W_U)
+    E_in, E_out = cw.W_E.double(), cw.W_U.double()
+    lw = cw.layers[0]
+    QK = E_in @ lw.W_Q[1].double() @ lw.W_K[1].double().T @ E_in.T  # query in, key in
+    OV = E_in @ lw.W_V[1].double() @ lw.W_O[1].double() @ E_out.T  # source in, promoted out
+    mask = token_mask(tiny_model("llama"))
+    for circuit, dense, cols in (("qk", QK, "W_E"), ("ov", OV, "W_U")):
+        result = head_top_pairs(
+            cw, 0, 1, circuit, 12, largest=largest, row_mask=mask, col_mask=mask, E="tl"
+        )
+        got = list(zip(result.rows.tolist(), result.cols.tolist(), strict=True))
+        assert got == dense_top(dense, 12, largest, mask, mask)
+        want = torch.tensor([float(dense[i, j]) for i, j in got], dtype=torch.float64)
+        torch.testing.assert_close(result.values.double(), want, rtol=1e-5, atol=1e-8)
+        payload = result.to_json()
+        assert payload["embedding_convention"] == "tl"
+        assert (payload["row_embedding"], payload["col_embedding"]) == ("W_E", cols)
+    dar = head_top_pairs(cw, 0, 1, "ov", 12, row_mask=mask, col_mask=mask)
+    assert dar.to_json()["embedding_convention"] == "dar" and dar.embedding == "W_U"
+    assert dar.rows.tolist() != result.rows.tolist() or dar.cols.tolist() != result.cols.tolist()
+
+
+def test_a_model_without_lm_head_records_w_e(tiny_model):
+    cw = tiny_model("bert").weights()  # BertModel: no MLM head, W_U is W_E
+    assert not cw.summary.has_lm_head
+    for E in ("out", "in", "tl"):
+        payload = head_top_pairs(cw, 0, 0, "ov", 3, E=E).to_json()
+        assert (payload["embedding"], payload["row_embedding"], payload["col_embedding"]) == (
+            "W_E",
+            "W_E",
+            "W_E",
+        )
+
+
+def test_an_unknown_embedding_is_refused(tiny_model):
+    with pytest.raises(TgeomError, match="embedding must be 'out'"):
+        head_top_pairs(tiny_model("gpt2").weights(), 0, 0, "qk", 3, E="both")
+
+
 def planted(cw, layer, head, a, b, sign=1.0):
     """A copy of ``cw`` whose head maps token a (source) to token b (promoted), rank one."""
     cw = copy.deepcopy(cw)

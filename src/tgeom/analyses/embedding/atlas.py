@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from tgeom.analyses.embedding.interaction import ROPE_NOTE, head_top_pairs, resolve_embedding
+from tgeom.analyses.embedding.interaction import (
+    ROPE_NOTE,
+    circuit_embeddings,
+    describe_sides,
+    embedding_convention,
+    head_top_pairs,
+)
 from tgeom.errors import TgeomError, check_index
 from tgeom.models.weights import CanonicalWeights
 from tgeom.results import atomic_write_text, results_frame
@@ -44,7 +50,12 @@ COLUMNS = tuple(f.name for f in fields(AtlasRow))
 
 @dataclass
 class HeadAtlas:
-    """The atlas table (``rows``, in layer, head, circuit, rank order) and its options."""
+    """The atlas table (``rows``, in layer, head, circuit, rank order) and its options.
+
+    ``embedding``: the vocabulary matrices in one string (``"W_U"``, or per circuit when the
+    sides differ); ``convention``: ``"dar"`` | ``"tl"``; ``sides``: per circuit, the matrix
+    embedding the row and the column tokens (``{"ov": {"rows": "W_E", "cols": "W_U"}}``).
+    """
 
     rows: list[AtlasRow]
     k: int
@@ -54,6 +65,8 @@ class HeadAtlas:
     circuits: list[str]
     rope_note: str | None
     options: dict[str, Any] = field(default_factory=dict)
+    convention: str = "dar"
+    sides: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def column(self, name: str) -> list[Any]:
         return [getattr(row, name) for row in self.rows]
@@ -74,6 +87,8 @@ class HeadAtlas:
             "k": self.k,
             "largest": self.largest,
             "embedding": self.embedding,
+            "embedding_convention": self.convention,
+            "embedding_sides": self.sides,
             "layers": self.layers,
             "circuits": self.circuits,
             "rope_note": self.rope_note,
@@ -106,16 +121,26 @@ def head_atlas(
     """Top-``k`` pairs of every head (of ``layers``, default all) for each circuit.
 
     ``vocab``: display strings per token id (``lm.vocab_strings``); ids are shown as
-    ``<id:N>`` without it. A rich progress bar counts heads unless ``quiet``.
+    ``<id:N>`` without it. ``E``: the vocabulary matrices, as in
+    :func:`~tgeom.analyses.embedding.interaction.head_top_pairs` (``"out"``, ``"in"``, ``"tl"``
+    or a tensor). A rich progress bar counts heads unless ``quiet``.
     """
     n_layers = len(cw.layers)
     chosen = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     for layer in chosen:
         check_index("layer", layer, n_layers)
-    for circuit in circuits:
-        if circuit not in ("qk", "ov"):
-            raise TgeomError(f"circuit must be qk or ov, got {circuit!r}.")
-    matrix, name = resolve_embedding(cw, E)
+    if not circuits:
+        raise TgeomError("no circuit chosen: pick qk, ov or both.")
+    sides = {}
+    for circuit in circuits:  # validates the circuit names and E
+        (_, row_name), (_, col_name) = circuit_embeddings(cw, circuit, E)
+        sides[circuit] = {"rows": row_name, "cols": col_name}
+    named = {c: describe_sides(side["rows"], side["cols"]) for c, side in sides.items()}
+    name = (
+        next(iter(named.values()))
+        if len(set(named.values())) == 1
+        else ", ".join(f"{c}: {n}" for c, n in named.items())
+    )
     n_heads = cw.summary.n_heads
     rows: list[AtlasRow] = []
     with Progress(
@@ -140,12 +165,22 @@ def head_atlas(
                         largest=largest,
                         row_mask=row_mask,
                         col_mask=col_mask,
-                        E=matrix,
+                        E=E,
                     )
                     rows.extend(_rows(layer, head, circuit, pairs, vocab))
                     progress.advance(task)
     rope = ROPE_NOTE if cw.rotary is not None and "qk" in circuits else None
-    return HeadAtlas(rows, k, largest, name, chosen, list(circuits), rope)
+    return HeadAtlas(
+        rows,
+        k,
+        largest,
+        name,
+        chosen,
+        list(circuits),
+        rope,
+        convention=embedding_convention(E),
+        sides=sides,
+    )
 
 
 def _rows(

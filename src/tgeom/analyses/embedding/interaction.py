@@ -6,6 +6,23 @@ in the output) are ``[V, V]``; each is the product of two ``[V, d_head]`` factor
 :func:`tgeom.linalg.topk.factored_topk` returns their top entries without materialising them.
 Raw parameters, no biases, no attention scale. For rotary models the token-only QK ignores the
 position-dependent rotation; results carry a ``rope_note`` saying so.
+
+Which vocabulary matrix sits on each side (SPEC sections 0 and 3; ``E`` argument, CLI
+``--embedding``):
+
+- ``"out"`` (default) / ``"in"`` / a ``[V, d]`` tensor: Dar et al.'s convention, one matrix ``E``
+  on both sides of both circuits: ``W_U`` (``"out"``), ``W_E`` (``"in"``) or the tensor.
+- ``"tl"``: TransformerLens' convention for untied models, each side read by the matrix that
+  belongs there: a token that *enters* the head is embedded with ``E_in = W_E`` and a token the
+  head *promotes* is read with ``E_out = W_U``. So ``QK_h = W_E W_Q W_K^T W_E^T`` (query and key
+  tokens are both inputs) and ``OV_h = W_E W_V W_O W_U^T`` (source token in, promoted token
+  out): TransformerLens' full QK and OV circuits (its ``QK``/``OV`` factored matrices with the
+  input embedding on the input sides and the unembedding on the output side).
+
+A model without an LM head (BERT encoders such as MiniLM) has no ``W_U``: its ``W_E`` is read
+instead and named so. Results record the convention and the matrix used on each side
+(``row_embedding``, ``col_embedding``); for tied models ``W_U`` and ``W_E`` are the same matrix
+and the conventions agree.
 """
 
 from __future__ import annotations
@@ -16,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
-from tgeom.analyses.embedding.projection import EMBEDDING_NAMES
+from tgeom.analyses.embedding.projection import embedding_name, vocab_matrix
 from tgeom.errors import TgeomError, check_index
 from tgeom.linalg.topk import factored_topk
 from tgeom.models.weights import CanonicalWeights
@@ -30,6 +47,7 @@ ROPE_NOTE = (
     "this model uses rotary position embeddings: the token-only QK matrix ignores the rotation, "
     "so real attention scores also depend on the relative position of query and key."
 )
+EMBEDDINGS = ("out", "in", "tl")  # the named choices of ``E`` (besides a tensor)
 ORIENTATION = {
     "qk": ("query token", "key token"),
     "ov": ("source (attended) token", "promoted (output) token"),
@@ -47,8 +65,16 @@ class InteractionPairs:
     cols: Tensor  # [k'] int64 token ids
     values: Tensor  # [k'] float32
     largest: bool
-    embedding: str  # "W_U" | "W_E" | "custom"
+    row_embedding: str  # the matrix embedding the row tokens: "W_U" | "W_E" | "custom"
+    col_embedding: str  # the matrix embedding the column tokens
+    convention: str  # "dar" (one matrix on both sides) | "tl" (W_E in, W_U out)
     rope_note: str | None
+
+    @property
+    def embedding(self) -> str:
+        """The matrices in one string: ``"W_U"`` when both sides use it, else ``"W_E / W_U"``
+        (rows / columns)."""
+        return describe_sides(self.row_embedding, self.col_embedding)
 
     def pairs(self, vocab: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """``[{row, col, row_token, col_token, value}]``, best first."""
@@ -71,6 +97,9 @@ class InteractionPairs:
             "head": self.head,
             "largest": self.largest,
             "embedding": self.embedding,
+            "embedding_convention": self.convention,
+            "row_embedding": self.row_embedding,
+            "col_embedding": self.col_embedding,
             "row_is": row_means,
             "col_is": col_means,
             "rope_note": self.rope_note,
@@ -82,30 +111,61 @@ class InteractionPairs:
         return results_frame(self.to_json(vocab), "pairs", ("pairs",))
 
 
-def resolve_embedding(cw: CanonicalWeights, E: Tensor | str | None) -> tuple[Tensor, str]:
-    """``None``/``"out"`` -> ``W_U``; ``"in"`` -> ``W_E``; a ``[V, d]`` tensor -> itself."""
-    if E is None or isinstance(E, str):
-        key = E or "out"
-        if key not in EMBEDDING_NAMES:
-            raise TgeomError(f"embedding must be 'out' (W_U) or 'in' (W_E), got {key!r}.")
-        return (cw.W_U if key == "out" else cw.W_E), EMBEDDING_NAMES[key]
-    if E.ndim != 2 or E.shape[1] != cw.W_E.shape[1]:
-        raise TgeomError(f"the vocabulary matrix must be [V, {cw.W_E.shape[1]}].")
-    return E, "custom"
+def describe_sides(row_name: str, col_name: str) -> str:
+    """``"W_U"`` when both sides use one matrix, else ``"W_E / W_U"`` (rows / columns)."""
+    return row_name if row_name == col_name else f"{row_name} / {col_name}"
+
+
+def embedding_convention(E: Tensor | str | None) -> str:
+    """``"tl"`` for ``E="tl"``, else ``"dar"`` (one matrix on both sides); validates ``E``."""
+    if isinstance(E, str) and E not in EMBEDDINGS:
+        raise TgeomError(
+            f"embedding must be 'out' (W_U), 'in' (W_E) or 'tl' (W_E in, W_U out), got {E!r}."
+        )
+    return "tl" if E == "tl" else "dar"
+
+
+def circuit_embeddings(
+    cw: CanonicalWeights, circuit: str, E: Tensor | str | None = None
+) -> tuple[tuple[Tensor, str], tuple[Tensor, str]]:
+    """``((E_rows, name), (E_cols, name))``, each ``[V, d]``: the vocabulary matrix that embeds
+    the row tokens and the column tokens of ``circuit`` under ``E`` (module docstring):
+    ``None``/``"out"`` -> ``W_U`` on both sides; ``"in"`` -> ``W_E``; a tensor -> itself
+    (``"custom"``); ``"tl"`` -> ``W_E`` on both QK sides and on the OV rows, ``W_U`` on the OV
+    columns. ``W_U`` is named ``W_E`` on a model without an LM head."""
+    if circuit not in ORIENTATION:
+        raise TgeomError(f"circuit must be qk or ov, got {circuit!r}.")
+    convention = embedding_convention(E)
+    if isinstance(E, Tensor):
+        if E.ndim != 2 or E.shape[1] != cw.W_E.shape[1]:
+            raise TgeomError(f"the vocabulary matrix must be [V, {cw.W_E.shape[1]}].")
+        return (E, "custom"), (E, "custom")
+    if convention == "tl":
+        rows = (cw.W_E, embedding_name(cw, "in"))
+        return rows, ((cw.W_U, embedding_name(cw, "out")) if circuit == "ov" else rows)
+    key = "in" if E == "in" else "out"
+    side = (vocab_matrix(cw, key), embedding_name(cw, key))
+    return side, side
 
 
 def circuit_factors(
-    cw: CanonicalWeights, layer: int, head: int, circuit: str, E: Tensor
+    cw: CanonicalWeights,
+    layer: int,
+    head: int,
+    circuit: str,
+    E: Tensor,
+    E_cols: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The two ``[V, d_head]`` factors of ``QK_h`` (``E W_Q, E W_K``) or ``OV_h``
-    (``E W_V, E W_O^T``)."""
+    """The two ``[V, d_head]`` factors of ``QK_h`` (``E W_Q, E_cols W_K``) or ``OV_h``
+    (``E W_V, E_cols W_O^T``); ``E_cols`` (default ``E``) embeds the column tokens."""
     check_index("layer", layer, len(cw.layers))
     lw = cw.layers[layer]
     check_index("head", head, lw.W_Q.shape[0])
+    cols = E if E_cols is None else E_cols
     if circuit == "qk":
-        return E @ lw.W_Q[head], E @ lw.W_K[head]
+        return E @ lw.W_Q[head], cols @ lw.W_K[head]
     if circuit == "ov":
-        return E @ lw.W_V[head], E @ lw.W_O[head].T
+        return E @ lw.W_V[head], cols @ lw.W_O[head].T
     raise TgeomError(f"circuit must be qk or ov, got {circuit!r}.")
 
 
@@ -125,10 +185,12 @@ def head_top_pairs(
     """Exact top-k entries of head ``head``'s ``circuit`` ("qk" | "ov") matrix in ``layer``.
 
     ``row_mask`` / ``col_mask`` [V] bool: token filters on rows and columns (applied before
-    selection). ``E``: vocabulary matrix (default ``W_U``; ``"in"`` for ``W_E``).
+    selection). ``E``: the vocabulary matrices (module docstring): ``"out"`` (default, ``W_U``
+    on both sides), ``"in"`` (``W_E``), ``"tl"`` (``W_E`` in, ``W_U`` out) or a ``[V, d]``
+    tensor.
     """
-    matrix, name = resolve_embedding(cw, E)
-    A, B = circuit_factors(cw, layer, head, circuit, matrix)
+    (E_rows, row_name), (E_cols, col_name) = circuit_embeddings(cw, circuit, E)
+    A, B = circuit_factors(cw, layer, head, circuit, E_rows, E_cols)
     top = factored_topk(
         A, B, k, largest=largest, row_mask=row_mask, col_mask=col_mask, chunk_size=chunk_size
     )
@@ -136,7 +198,17 @@ def head_top_pairs(
         raise TgeomError("the token filters leave no token pair; relax them.")
     rope = ROPE_NOTE if circuit == "qk" and cw.rotary is not None else None
     return InteractionPairs(
-        circuit, layer, head, top.rows, top.cols, top.values, largest, name, rope
+        circuit,
+        layer,
+        head,
+        top.rows,
+        top.cols,
+        top.values,
+        largest,
+        row_name,
+        col_name,
+        embedding_convention(E),
+        rope,
     )
 
 

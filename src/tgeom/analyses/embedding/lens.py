@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from tgeom.analyses.embedding.projection import embedding_name
 from tgeom.errors import TgeomError
 from tgeom.results import results_frame
 
@@ -34,6 +35,7 @@ class LogitLens:
     top_tokens: list[list[list[str]]]
     final_norm: bool
     has_unembedding_bias: bool
+    embedding: str = "W_U"  # the matrix read: "W_E" for a model without an LM head
 
     @property
     def n_layers(self) -> int:
@@ -44,6 +46,7 @@ class LogitLens:
             "text": self.text,
             "token_ids": self.token_ids,
             "tokens": self.tokens,
+            "embedding": self.embedding,
             "final_norm_applied": self.final_norm,
             "unembedding_bias_added": self.has_unembedding_bias,
             "layers": [
@@ -114,4 +117,5 @@ def logit_lens(lm: Any, text: str, k: int = 5, *, mask: Tensor | None = None) ->
         top_tokens=[[[vocab[i] for i in pos] for pos in layer] for layer in ids.tolist()],
         final_norm=cw.final_norm is not None,
         has_unembedding_bias=cw.b_U is not None,
+        embedding=embedding_name(cw, "out"),
     )

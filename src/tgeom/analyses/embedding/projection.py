@@ -5,7 +5,8 @@ top-k (and bottom-k) tokens summarise it. Parameters are projected raw: no bias,
 unless ``fold_norm`` asks to multiply a *reading* vector (FFN key/gate, W_Q/W_K/W_V column) by the
 gain of the norm that precedes it (writing vectors, FFN values and W_O rows, are unaffected).
 The vocabulary matrix is ``W_U`` (``embedding="out"``, the output embedding; equal to ``W_E``
-when tied) by default, or ``W_E`` (``embedding="in"``); results record which.
+when tied) by default, or ``W_E`` (``embedding="in"``); results record which matrix was read
+(``W_E`` for ``"out"`` too when the model has no LM head, e.g. MiniLM: its ``W_U`` is ``W_E``).
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ def vocab_matrix(cw: CanonicalWeights, embedding: Embedding = "out") -> Tensor:
     if embedding not in EMBEDDING_NAMES:
         raise TgeomError(f"embedding must be 'out' (W_U) or 'in' (W_E), got {embedding!r}.")
     return cw.W_U if embedding == "out" else cw.W_E
+
+
+def embedding_name(cw: CanonicalWeights, embedding: Embedding = "out") -> str:
+    """The name of the matrix :func:`vocab_matrix` returns: ``"W_U"`` or ``"W_E"``; a model
+    without an LM head (BERT encoders such as MiniLM) has no unembedding, so ``"out"`` reads
+    ``W_E`` and is named so."""
+    vocab_matrix(cw, embedding)  # validates the name
+    return "W_U" if embedding == "out" and cw.summary.has_lm_head else "W_E"
 
 
 def preceding_norm(cw: CanonicalWeights, layer: int, site: Literal["attn", "mlp"]) -> Norm | None:
@@ -218,7 +227,7 @@ def project_parameter(
         parameter["index"] = index
         x = subhead_vector(cw, layer, head, subhead, index, fold_norm=fold_norm)
     E = vocab_matrix(cw, embedding)
-    name = EMBEDDING_NAMES[embedding]
+    name = embedding_name(cw, embedding)
     vocab = lm.vocab_strings
     top = project_vector(x, E, k, mask=mask, vocab=vocab, embedding=name)
     bottom = project_vector(x, E, k, mask=mask, bottom=True, vocab=vocab, embedding=name)
