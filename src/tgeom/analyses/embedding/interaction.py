@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
-from tgeom.analyses.embedding.projection import embedding_name, vocab_matrix
+from tgeom.analyses.embedding.projection import Embedding, embedding_name, vocab_matrix
 from tgeom.errors import TgeomError, check_index
 from tgeom.linalg.topk import factored_topk
 from tgeom.models.weights import CanonicalWeights
@@ -143,7 +143,7 @@ def circuit_embeddings(
     if convention == "tl":
         rows = (cw.W_E, embedding_name(cw, "in"))
         return rows, ((cw.W_U, embedding_name(cw, "out")) if circuit == "ov" else rows)
-    key = "in" if E == "in" else "out"
+    key: Embedding = "in" if E == "in" else "out"
     side = (vocab_matrix(cw, key), embedding_name(cw, key))
     return side, side
 
