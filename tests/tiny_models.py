@@ -46,6 +46,18 @@ TINY_CONFIGS = {
             pad_token_id=1,
         ),
     ),
+    "distilbert": (
+        "DistilBertForMaskedLM",
+        transformers.DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=48,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        ),
+    ),
     "llama": (
         "LlamaForCausalLM",
         transformers.LlamaConfig(
@@ -95,6 +107,37 @@ TINY_CONFIGS = {
             max_position_embeddings=64,
             rotary_pct=0.25,
             use_parallel_residual=False,
+        ),
+    ),
+    "opt": (  # OPT-125m's layout: pre-LN, no embedding projection
+        "OPTForCausalLM",
+        transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=48,
+            max_position_embeddings=64,
+            do_layer_norm_before=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "opt_post_ln": (  # OPT-350m's layout: post-LN, project_in/out around a smaller embedding
+        "OPTForCausalLM",
+        transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            word_embed_proj_dim=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=48,
+            max_position_embeddings=64,
+            do_layer_norm_before=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
     ),
 }

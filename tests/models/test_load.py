@@ -92,7 +92,10 @@ def test_cli_info_missing_model_exit_code_2():
     assert_one_line_error(run_cli("info", "./missing-model-folder"), "does not exist")
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "roberta", "llama", "qwen2", "neox"])
+@pytest.mark.parametrize(
+    "family",
+    ["gpt2", "bert", "roberta", "distilbert", "llama", "qwen2", "neox", "opt", "opt_post_ln"],
+)
 def test_summary_of_tiny_models_matches_their_config(tiny_model, family):
     lm = tiny_model(family)
     s = lm.summary

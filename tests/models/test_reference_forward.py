@@ -43,6 +43,18 @@ def test_reference_forward_matches_hf_with_right_padding(tiny_model, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_reference_forward_matches_hf_with_left_padding(tiny_model, family):
+    """Left padding moves real tokens' positions where a family numbers real tokens only
+    (RoBERTa, OPT: ``positions_skip_padding``); every other family keeps ``0..T-1``."""
+    lm = tiny_model(family)
+    ids = torch.randint(4, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids[1, :5] = 1 if family == "roberta" else 0  # the pad token
+    assert max(max_layer_diffs(lm, ids, mask)) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_reference_attention_matches_hf_attentions(tiny_model, family):
     lm = tiny_model(family)
     cw = lm.weights()

@@ -6,8 +6,9 @@ gradients with respect to ``hidden[0]`` (attribution) or to run a model from a m
 (stitching). Plain torch ops only, so ``torch.func.jvp``/``vmap`` and autograd work on it.
 
 Padding convention: ``attention_mask [B, T]`` is 1 for real tokens; padded keys are masked out.
-Positions are ``0..T-1`` (rotary models) and ``0..T-1`` from the table (learned positions; for
-RoBERTa, real tokens are numbered in order and skip padding, as Hugging Face does).
+Positions are ``0..T-1`` (rotary models) and ``0..T-1`` from the table (learned positions; where
+``summary.positions_skip_padding`` (RoBERTa, OPT), real tokens are numbered in order and skip
+padding, as Hugging Face does).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tgeom.models.weights import CanonicalWeights, LayerWeights
 def positions_for(cw: CanonicalWeights, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     """Learned-position indices ``[B, T]`` for ``input_ids [B, T]`` (row t of ``W_pos``)."""
     B, T = input_ids.shape
-    if cw.summary.model_type in ("roberta", "xlm-roberta"):
+    if cw.summary.positions_skip_padding:
         real = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).long()
         return ((torch.cumsum(real, dim=1) - 1) * real).clamp(min=0)
     return torch.arange(T, device=input_ids.device).expand(B, T)

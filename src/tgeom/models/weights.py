@@ -25,7 +25,7 @@ NormKind = Literal["layernorm", "rmsnorm"]
 class ArchitectureSummary:
     """What ``tgeom info`` prints: the facts an analysis needs about an architecture."""
 
-    family: str  # 'gpt2' | 'bert' | 'llama' | 'gpt_neox'
+    family: str  # the adapter: 'gpt2' | 'bert' | 'llama' | 'gpt_neox' | 'opt' | 'gptj' | 'phi'
     model_type: str  # the transformers model_type, e.g. 'roberta', 'qwen2'
     n_layers: int
     n_heads: int
@@ -44,6 +44,11 @@ class ArchitectureSummary:
     is_causal: bool
     activation: str
     has_lm_head: bool
+    # Mechanisms most families leave off (each one is handled once, in the reference forward):
+    rotary_dim: int = 0  # coordinates of each head that rotary rotates (0: no rotary)
+    rotary_interleaved: bool = False  # rotary pairs (2i, 2i+1) (GPT-J), not (i, i + dim/2)
+    positions_skip_padding: bool = False  # learned positions count real tokens (RoBERTa, OPT)
+    embedding_projection: bool = False  # W_E / W_U fold a projection d_embed <-> d (OPT)
 
 
 @dataclass
@@ -69,20 +74,35 @@ class Norm:
 
 @dataclass
 class Rotary:
-    """Rotary position embedding (RoPE), rotate-half convention, on the first ``rotary_dim``
-    coordinates of every head."""
+    """Rotary position embedding (RoPE) on the first ``rotary_dim`` coordinates of every head
+    (partial rotary when ``rotary_dim < d_head``; the rest pass through unrotated).
+
+    Frequency ``i`` rotates the pair ``(i, i + rotary_dim / 2)`` (rotate-half: Llama, GPT-NeoX,
+    Phi) or, with ``interleaved``, the adjacent pair ``(2i, 2i + 1)`` (GPT-J's rotate-every-two).
+    """
 
     inv_freq: Tensor  # [rotary_dim // 2]
     attention_scaling: float = 1.0
+    interleaved: bool = False
+
+    @classmethod
+    def default(cls, rotary_dim: int, base: float = 10000.0, interleaved: bool = False) -> Rotary:
+        """The original RoPE frequencies ``base^(-2i / rotary_dim)``, ``i < rotary_dim / 2``."""
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+        return cls(1.0 / (base**exponents), 1.0, interleaved)
 
     @property
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.shape[0]
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """``positions [T]`` -> ``cos, sin [T, rotary_dim]``."""
+        """``positions [T]`` -> ``cos, sin [T, rotary_dim]`` (coordinate j holds the angle of the
+        pair it belongs to)."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
+        if self.interleaved:
+            emb = freqs.repeat_interleave(2, dim=-1)
+        else:
+            emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
     def apply(self, x: Tensor, positions: Tensor) -> Tensor:
@@ -90,9 +110,13 @@ class Rotary:
         cos, sin = self.cos_sin(positions.to(x.device))
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        half = self.rotary_dim // 2
-        rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        return torch.cat([rot * cos + rotated_half * sin, rest], dim=-1)
+        if self.interleaved:
+            pairs = rot.unflatten(-1, (-1, 2))
+            turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        else:
+            half = self.rotary_dim // 2
+            turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        return torch.cat([rot * cos + turned * sin, rest], dim=-1)
 
 
 @dataclass
@@ -169,6 +193,12 @@ def _norm_tensors(prefix: str, norm: Norm) -> Iterator[tuple[str, Tensor]]:
     yield f"{prefix}.weight", norm.weight
     if norm.bias is not None:
         yield f"{prefix}.bias", norm.bias
+
+
+def learned_positions(table: Tensor, offset: int) -> Tensor:
+    """Canonical ``W_pos [n_ctx, d]`` (row t = position t) from a position table whose row
+    ``offset + t`` holds position t (RoBERTa: ``padding_idx + 1``; OPT: 2)."""
+    return table[offset:]
 
 
 def split_heads_in(weight: Tensor, n_heads: int) -> Tensor:

@@ -82,8 +82,9 @@ def test_same_seed_same_rates_with_mlp_and_distances_option(tiny_model):
     assert {(r["g"], r["distance"]) for r in a.rows} == {("mlp", "cosine")}
 
 
-def test_vocabulary_candidates_identify_layer_zero(tiny_model):
-    lm = tiny_model("gpt2")
+@pytest.mark.parametrize("family", ["gpt2", "opt_post_ln", "distilbert"])
+def test_vocabulary_candidates_identify_layer_zero(tiny_model, family):
+    lm = tiny_model(family)
     ids = torch.randint(4, 96, (7, 6), generator=torch.Generator().manual_seed(10))
     result = token_identifiability(lm, ids, g=("identity",), candidates="vocabulary")
     assert result.rate(0, "identity", "cosine") == 1.0 == result.rate(0, "identity", "l2")

@@ -1,4 +1,4 @@
-"""Pieces shared by the adapters: base model, unembedding, activations."""
+"""Pieces shared by the adapters: base model, unembedding, activations, norms and biases."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers.activations import ACT2FN
+
+from tgeom.models.weights import Norm, zeros_bias
 
 ValueHeads = Callable[[Tensor], Tensor]
 """Maps the output of a block's value-producing module to ``V [B, H, T, d_head]``."""
@@ -43,3 +45,27 @@ def is_tied(W_E: Tensor, W_U: Tensor) -> bool:
 
 def detached(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach()
+
+
+def layer_norm(module: Any, like: Tensor) -> Norm:
+    """A ``torch.nn.LayerNorm`` as a canonical :class:`Norm` (gain 1 and no bias when the module
+    has no affine parameters, e.g. OPT's ``layer_norm_elementwise_affine=False``; the gain is
+    then made with the dtype and device of ``like``)."""
+    weight = module.weight
+    if weight is None:
+        weight = like.new_ones(module.normalized_shape[-1])
+    return Norm("layernorm", weight.detach(), detached(module.bias), float(module.eps))
+
+
+def head_bias(linear: Any, n_heads: int, d_head: int) -> Tensor:
+    """An input projection's bias as ``[n_heads, d_head]`` (zeros when it has none)."""
+    if linear.bias is None:
+        return zeros_bias(n_heads, d_head, linear.weight)
+    return linear.bias.detach().reshape(n_heads, d_head)
+
+
+def output_bias(linear: Any) -> Tensor:
+    """An output projection's bias ``[d]`` (zeros when it has none)."""
+    if linear.bias is None:
+        return linear.weight.new_zeros(linear.weight.shape[0])
+    return linear.bias.detach()
