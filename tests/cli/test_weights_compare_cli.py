@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from tgeom.analyses.embedding.classifier import save_classifier
 from tgeom.analyses.embedding.finetune import finetune_classifier
 from tgeom.cli import app
+from tgeom.errors import TgeomError
 from tgeom.models import load_model
 from tiny_models import save_tiny_model
 
@@ -91,8 +92,13 @@ def test_diff_of_a_classifier_lists_head_rows(tiny_model_dir, classifier_dir, tm
     rows = doc["diff"]["rows"]
     assert [r["label"] for r in rows if r["group"] == "head"] == ["low", "high"]
     assert any(r["group"] == "ffn_value" and r["norm"] > 0 for r in rows)
-    assert all(len(r["top_tokens"]) == 3 for r in rows)
+    assert all(len(r["top_tokens"]) == 3 and len(r["bottom_tokens"]) == 3 for r in rows)
+    assert all(r["bottom_scores"][0] < r["top_scores"][0] for r in rows)
+    assert "-delta" in doc["diff"]["options"]["tokens"]
     assert (tmp_out / "diff_norms.png").stat().st_size > 0
+    again = ["diff", str(tiny_model_dir("gpt2")), str(classifier_dir), "--out", str(tmp_out / "b")]
+    printed = runner.invoke(app, ["weights", *again, "--k", "3"]).output
+    assert "+delta (top):" in printed and "-delta (bottom):" in printed
 
 
 def test_finetune_then_stitch_with_itself_from_a_corpus(
@@ -132,14 +138,14 @@ def test_finetune_then_stitch_with_itself_from_a_corpus(
     assert stitched["stitching"]["runs"][0]["layers"] == [0, 2]
 
 
-def test_validate_writes_r_k_and_sim_k(tiny_model_dir, corpus_dir, tmp_out) -> None:  # type: ignore[no-untyped-def]
-    doc = invoke(
+def validate_args(model: str, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
         "validate",
-        str(tiny_model_dir("gpt2")),
+        model,
         "--corpus",
-        str(corpus_dir),
+        str(corpus),
         "--out",
-        str(tmp_out),
+        str(out),
         "--k",
         "5",
         "--sim-k",
@@ -150,10 +156,35 @@ def test_validate_writes_r_k_and_sim_k(tiny_model_dir, corpus_dir, tmp_out) -> N
         "8",
         "--max-windows-per-topic",
         "2",
-    )
-    assert len(doc["r_k"]["overlap"]) == 2 and len(doc["r_k"]["shuffled"]) == 2
-    assert set(doc["sim_k"]["similarity"]) == {"ffn_key_value", "W_V_W_O", "W_Q_W_K"}
+        *extra,
+    ]
+
+
+def test_validate_writes_r_k_and_sim_k_with_their_definitions(
+    tiny_model_dir, corpus_dir, tmp_out
+) -> None:  # type: ignore[no-untyped-def]
+    doc = invoke(*validate_args(str(tiny_model_dir("gpt2")), corpus_dir, tmp_out))
+    rk, sk = doc["r_k"], doc["sim_k"]
+    assert rk["definition"] == "paper" and sk["definition"] == "paper"
+    assert set(rk["overlap"]) == {"ffn_key", "ffn_value", "W_V", "W_O"}
+    assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in rk["shuffled"].values())
+    assert rk["n_positions"] == 32  # 4 windows of 8 tokens, fewer than --max-positions 1000
+    assert "/ k" in rk["options"]["formula"] and "|x @ E.T|" in sk["options"]["formula"]
+    assert set(sk["similarity"]) == {"ffn_key_value", "W_V_W_O", "W_Q_W_K"}
     assert (tmp_out / "validation.png").stat().st_size > 0
+
+
+def test_validate_tgeom_definitions_are_named_options(tiny_model_dir, corpus_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    extra = ("--r-k-definition", "tgeom", "--sim-k-definition", "tgeom", "--rank-by", "activation")
+    doc = invoke(*validate_args(str(tiny_model_dir("gpt2")), corpus_dir, tmp_path / "o", *extra))
+    assert doc["r_k"]["definition"] == "tgeom" and list(doc["r_k"]["overlap"]) == ["ffn_value"]
+    assert doc["r_k"]["options"]["rank_by"] == "activation"
+    assert doc["sim_k"]["definition"] == "tgeom"
+    bad = validate_args(str(tiny_model_dir("gpt2")), corpus_dir, tmp_path / "x", "--rank-by", "a")
+    result = runner.invoke(app, ["weights", *bad])
+    assert isinstance(result.exception, TgeomError)
+    assert "tgeom definition of R_k only" in str(result.exception)
+    assert not (tmp_path / "x").exists()
 
 
 def test_align_with_different_vocabularies_exits_2_with_one_line(tiny_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]

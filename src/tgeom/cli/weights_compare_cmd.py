@@ -44,6 +44,11 @@ def _check_embedding(embedding: str) -> Any:
     return embedding
 
 
+DEFINITION_HELP = (
+    "'paper' (the official [DAR] code's definition, default) or 'tgeom' (tgeom's earlier variant)."
+)
+
+
 @weights_app.command("validate")
 def validate(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -51,9 +56,28 @@ def validate(
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
     k: int = typer.Option(50, "--k", help="Top-k tokens compared for R_k."),
     sim_k_k: int = typer.Option(100, "--sim-k", help="Top-k tokens compared for Sim_k."),
-    n_neurons: int = typer.Option(10, "--n-neurons", help="Most active neurons per position."),
+    n_neurons: int = typer.Option(5, "--n-neurons", help="Most active neurons per position."),
+    rk_definition: str = typer.Option(
+        "paper",
+        "--r-k-definition",
+        help="R_k: "
+        + DEFINITION_HELP
+        + " paper: |union of the active neurons' top-k ∩ the hidden state's top-k| / k for keys,"
+        " values, W_V, W_O, against neurons active at another position; tgeom: shared tokens"
+        " per FFN value (0..k) against permuted neuron ids.",
+    ),
+    sim_definition: str = typer.Option(
+        "paper",
+        "--sim-k-definition",
+        help="Sim_k: " + DEFINITION_HELP + " paper ranks tokens by |score|, tgeom by the score.",
+    ),
     rank_by: str = typer.Option(
-        "contribution", "--rank-by", help="'contribution' (|a| ||v||) or 'activation' (a)."
+        "",
+        "--rank-by",
+        help="R_k tgeom only: 'contribution' (|a| ||v||, default) or 'activation' (a).",
+    ),
+    max_positions: int = typer.Option(
+        1000, "--max-positions", help="R_k reads the first N token positions (0: all)."
     ),
     seq_len: int = typer.Option(32, "--seq-len", help="Tokens per window."),
     max_windows: int = typer.Option(8, "--max-windows-per-topic", help="Windows per topic."),
@@ -62,12 +86,18 @@ def validate(
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled baselines."),
 ) -> None:
     """R_k (active neurons vs hidden states) and Sim_k (related parameter pairs), per layer."""
-    from tgeom.analyses.embedding.validation import r_k, sim_k
+    from tgeom.analyses.embedding.validation import check_definition, r_k, sim_k
     from tgeom.models import load_model
     from tgeom.plots.embedding_compare import plot_validation
     from tgeom.results import prepare_out_dir, write_results
     from tgeom.runtime import Runtime
 
+    check_definition(rk_definition, "R_k")
+    check_definition(sim_definition, "Sim_k")
+    if max_positions < 0:
+        raise TgeomError(f"--max-positions {max_positions} must be 0 (all) or positive.")
+    if rank_by and rk_definition != "tgeom":
+        raise TgeomError("--rank-by applies to the tgeom definition of R_k only; drop it.")
     out = prepare_out_dir(out)
     lm = load_model(model)
     windows = _windows(corpus, lm.tokenizer, seq_len, max_windows)
@@ -78,11 +108,20 @@ def validate(
         Runtime.auto(),
         k=k,
         n_neurons=n_neurons,
-        rank_by=rank_by,
+        definition=rk_definition,
+        max_positions=max_positions or None,
+        rank_by=rank_by or None,
         seed=seed,
         exclude_ids=exclude,
     )
-    sk = sim_k(lm.weights(), k=sim_k_k, seed=seed, exclude_ids=exclude, max_pairs=max_pairs)
+    sk = sim_k(
+        lm.weights(),
+        k=sim_k_k,
+        definition=sim_definition,
+        seed=seed,
+        exclude_ids=exclude,
+        max_pairs=max_pairs,
+    )
     payload = {
         "model": lm.source,
         "corpus": corpus,
@@ -93,11 +132,16 @@ def validate(
     }
     write_results(out, "weights validate", payload)
     _save_figure(plot_validation(rk, sk), out, "validation.png")
-    typer.echo(f"R_k (k={k}) per layer: " + " ".join(f"{v:.2f}" for v in rk.overlap))
-    typer.echo("  shuffled:            " + " ".join(f"{v:.2f}" for v in rk.shuffled))
+    typer.echo(f"R_k ({rk.definition}, k={k}, {rk.n_positions} positions) per layer:")
+    for group, values in rk.overlap.items():
+        typer.echo(f"  {group:<9} " + " ".join(f"{v:.3f}" for v in values))
+        typer.echo("  baseline  " + " ".join(f"{v:.3f}" for v in rk.shuffled[group]))
     for pair, values in sk.similarity.items():
         base = sum(sk.shuffled[pair]) / len(values)
-        typer.echo(f"Sim_k {pair}: mean {sum(values) / len(values):.3f} (shuffled {base:.3f})")
+        typer.echo(
+            f"Sim_k ({sk.definition}) {pair}: mean {sum(values) / len(values):.3f} "
+            f"(shuffled {base:.3f})"
+        )
     typer.echo(f"wrote {out / 'results.json'}")
 
 
@@ -278,11 +322,12 @@ def diff(
     pretrained: str = typer.Argument(..., help="Pretrained model. " + MODEL_HELP),
     finetuned: str = typer.Argument(..., help="Fine-tuned model, or a classifier folder."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
-    k: int = typer.Option(10, "--k", help="Top tokens per vector."),
+    k: int = typer.Option(10, "--k", help="Tokens per vector at each end (+delta and -delta)."),
     top_n: int = typer.Option(20, "--top-n", help="Most changed vectors kept per group."),
     embedding: str = typer.Option("out", "--embedding", help=EMBEDDING_HELP),
 ) -> None:
-    """Fine-tuning in tokens: top tokens of theta_ft - theta_pt per group, and head rows."""
+    """Fine-tuning in tokens: top (+delta) and bottom (-delta) tokens of theta_ft - theta_pt
+    per group, and head rows."""
     from tgeom.analyses.embedding.alignment import check_shared_vocabulary
     from tgeom.analyses.embedding.classifier import (
         is_classifier_dir,
@@ -323,5 +368,7 @@ def diff(
     _save_figure(plot_finetuning_diff(result), out, "diff_norms.png")
     for row in result.rows[:10]:
         where = "head" if row.layer is None else f"layer {row.layer} {row.group} {row.label}"
-        typer.echo(f"{where} (|diff| {row.norm:.3g}): {' '.join(row.top_tokens[:8])}")
+        typer.echo(f"{where} (|diff| {row.norm:.3g})")
+        typer.echo(f"  +delta (top):    {' '.join(row.top_tokens[:8])}")
+        typer.echo(f"  -delta (bottom): {' '.join(row.bottom_tokens[:8])}")
     typer.echo(f"wrote {out / 'results.json'}")

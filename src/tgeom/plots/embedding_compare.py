@@ -72,12 +72,13 @@ def plot_validation(rk: RKResult | None, simk: SimKResult | None) -> Figure:
     index = 0
     if rk is not None:
         ax = axes[index]
-        layers = list(range(len(rk.overlap)))
-        ax.plot(layers, rk.overlap, marker="o", label="most active neurons")
-        ax.plot(layers, rk.shuffled, marker="x", ls="--", label="shuffled neurons")
-        ax.set_title(f"R_k (k={rk.k}, top {rk.n_neurons} neurons)")
+        for group, values in rk.overlap.items():
+            layers = list(range(len(values)))
+            (line,) = ax.plot(layers, values, marker="o", label=group)
+            ax.plot(layers, rk.shuffled[group], ls="--", color=line.get_color())
+        ax.set_title(f"R_k, {rk.definition} (k={rk.k}, top {rk.n_neurons}; dashed: baseline)")
         ax.set_xlabel("layer")
-        ax.set_ylabel("shared tokens")
+        ax.set_ylabel("|A ∩ B| / k" if rk.definition == "paper" else "shared tokens per neuron")
         ax.legend(fontsize=8)
         index += 1
     if simk is not None:
@@ -85,7 +86,7 @@ def plot_validation(rk: RKResult | None, simk: SimKResult | None) -> Figure:
         for pair, values in simk.similarity.items():
             (line,) = ax.plot(range(len(values)), values, marker="o", label=pair)
             ax.plot(range(len(values)), simk.shuffled[pair], ls="--", color=line.get_color())
-        ax.set_title(f"Sim_k (k={simk.k}; dashed: shuffled pairs)")
+        ax.set_title(f"Sim_k, {simk.definition} (k={simk.k}; dashed: shuffled pairs)")
         ax.set_xlabel("layer")
         ax.set_ylabel("Jaccard overlap")
         ax.legend(fontsize=8)

@@ -130,7 +130,32 @@ def test_planted_change_comes_back_as_its_token(tiny_model) -> None:  # type: ig
     assert o_row.label == "head 2 dim 5"
     expected = np.argsort(-(-2.0 * E.double().numpy() @ E[t].double().numpy()), kind="stable")[:3]
     assert o_row.top_ids == expected.tolist()
+    # the demoted token shows at the -delta end only, the promoted one at the +delta end only
+    assert o_row.bottom_ids[0] == t and o_row.bottom_tokens[0] == f"t{t}" and t not in o_row.top_ids
+    assert value_row.bottom_ids[0] != t and t not in value_row.bottom_ids
     assert diff.group_norms["ffn_key"] == [0.0, 0.0]
+
+
+def test_both_ends_equal_sorting_every_score(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    cw = tiny_model("llama").weights()
+    gen = torch.Generator().manual_seed(2)
+    ft_layers = [
+        dataclasses.replace(lw, W_in=lw.W_in + 0.1 * torch.randn(lw.W_in.shape, generator=gen))
+        for lw in cw.layers
+    ]
+    finetuned = dataclasses.replace(cw, layers=ft_layers)
+    diff = finetuning_diff(cw, finetuned, token_strings, k=4, top_n=5, groups=["ffn_key"])
+    assert len(diff.rows) == 5
+    E = cw.W_U.double().numpy()
+    for row in diff.rows:
+        change = (ft_layers[row.layer].W_in - cw.layers[row.layer].W_in)[:, row.index]
+        scores = change.double().numpy() @ E.T
+        assert row.top_ids == np.argsort(-scores, kind="stable")[:4].tolist()
+        assert row.bottom_ids == np.argsort(scores, kind="stable")[:4].tolist()
+        np.testing.assert_allclose(row.bottom_scores, scores[row.bottom_ids], rtol=1e-4)
+        assert row.bottom_tokens == [f"t{i}" for i in row.bottom_ids]
+        assert row.bottom_scores == sorted(row.bottom_scores)  # most negative first
+    assert "-delta" in diff.options["tokens"]
 
 
 def test_head_rows_are_projected_to_tokens(tiny_model) -> None:  # type: ignore[no-untyped-def]
@@ -142,4 +167,5 @@ def test_head_rows_are_projected_to_tokens(tiny_model) -> None:  # type: ignore[
     scores = clf.head_weight.double().numpy() @ lm.weights().W_U.double().numpy().T
     for row in head_rows:
         assert row.top_ids == np.argsort(-scores[row.index], kind="stable")[:4].tolist()
+        assert row.bottom_ids == np.argsort(scores[row.index], kind="stable")[:4].tolist()
     assert "group" in diff.columns() and len(diff.columns()["norm"]) == len(diff.rows)

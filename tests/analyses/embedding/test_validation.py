@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from tgeom.analyses.embedding.validation import (
+    RK_GROUPS,
     SIM_PAIRS,
     jaccard,
     mlp_input,
+    other_positions,
     r_k,
     sim_k,
     topk_tokens,
@@ -74,9 +76,9 @@ def test_jaccard_equals_set_arithmetic() -> None:
     np.testing.assert_allclose(jaccard(a, b).numpy(), expected)
 
 
-def test_sim_k_equals_set_overlaps_of_each_pair(tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_sim_k_tgeom_equals_set_overlaps_of_each_pair(tiny_model) -> None:  # type: ignore[no-untyped-def]
     cw = tiny_model("llama").weights()
-    result = sim_k(cw, k=6)
+    result = sim_k(cw, k=6, definition="tgeom")
     E = cw.W_U.double().numpy()
     for layer, lw in enumerate(cw.layers):
         H, d, dh = lw.W_Q.shape
@@ -96,12 +98,14 @@ def test_sim_k_equals_set_overlaps_of_each_pair(tiny_model) -> None:  # type: ig
             expected = np.mean([len(s & t) / len(s | t) for s, t in zip(tx, ty, strict=True)])
             assert result.similarity[pair][layer] == pytest.approx(expected, abs=1e-12)
     assert set(result.shuffled) == set(SIM_PAIRS)
+    assert result.definition == "tgeom"
 
 
-def test_sim_k_of_identical_halves_is_one_and_beats_shuffled(tiny_model) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("definition", ["paper", "tgeom"])
+def test_sim_k_of_identical_halves_is_one_and_beats_shuffled(tiny_model, definition: str) -> None:  # type: ignore[no-untyped-def]
     cw = tiny_model("gpt2").weights()
     same = dataclasses.replace(cw, layers=[dataclasses.replace(lw, W_K=lw.W_Q) for lw in cw.layers])
-    result = sim_k(same, k=5, pairs=["W_Q_W_K"])
+    result = sim_k(same, k=5, pairs=["W_Q_W_K"], definition=definition)
     assert result.similarity["W_Q_W_K"] == [1.0, 1.0]
     assert all(s < 0.9 for s in result.shuffled["W_Q_W_K"])
 
@@ -174,18 +178,21 @@ def brute_force_r_k(lm, ids: torch.Tensor, k: int, n: int, rank_by: str) -> list
 def test_r_k_equals_brute_force_overlaps(tiny_model, family: str, rank_by: str) -> None:  # type: ignore[no-untyped-def]
     lm = tiny_model(family)
     ids = torch.randint(4, 96, (5, 8), generator=torch.Generator().manual_seed(4))
-    result = r_k(lm, ids, CPU, k=7, n_neurons=4, rank_by=rank_by)
-    assert result.n_positions == 40
-    np.testing.assert_allclose(result.overlap, brute_force_r_k(lm, ids, 7, 4, rank_by), atol=1e-9)
-    assert len(result.shuffled) == len(lm.weights().layers)
+    result = r_k(
+        lm, ids, CPU, k=7, n_neurons=4, definition="tgeom", max_positions=None, rank_by=rank_by
+    )
+    assert result.n_positions == 40 and result.definition == "tgeom"
+    expected = brute_force_r_k(lm, ids, 7, 4, rank_by)
+    np.testing.assert_allclose(result.overlap["ffn_value"], expected, atol=1e-9)
+    assert len(result.shuffled["ffn_value"]) == len(lm.weights().layers)
 
 
 def test_r_k_shuffle_changes_nothing_when_every_neuron_is_selected(tiny_model) -> None:  # type: ignore[no-untyped-def]
     lm = tiny_model("gpt2")
     ids = torch.randint(4, 96, (2, 6), generator=torch.Generator().manual_seed(5))
     d_mlp = lm.weights().layers[0].W_out.shape[0]
-    result = r_k(lm, ids, CPU, k=5, n_neurons=d_mlp, rank_by="activation")
-    np.testing.assert_allclose(result.shuffled, result.overlap, atol=1e-12)
+    result = r_k(lm, ids, CPU, k=5, n_neurons=d_mlp, definition="tgeom", rank_by="activation")
+    np.testing.assert_allclose(result.shuffled["ffn_value"], result.overlap["ffn_value"])
 
 
 def test_r_k_rejects_bad_options(tiny_model) -> None:  # type: ignore[no-untyped-def]
@@ -194,9 +201,19 @@ def test_r_k_rejects_bad_options(tiny_model) -> None:  # type: ignore[no-untyped
     with pytest.raises(TgeomError, match=r"valid k are 1\.\.96"):
         r_k(lm, ids, CPU, k=97)
     with pytest.raises(TgeomError, match="rank-by"):
-        r_k(lm, ids, CPU, rank_by="loudest")
+        r_k(lm, ids, CPU, definition="tgeom", rank_by="loudest")
+    with pytest.raises(TgeomError, match="tgeom definition of R_k only"):
+        r_k(lm, ids, CPU, k=5, rank_by="activation")
     with pytest.raises(TgeomError, match="n-neurons"):
         r_k(lm, ids, CPU, n_neurons=0)
+    with pytest.raises(TgeomError, match="32 subheads"):
+        r_k(lm, ids, CPU, k=5, n_neurons=40)
+    with pytest.raises(TgeomError, match="choose paper or tgeom"):
+        r_k(lm, ids, CPU, k=5, definition="official")
+    with pytest.raises(TgeomError, match="at least 2"):
+        r_k(lm, ids, CPU, k=5, max_positions=1)
+    with pytest.raises(TgeomError, match="choose paper or tgeom"):
+        sim_k(lm.weights(), k=5, definition="abs")
 
 
 def test_sim_k_subsamples_pairs_with_a_seed(tiny_model) -> None:  # type: ignore[no-untyped-def]
@@ -205,3 +222,196 @@ def test_sim_k_subsamples_pairs_with_a_seed(tiny_model) -> None:  # type: ignore
     again = sim_k(cw, k=5, max_pairs=10, seed=2)
     assert first.n_pairs == {"ffn_key_value": 10, "W_V_W_O": 10, "W_Q_W_K": 10}
     assert first.similarity == again.similarity and first.shuffled == again.shuffled
+
+
+# ---------------------------------------------------------------------------------------------
+# The official code's definitions ([DAR] repository, SPEC section 3), written as slow obvious
+# loops over Hugging Face modules: activations from hooks where the official code took them
+# (the output of the key projection; the input of the attention's output projection), block
+# outputs from hooks on the blocks, parameters sliced from the HF weight matrices, float64.
+
+
+def hf_parts(lm):  # type: ignore[no-untyped-def]
+    """Per layer: {group: [n, d] float64 rows} from the HF weights, plus E, the final norm,
+    and the names of the modules whose output (pre-activations) / input (subhead outputs) the
+    official code hooks."""
+    hf, c = lm.hf, lm.hf.config
+    layers = []
+    if lm.family == "gpt2":
+        d = c.n_embd
+        for block in hf.transformer.h:
+            qkv = block.attn.c_attn.weight  # Conv1D [d, 3d]: x @ W
+            layers.append(
+                {
+                    "ffn_key": block.mlp.c_fc.weight.T,
+                    "ffn_value": block.mlp.c_proj.weight,
+                    "W_Q": qkv[:, :d].T,
+                    "W_K": qkv[:, d : 2 * d].T,
+                    "W_V": qkv[:, 2 * d :].T,
+                    "W_O": block.attn.c_proj.weight,
+                }
+            )
+        return layers, hf.lm_head.weight, hf.transformer.ln_f, ("mlp.c_fc", "attn.c_proj")
+    H, KV = c.num_attention_heads, c.num_key_value_heads
+    dh = c.hidden_size // H
+    for block in hf.model.layers:
+        att = block.self_attn
+
+        def per_query_head(w: torch.Tensor) -> torch.Tensor:  # [KV*dh, d] -> [H*dh, d]
+            return torch.stack([w[(h // (H // KV)) * dh + j] for h in range(H) for j in range(dh)])
+
+        layers.append(
+            {
+                "ffn_key": block.mlp.up_proj.weight,
+                "ffn_value": block.mlp.down_proj.weight.T,
+                "W_Q": att.q_proj.weight,
+                "W_K": per_query_head(att.k_proj.weight),
+                "W_V": per_query_head(att.v_proj.weight),
+                "W_O": att.o_proj.weight.T,
+            }
+        )
+    return layers, hf.lm_head.weight, hf.model.norm, ("mlp.up_proj", "self_attn.o_proj")
+
+
+def top_set(scores: np.ndarray, k: int) -> set[int]:
+    return set(np.argsort(-scores, kind="stable")[:k].tolist())
+
+
+def official_r_k(lm, ids, k: int, n: int, max_positions: int, seed: int):  # type: ignore[no-untyped-def]
+    """R_k as the official code computes it, position by position with python sets."""
+    layers, E, final_norm, (pre_name, attn_name) = hf_parts(lm)
+    E64 = E.detach().double().numpy()
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for layer, block in enumerate(lm.blocks()):
+        handles += [
+            block.get_submodule(pre_name).register_forward_hook(
+                lambda _m, _a, out, layer=layer: seen.__setitem__(("pre", layer), out)
+            ),
+            block.get_submodule(attn_name).register_forward_pre_hook(
+                lambda _m, a, layer=layer: seen.__setitem__(("z", layer), a[0])
+            ),
+            block.register_forward_hook(
+                lambda _m, _a, out, layer=layer: seen.__setitem__(
+                    ("h", layer), out[0] if isinstance(out, tuple) else out
+                )
+            ),
+        ]
+    try:
+        with torch.no_grad():
+            lm.hf(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    P = max_positions
+    other = other_positions(P, seed).tolist()
+    real = {g: [] for g in RK_GROUPS}  # type: ignore[var-annotated]
+    base = {g: [] for g in RK_GROUPS}  # type: ignore[var-annotated]
+    for layer, parts in enumerate(layers):
+        with torch.no_grad():
+            normed = final_norm(seen[("h", layer)]).reshape(ids.numel(), -1)[:P]
+        B = [top_set(normed[p].double().numpy() @ E64.T, k) for p in range(P)]
+        for group in RK_GROUPS:
+            act = seen[("pre" if group.startswith("ffn") else "z", layer)]
+            act = act.detach().double().reshape(ids.numel(), -1)[:P].numpy()
+            vectors = parts[group].detach().double().numpy()
+
+            def union_of_top_tokens(q: int) -> set[int]:
+                A: set[int] = set()
+                for i in np.argsort(-act[q], kind="stable")[:n]:  # noqa: B023
+                    A |= top_set(vectors[i] @ E64.T, k)  # noqa: B023
+                return A
+
+            real[group].append(np.mean([len(union_of_top_tokens(p) & B[p]) / k for p in range(P)]))
+            base[group].append(
+                np.mean([len(union_of_top_tokens(other[p]) & B[p]) / k for p in range(P)])
+            )
+    return real, base
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_r_k_paper_equals_the_official_formula(tiny_model, family: str) -> None:  # type: ignore[no-untyped-def]
+    lm = tiny_model(family)
+    ids = torch.randint(4, 96, (4, 8), generator=torch.Generator().manual_seed(6))
+    runtime = Runtime(torch.device("cpu"), batch_size=2)  # 20 positions: 2 batches, the 2nd cut
+    result = r_k(lm, ids, runtime, k=7, n_neurons=3, max_positions=20, seed=3)
+    assert result.definition == "paper" and result.n_positions == 20
+    real, base = official_r_k(lm, ids, 7, 3, 20, seed=3)
+    for group in RK_GROUPS:
+        np.testing.assert_allclose(result.overlap[group], real[group], atol=1e-12)
+        np.testing.assert_allclose(result.shuffled[group], base[group], atol=1e-12)
+    values = [v for d in (result.overlap, result.shuffled) for vs in d.values() for v in vs]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert "formula" in result.options and result.options["baseline"].startswith("neurons")
+
+
+def test_r_k_paper_baseline_equals_real_when_every_subhead_is_chosen(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    lm = tiny_model("gpt2")
+    ids = torch.randint(4, 96, (2, 6), generator=torch.Generator().manual_seed(5))
+    result = r_k(lm, ids, CPU, k=5, n_neurons=32)  # 4 heads x 8 dims: every subhead
+    for group in ("W_V", "W_O"):
+        np.testing.assert_allclose(result.shuffled[group], result.overlap[group], atol=1e-12)
+
+
+def test_other_positions_is_a_seeded_derangement() -> None:
+    for n in (2, 3, 17):
+        other = other_positions(n, seed=n)
+        assert sorted(other.tolist()) == list(range(n))
+        assert all(o != p for p, o in enumerate(other.tolist()))
+        assert other.tolist() == other_positions(n, seed=n).tolist()
+
+
+def official_sim_k(pairs_of, E: torch.Tensor, k: int, seed: int) -> tuple[dict, dict]:  # type: ignore[no-untyped-def, type-arg]
+    """Sim_k as the official code computes it: sets of the top-k of |x @ E.T|, Jaccard per
+    pair; the shuffled baseline with the permutation the module draws (same generator)."""
+    E64 = E.detach().double().numpy()
+    gen = torch.Generator().manual_seed(seed)
+    similarity, shuffled = {}, {}
+    for pair, per_layer in pairs_of.items():
+        similarity[pair], shuffled[pair] = [], []
+        for x, y in per_layer:
+            sx = [top_set(np.abs(v @ E64.T), k) for v in x.detach().double().numpy()]
+            sy = [top_set(np.abs(v @ E64.T), k) for v in y.detach().double().numpy()]
+            perm = torch.randperm(len(sy), generator=gen).tolist()
+            jac = [len(a & b) / len(a | b) for a, b in zip(sx, sy, strict=True)]
+            similarity[pair].append(np.mean(jac))
+            shuffled[pair].append(
+                np.mean([len(a & sy[j]) / len(a | sy[j]) for a, j in zip(sx, perm, strict=True)])
+            )
+    return similarity, shuffled
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sim_k_paper_equals_the_official_formula(tiny_model, family: str) -> None:  # type: ignore[no-untyped-def]
+    lm = tiny_model(family)
+    layers, E, _, _ = hf_parts(lm)
+    result = sim_k(lm.weights(), k=6, seed=4)
+    assert result.definition == "paper" and "|x @ E.T|" in result.options["formula"]
+    pairs_of = {p: [(parts[a], parts[b]) for parts in layers] for p, (a, b) in SIM_PAIRS.items()}
+    similarity, shuffled = official_sim_k(pairs_of, E, 6, seed=4)
+    for pair in SIM_PAIRS:
+        np.testing.assert_allclose(result.similarity[pair], similarity[pair], atol=1e-12)
+        np.testing.assert_allclose(result.shuffled[pair], shuffled[pair], atol=1e-12)
+
+
+def test_sim_k_paper_is_invariant_to_flipping_the_sign_of_a_vector(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    cw = tiny_model("gpt2").weights()
+    flipped = dataclasses.replace(
+        cw, layers=[dataclasses.replace(lw, W_K=-lw.W_K, W_out=-lw.W_out) for lw in cw.layers]
+    )
+    pairs = ["W_Q_W_K", "ffn_key_value"]
+    a, b = sim_k(cw, k=6, pairs=pairs), sim_k(flipped, k=6, pairs=pairs)
+    assert a.similarity == b.similarity and a.shuffled == b.shuffled
+    signed = sim_k(flipped, k=6, pairs=pairs, definition="tgeom")
+    assert signed.similarity != sim_k(cw, k=6, pairs=pairs, definition="tgeom").similarity
+    X, E = torch.randn(5, 32, generator=torch.Generator().manual_seed(8)), cw.W_U
+    for exclude in (None, [0, 3]):
+        up = topk_tokens(X, E, 7, absolute=True, exclude_ids=exclude)
+        down = topk_tokens(-X, E, 7, absolute=True, exclude_ids=exclude)
+        assert torch.equal(up[0], down[0]) and torch.equal(up[1], down[1])
+        dense = np.abs(X.double().numpy() @ E.double().numpy().T)
+        if exclude:
+            dense[:, exclude] = -np.inf
+        np.testing.assert_array_equal(
+            up[0].numpy(), np.argsort(-dense, axis=1, kind="stable")[:, :7]
+        )

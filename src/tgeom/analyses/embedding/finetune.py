@@ -6,9 +6,11 @@
 zero; CPU seconds to minutes).
 
 :func:`finetuning_diff` projects ``theta_finetuned - theta_pretrained`` of every parameter
-vector (FFN keys and values, W_Q/W_K/W_V columns, W_O rows; SPEC section 3) to its top tokens,
+vector (FFN keys and values, W_Q/W_K/W_V columns, W_O rows; SPEC section 3) to tokens,
 ``diff @ E.T``, with ``E`` the pretrained model's vocabulary matrix, and a classifier head's rows
-``W_head[c] @ E.T`` (the tokens whose direction raises class c).
+``W_head[c] @ E.T``. Both ends are reported: the top tokens (largest scores: the direction the
+change added, +delta) and the bottom tokens (most negative scores: the direction it removed,
+-delta); the two sets are in general unrelated, so neither stands for the other.
 """
 
 from __future__ import annotations
@@ -182,9 +184,12 @@ class DiffRow:
     index: int  # neuron, subhead row (head * d_head + j) or class
     label: str  # 'neuron 12', 'head 3 dim 5' or the class's topic
     norm: float  # ||diff|| (head rows: ||W_head[c]||)
-    top_ids: list[int]
+    top_ids: list[int]  # largest diff @ E.T first (+delta)
     top_tokens: list[str]
     top_scores: list[float]
+    bottom_ids: list[int]  # most negative diff @ E.T first (-delta)
+    bottom_tokens: list[str]
+    bottom_scores: list[float]
 
 
 @dataclass
@@ -216,7 +221,8 @@ def finetuning_diff(
     embedding: Embedding = "out",
     head: SequenceClassifier | None = None,
 ) -> FinetuningDiff:
-    """Top tokens of ``theta_ft - theta_pt`` for the ``top_n`` most changed vectors per group.
+    """Top and bottom tokens of ``theta_ft - theta_pt`` for the ``top_n`` most changed vectors
+    per group (``k`` of each).
 
     ``pretrained``, ``finetuned``: CanonicalWeights of the same architecture. Zero diffs are
     left out of ``rows`` (their tokens mean nothing) but counted in ``group_norms``.
@@ -246,27 +252,24 @@ def finetuning_diff(
         if best.numel() == 0:
             continue
         vectors = torch.stack([diffs[int(i) // n_per][int(i) % n_per] for i in best])
-        ids, scores = topk_tokens(vectors, E, k)
+        ends = _ends(vectors, E, k)
         for row, flat in enumerate(best.tolist()):
             layer, index = divmod(flat, n_per)
-            rows.append(
-                _row(
-                    group,
-                    layer,
-                    index,
-                    _label(group, index, pretrained),
-                    float(norms[flat]),
-                    ids[row],
-                    scores[row],
-                    token_strings,
-                )
-            )
+            label, norm = _label(group, index, pretrained), float(norms[flat])
+            ends_of_row = [t[row] for t in ends]
+            rows.append(_row(group, layer, index, label, norm, ends_of_row, token_strings))
     if head is not None:
-        ids, scores = topk_tokens(head.head_weight.to(E.device), E, k)
+        ends = _ends(head.head_weight.to(E.device), E, k)
         for c, topic in enumerate(head.config.topics):
             norm = float(head.head_weight[c].double().norm())
-            rows.append(_row("head", None, c, topic, norm, ids[c], scores[c], token_strings))
-    options = {"k": k, "top_n": top_n, "embedding": embedding, "groups": list(groups)}
+            rows.append(_row("head", None, c, topic, norm, [t[c] for t in ends], token_strings))
+    options = {
+        "k": k,
+        "top_n": top_n,
+        "embedding": embedding,
+        "groups": list(groups),
+        "tokens": "top: largest diff @ E.T (+delta); bottom: most negative diff @ E.T (-delta)",
+    }
     return FinetuningDiff(rows=rows, group_norms=group_norms, options=options)
 
 
@@ -277,24 +280,33 @@ def _label(group: str, index: int, cw: Any) -> str:
     return f"head {index // dh} dim {index % dh}"
 
 
+def _ends(vectors: Tensor, E: Tensor, k: int) -> list[Tensor]:
+    """``[top ids, top scores, bottom ids, bottom scores]`` (each ``[n, k]``) of
+    ``vectors @ E.T``; bottom = most negative first."""
+    return [*topk_tokens(vectors, E, k), *topk_tokens(vectors, E, k, largest=False)]
+
+
 def _row(
     group: str,
     layer: int | None,
     index: int,
     label: str,
     norm: float,
-    ids: Tensor,
-    scores: Tensor,
+    ends: list[Tensor],
     token_strings: Callable[[list[int]], list[str]],
 ) -> DiffRow:
-    id_list = [int(i) for i in ids.tolist()]
+    top, top_scores, bottom, bottom_scores = ends
+    top_ids, bottom_ids = [int(i) for i in top.tolist()], [int(i) for i in bottom.tolist()]
     return DiffRow(
         group,
         layer,
         index,
         label,
         norm,
-        id_list,
-        token_strings(id_list),
-        [float(s) for s in scores.tolist()],
+        top_ids,
+        token_strings(top_ids),
+        [float(s) for s in top_scores.tolist()],
+        bottom_ids,
+        token_strings(bottom_ids),
+        [float(s) for s in bottom_scores.tolist()],
     )
