@@ -150,6 +150,34 @@ def test_atlas_writes_csv_and_results(tiny_model_dir, tmp_path):
     assert {r["circuit"] for r in rows} == {"qk", "ov"}
 
 
+def test_atlas_selects_layers_heads_and_circuit(tiny_model_dir, tmp_path):
+    out = tmp_path / "atlas"
+    payload = invoke(
+        "atlas", str(tiny_model_dir("gpt2")), "--k", "2", "--layers", "1", "--heads", "0,2",
+        "--circuit", "ov", "--quiet", "--out", str(out),
+    )  # fmt: skip
+    with (out / "atlas.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert (payload["layers"], payload["heads"], payload["circuits"]) == ([1], [0, 2], ["ov"])
+    assert {(r["layer"], r["head"], r["circuit"]) for r in rows} == {
+        ("1", "0", "ov"),
+        ("1", "2", "ov"),
+    }
+    assert len(rows) == payload["n_rows"] == 2 * 2
+    for option, value, message in (
+        ("--circuit", "xy", "--circuit must be qk, ov or qk,ov"),
+        ("--heads", "1;2", "--heads must be comma-separated integers"),
+        ("--head", "7", "head 7 is out of range: valid heads are 0..3"),
+    ):
+        proc = run_tgeom(
+            "weights", "atlas", str(tiny_model_dir("gpt2")), option, value, "--quiet",
+            "--out", str(tmp_path / "bad"),
+        )  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1
+        assert lines[0].startswith(f"tgeom: error: {message}")
+
+
 def test_lens_writes_layers_and_heatmap(tiny_model_dir, tmp_path):
     out = tmp_path / "lens"
     payload = invoke("lens", str(tiny_model_dir("gpt2")), "--text", "a $b c", "--out", str(out))

@@ -76,6 +76,28 @@ def _pair_embedding(name: str) -> str:
     return name
 
 
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    """``"0,3, 5"`` -> ``[0, 3, 5]``; None stays None (= all)."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TgeomError(
+            f"{option} must be comma-separated integers (e.g. 0,3), got {text!r}."
+        ) from None
+
+
+def _circuits(text: str | None) -> list[str]:
+    """``None`` -> both circuits; ``"ov"`` or ``"qk,ov"`` -> those."""
+    if text is None:
+        return ["qk", "ov"]
+    chosen = [c.strip().lower() for c in text.split(",") if c.strip()]
+    if not chosen or any(c not in ("qk", "ov") for c in chosen):
+        raise TgeomError(f"--circuit must be qk, ov or qk,ov, got {text!r}.")
+    return chosen
+
+
 def _pair(text: str, what: str) -> tuple[int, int]:
     """``"L:N"`` -> ``(L, N)``."""
     parts = text.split(":")
@@ -231,6 +253,10 @@ def atlas(
     model: str = MODEL_ARG,
     k: int = typer.Option(10, "--k", help="Pairs per head and circuit."),
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated layers (all)."),
+    heads: str | None = typer.Option(
+        None, "--heads", "--head", help="Comma-separated heads of each chosen layer (all)."
+    ),
+    circuit: str | None = typer.Option(None, "--circuit", help="qk, ov or qk,ov (both)."),
     negative: bool = typer.Option(False, "--negative", help="Most negative entries instead."),
     embedding: str = PAIR_EMBED_OPT,
     ascii_only: bool = ASCII_OPT,
@@ -240,18 +266,12 @@ def atlas(
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
-    """Top QK and OV pairs of every head, as one table (atlas.csv + results.json)."""
+    """Top QK and OV pairs of every chosen head, as one table (atlas.csv + results.json)."""
     from tgeom.analyses.embedding.atlas import head_atlas
     from tgeom.results import prepare_out_dir, write_results
 
-    chosen = None
-    if layers is not None:
-        try:
-            chosen = [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError:
-            raise TgeomError(
-                f"--layers must be comma-separated integers, got {layers!r}."
-            ) from None
+    chosen, chosen_heads = _int_list(layers, "--layers"), _int_list(heads, "--heads")
+    circuits = _circuits(circuit)
     lm = _load(model, trust_remote_code)
     mask = _mask(lm, keep_special, ascii_only, alpha_only)
     result = head_atlas(
@@ -259,6 +279,8 @@ def atlas(
         k,
         vocab=lm.vocab_strings,
         layers=chosen,
+        heads=chosen_heads,
+        circuits=circuits,
         largest=not negative,
         row_mask=mask,
         col_mask=mask,

@@ -48,6 +48,30 @@ def test_atlas_on_chosen_layers_and_one_circuit(tiny_model):
     assert all(r.value <= 0 or r.rank > 0 for r in atlas.rows[:1])
 
 
+def test_atlas_on_chosen_heads_equals_the_full_atlas_restricted(tiny_model):
+    cw = tiny_model("llama").weights()
+    full = head_atlas(cw, 2, quiet=True)
+    some = head_atlas(cw, 2, layers=[1, 0, 1], heads=[3, 1], circuits=["qk"], quiet=True)
+    assert (some.layers, some.heads, some.circuits) == ([0, 1], [1, 3], ["qk"])
+    want = [r for r in full.rows if r.head in (1, 3) and r.circuit == "qk"]
+    assert some.rows == want and len(want) == 2 * 2 * 2
+    assert some.to_json()["heads"] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"heads": [4]}, r"head 4 is out of range: valid heads are 0\.\.3"),
+        ({"heads": []}, "no head chosen"),
+        ({"circuits": []}, "no circuit chosen"),
+        ({"circuits": ["vo"]}, "circuit must be qk or ov"),
+    ],
+)
+def test_atlas_rejects_bad_heads_and_circuits(tiny_model, kwargs, match):
+    with pytest.raises(TgeomError, match=match):
+        head_atlas(tiny_model("gpt2").weights(), 2, quiet=True, **kwargs)
+
+
 def test_atlas_rejects_a_layer_out_of_range(tiny_model):
     with pytest.raises(TgeomError, match=r"valid layers are 0\.\.1"):
         head_atlas(tiny_model("gpt2").weights(), 2, layers=[3], quiet=True)

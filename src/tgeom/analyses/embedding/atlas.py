@@ -65,6 +65,7 @@ class HeadAtlas:
     circuits: list[str]
     rope_note: str | None
     options: dict[str, Any] = field(default_factory=dict)
+    heads: list[int] = field(default_factory=list)
     convention: str = "dar"
     sides: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -90,6 +91,7 @@ class HeadAtlas:
             "embedding_convention": self.convention,
             "embedding_sides": self.sides,
             "layers": self.layers,
+            "heads": self.heads,
             "circuits": self.circuits,
             "rope_note": self.rope_note,
             "columns": list(COLUMNS),
@@ -111,6 +113,7 @@ def head_atlas(
     *,
     vocab: Sequence[str] | None = None,
     layers: Iterable[int] | None = None,
+    heads: Iterable[int] | None = None,
     circuits: Sequence[str] = ("qk", "ov"),
     largest: bool = True,
     row_mask: Tensor | None = None,
@@ -118,17 +121,18 @@ def head_atlas(
     E: Tensor | str | None = None,
     quiet: bool = False,
 ) -> HeadAtlas:
-    """Top-``k`` pairs of every head (of ``layers``, default all) for each circuit.
+    """Top-``k`` pairs of every chosen head for each of ``circuits``: heads ``heads`` (default
+    all) of layers ``layers`` (default all), in ascending order, each once.
 
     ``vocab``: display strings per token id (``lm.vocab_strings``); ids are shown as
     ``<id:N>`` without it. ``E``: the vocabulary matrices, as in
     :func:`~tgeom.analyses.embedding.interaction.head_top_pairs` (``"out"``, ``"in"``, ``"tl"``
     or a tensor). A rich progress bar counts heads unless ``quiet``.
     """
-    n_layers = len(cw.layers)
-    chosen = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    for layer in chosen:
-        check_index("layer", layer, n_layers)
+    n_layers, n_heads = len(cw.layers), cw.summary.n_heads
+    chosen = _chosen("layer", layers, n_layers)
+    chosen_heads = _chosen("head", heads, n_heads)
+    circuits = list(dict.fromkeys(circuits))  # each once, in the given order
     if not circuits:
         raise TgeomError("no circuit chosen: pick qk, ov or both.")
     sides = {}
@@ -141,7 +145,6 @@ def head_atlas(
         if len(set(named.values())) == 1
         else ", ".join(f"{c}: {n}" for c, n in named.items())
     )
-    n_heads = cw.summary.n_heads
     rows: list[AtlasRow] = []
     with Progress(
         TextColumn("[bold]atlas[/] {task.description}"),
@@ -151,9 +154,9 @@ def head_atlas(
         disable=quiet,
         transient=True,
     ) as progress:
-        task = progress.add_task("", total=len(chosen) * n_heads * len(circuits))
+        task = progress.add_task("", total=len(chosen) * len(chosen_heads) * len(circuits))
         for layer in chosen:
-            for head in range(n_heads):
+            for head in chosen_heads:
                 for circuit in circuits:
                     progress.update(task, description=f"layer {layer} head {head} {circuit}")
                     pairs = head_top_pairs(
@@ -178,9 +181,22 @@ def head_atlas(
         chosen,
         list(circuits),
         rope,
+        heads=chosen_heads,
         convention=embedding_convention(E),
         sides=sides,
     )
+
+
+def _chosen(what: str, values: Iterable[int] | None, size: int) -> list[int]:
+    """``values`` sorted without repeats (all of ``0..size-1`` when None), each in range."""
+    if values is None:
+        return list(range(size))
+    chosen = sorted({int(x) for x in values})
+    if not chosen:
+        raise TgeomError(f"no {what} chosen: pass at least one, or none for all.")
+    for value in chosen:
+        check_index(what, value, size)
+    return chosen
 
 
 def _rows(
