@@ -42,7 +42,12 @@ def test_topk_writes_pairs_with_the_required_keys(tiny_model_dir, tmp_path):
     payload = json.loads((out / "results.json").read_text())
     assert payload["command"] == "weights topk" and payload["model"].endswith(Path(model).name)
     assert payload["circuit"] == "qk" and payload["layer"] == 1 and payload["head"] == 2
-    assert payload["filters"] == {"drop_special": True, "ascii_only": True, "alpha_only": False}
+    assert payload["filters"] == {
+        "drop_special": True,
+        "ascii_only": True,
+        "ascii_test": "decoded text",
+        "alpha_only": False,
+    }
     assert "rotary" in payload["rope_note"]
     pairs = payload["pairs"]
     assert len(pairs) == 7

@@ -26,7 +26,12 @@ app.add_typer(weights_app, name="weights")
 MODEL_ARG = typer.Argument(..., help="Alias (minilm, smollm2), local folder, .gguf or hub id.")
 OUT_OPT = typer.Option(..., "--out", help="Folder for results.json and figures.")
 K_OPT = typer.Option(20, "--k", help="How many tokens / pairs to report.")
-ASCII_OPT = typer.Option(False, "--ascii-only", help="Keep only tokens whose text is ASCII.")
+ASCII_OPT = typer.Option(
+    False,
+    "--ascii-only",
+    help="Keep only tokens whose decoded text is ASCII (the decoded text, not the raw vocabulary "
+    "entry: a byte-level BPE newline token, raw 'Ċ', decodes to ASCII and is kept).",
+)
 ALPHA_OPT = typer.Option(False, "--alpha-only", help="Keep only alphabetic tokens.")
 SPECIAL_OPT = typer.Option(
     False, "--keep-special", help="Keep special tokens (dropped by default)."
@@ -58,8 +63,15 @@ def _mask(lm: Any, keep_special: bool, ascii_only: bool, alpha_only: bool) -> An
     )
 
 
-def _filters(keep_special: bool, ascii_only: bool, alpha_only: bool) -> dict[str, bool]:
-    return {"drop_special": not keep_special, "ascii_only": ascii_only, "alpha_only": alpha_only}
+def _filters(keep_special: bool, ascii_only: bool, alpha_only: bool) -> dict[str, Any]:
+    from tgeom.analyses.embedding.filters import ASCII_TEST
+
+    return {
+        "drop_special": not keep_special,
+        "ascii_only": ascii_only,
+        "ascii_test": ASCII_TEST,
+        "alpha_only": alpha_only,
+    }
 
 
 def _embedding(name: str) -> Literal["out", "in"]:

@@ -7,7 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tgeom.analyses.embedding.filters import frequent_token_ids, mask_from_strings, token_mask
+from tgeom.analyses.embedding.filters import (
+    ASCII_TEST,
+    frequent_token_ids,
+    mask_from_strings,
+    token_mask,
+)
 from tgeom.analyses.embedding.interaction import head_top_pairs
 from tgeom.analyses.embedding.lens import lens_logits, logit_lens
 from tgeom.analyses.embedding.projection import (
@@ -100,6 +105,21 @@ def test_every_token_the_tokenizer_flags_special_is_dropped_on_real_models(smoll
     pairs = head_top_pairs(smollm2.weights(), 20, 3, "ov", 3, row_mask=mask, col_mask=mask)
     assert smollm2.vocab_strings[int(pairs.rows[0])] != "<filename>"
     assert int(pairs.rows.min()) >= 17 and int(pairs.cols.min()) >= 17
+
+
+@pytest.mark.slow
+def test_ascii_only_tests_the_decoded_text_not_the_raw_vocabulary_entry(smollm2):
+    assert ASCII_TEST == "decoded text"
+    tok = smollm2.tokenizer
+    raw = tok.convert_ids_to_tokens(list(range(len(tok))))
+    decoded = smollm2.vocab_strings
+    mask = token_mask(smollm2, ascii_only=True, drop_special=False)
+    assert mask[: len(tok)].tolist() == [text.isascii() for text in decoded[: len(tok)]]
+    newline = tok.convert_tokens_to_ids("Ċ")
+    assert decoded[newline] == "\n" and bool(mask[newline])  # raw entry 'Ċ' is not ASCII
+    # the official code's raw test (entry.strip('Ġ').isascii()) would drop these kept tokens
+    differ = [i for i, entry in enumerate(raw) if bool(mask[i]) != entry.strip("Ġ").isascii()]
+    assert newline in differ and all(bool(mask[i]) for i in differ)
 
 
 def test_frequent_token_ids_counts_the_windows():
