@@ -18,13 +18,17 @@ REQUIRED = [
     "var_share_ctx",
     "var_share_resid",
     "pos_stable_rank",
-    "pos_rank",
-    "pos_explained_top2",
-    "pos_explained_top3",
-    "pos_explained_top10",
-    "pos_relative_norm",
+    "pos_rank_gavish_donoho",
+    "pos_rank_screenot",
+    "pos_explained_sq_top2",
+    "pos_explained_sq_top3",
+    "pos_explained_sq_top10",
+    "pos_explained_sv_screenot",
+    "pos_relative_norm_fro",
+    "pos_relative_norm_op",
     "pos_lowfreq_share",
-    "ctx_within_cos",
+    "ctx_within_cos_excl_self",
+    "ctx_within_cos_incl_self",
     "ctx_between_cos",
     "ctx_ari",
     "ctx_silhouette",
@@ -262,3 +266,39 @@ def test_qk_split_command_and_model_mismatch(tiny_model_dir, tmp_path):
     bad = _sp.run([*base, "qk", other, str(out), "--block", "1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "another model" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_measure_conventions_paper_records_its_headline_and_refuses_old_statistics(
+    inputs: dict[str, Path], tmp_out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    collect = ["geometry", "collect", str(inputs["model"]), str(inputs["corpus"])]
+    collect += ["--seq-len", "24", "--out", str(tmp_out), "--max-windows-per-topic", "2"]
+    assert run_main(collect, capsys)[0] == 0
+    paper = ["geometry", "measure", str(tmp_out), "--conventions", "paper", "--screenot-k", "5"]
+    code, _ = run_main(paper, capsys)
+    assert code == 0
+    results = json.loads((tmp_out / "results.json").read_text())
+    assert results["conventions"] == results["options"]["conventions"] == "paper"
+    assert results["options"]["screenot_k"] == 5
+    assert results["headline"] == {
+        "estimated_rank": "pos_rank_screenot",
+        "explained_ratio": "pos_explained_sv_screenot",
+        "relative_norm": "pos_relative_norm_op",
+        "within_topic_cos": "ctx_within_cos_incl_self",
+    }
+    for row in results["by_hidden"]:
+        assert isinstance(row["pos_rank_screenot"], int)
+        assert row["pos_relative_norm_op"] > 0 and row["pos_relative_norm_fro"] > 0
+    code, err = run_main(["geometry", "measure", str(tmp_out), "--conventions", "paper"], capsys)
+    assert code == 2 and "ScreeNOT with k=20" in err and len(err.strip().splitlines()) == 1
+    # statistics collected without the second moment (as by an older tgeom): a one-line error
+    lean = tmp_out.parent / "lean"
+    assert run_main([*collect[:-4], "--out", str(lean), "--no-second-moment"], capsys)[0] == 0
+    assert run_main(["geometry", "measure", str(lean)], capsys)[0] == 0  # tgeom: op norm null
+    row = json.loads((lean / "results.json").read_text())["by_hidden"][0]
+    assert row["pos_relative_norm_op"] is None and row["pos_relative_norm_fro"] > 0
+    code, err = run_main(["geometry", "measure", str(lean), *paper[3:]], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "re-run `tgeom geometry collect`" in lines[0], err
+    code, err = run_main([*collect[:-4], "--out", str(lean)], capsys)  # resume: say so
+    assert code == 2 and "--no-second-moment" in err and len(err.strip().splitlines()) == 1

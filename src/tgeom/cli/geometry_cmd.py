@@ -44,6 +44,23 @@ MAP_OPT = typer.Option("pca", "--ctx-map", help="Context map: pca or tsne (slowe
 RANK_OPT = typer.Option(
     "cubic", "--rank-threshold", help="Gavish-Donoho omega(beta): cubic (paper) or exact."
 )
+CONV_OPT = typer.Option(
+    "tgeom",
+    "--conventions",
+    help="Headline definitions: tgeom (Gavish-Donoho rank, squared-value explained ratio, "
+    "Frobenius relative norm, within-topic |cos| without self-pairs) or paper (the [SZ] code: "
+    "ScreeNOT k=20, singular values to that rank, operator norms, self-pairs counted). Both "
+    "are always written, each under its own name.",
+)
+SCREENOT_OPT = typer.Option(
+    20, "--screenot-k", help="ScreeNOT's bound on the signal rank (20 in the [SZ] code)."
+)
+MOMENT_OPT = typer.Option(
+    True,
+    "--second-moment/--no-second-moment",
+    help="Also sum h h^T per layer (8 (L+1) d^2 bytes): the raw operator norm that "
+    "--conventions paper needs.",
+)
 
 
 def _collect(
@@ -57,6 +74,7 @@ def _collect(
     trust_remote_code: bool,
     need_topics: bool = False,
     checkpoint_every: int = 16,
+    second_moment: bool = True,
 ) -> Any:
     from tgeom.analyses.geometry import collect_statistics
     from tgeom.analyses.geometry.context import check_context_design
@@ -84,6 +102,7 @@ def _collect(
         checkpoint_every=checkpoint_every,
         corpus=docs.source,
         shard=shard,
+        second_moment=second_moment,
     )
     if not shard.is_main:  # rank 0 alone writes and reports
         return None
@@ -95,6 +114,7 @@ def _collect(
             "n_done": stats.n_done,
             "windows_by_topic": windows.counts_by_topic(),
             "stats_file": "geometry_stats.safetensors",
+            "second_moment": stats.second_moment is not None,
         },
     )
     Console().print(
@@ -114,6 +134,8 @@ def _measure(
     hidden: int | None,
     ctx_map: str = "pca",
     rank_threshold: str = "cubic",
+    conventions: str = "tgeom",
+    screenot_k: int = 20,
 ) -> None:
     from tgeom.analyses.geometry import GeometryStats, measure
     from tgeom.plots import geometry as figs
@@ -129,6 +151,8 @@ def _measure(
         seed=seed,
         ctx_map=ctx_map,
         rank_method=rank_threshold,
+        conventions=conventions,
+        screenot_k=screenot_k,
     )
     chosen = result.n_hidden - 1 if hidden is None else result.check_hidden(hidden)
     write_results(out_dir, "geometry measure", result.to_json(gram_hidden=chosen))
@@ -148,18 +172,42 @@ def _measure(
     _print_summary(result)
 
 
+# Short column titles of the quantities that have two definitions (see HEADLINES in measure).
+SHORT_TITLES = {
+    "pos_rank_gavish_donoho": "rank GD",
+    "pos_rank_screenot": "rank ScreeNOT",
+    "pos_explained_sq_top2": "top2 s²",
+    "pos_explained_sv_screenot": "s to rank",
+    "pos_relative_norm_fro": "rel.norm F",
+    "pos_relative_norm_op": "rel.norm op",
+    "ctx_within_cos_excl_self": "within",
+    "ctx_within_cos_incl_self": "within+self",
+}
+
+
 def _print_summary(result: Any) -> None:
-    table = Table(title=f"Position/context geometry of {result.meta.get('model', '?')}")
+    conventions = result.options.get("conventions", "tgeom")
+    table = Table(
+        title=f"Position/context geometry of {result.meta.get('model', '?')} "
+        f"({conventions} conventions)"
+    )
+    head = result.headline
     columns = [
         ("hidden", "hidden", "{}"),
         ("pos", "var_share_pos", "{:.3f}"),
         ("ctx", "var_share_ctx", "{:.3f}"),
         ("resid", "var_share_resid", "{:.3f}"),
         ("srank", "pos_stable_rank", "{:.2f}"),
-        ("rank", "pos_rank", "{}"),
-        ("top2", "pos_explained_top2", "{:.3f}"),
+        *(
+            (SHORT_TITLES[head[name]], head[name], fmt)
+            for name, fmt in (
+                ("estimated_rank", "{}"),
+                ("explained_ratio", "{:.3f}"),
+                ("relative_norm", "{:.3f}"),
+            )
+        ),
         ("ARI", "ctx_ari", "{:.2f}"),
-        ("within", "ctx_within_cos", "{:.3f}"),
+        (SHORT_TITLES[head["within_topic_cos"]], head["within_topic_cos"], "{:.3f}"),
         ("between", "ctx_between_cos", "{:.3f}"),
         ("|cos| pos·ctx", "incoherence_mean", "{:.3f}"),
         ("random", "random_baseline_mean", "{:.3f}"),
@@ -191,6 +239,7 @@ def collect_cmd(
     checkpoint_every: int = typer.Option(
         16, "--checkpoint-every", help="Save a resumable checkpoint every N batches."
     ),
+    second_moment: bool = MOMENT_OPT,
 ) -> None:
     """Run MODEL over CORPUS once and save running sums of every hidden state (0..L).
 
@@ -206,6 +255,7 @@ def collect_cmd(
         keep_first,
         trust_remote_code,
         checkpoint_every=checkpoint_every,
+        second_moment=second_moment,
     )
 
 
@@ -220,9 +270,22 @@ def measure_cmd(
     ctx_map: str = MAP_OPT,
     rank_threshold: str = RANK_OPT,
     _layer: str | None = OLD_LAYER_OPT,
+    conventions: str = CONV_OPT,
+    screenot_k: int = SCREENOT_OPT,
 ) -> None:
     """Measure the saved statistics: shares, spectra, spiral, clusters, incoherence, figures."""
-    _measure(out, k_subspace, low_freq, drop_channels, seed, hidden, ctx_map, rank_threshold)
+    _measure(
+        out,
+        k_subspace,
+        low_freq,
+        drop_channels,
+        seed,
+        hidden,
+        ctx_map,
+        rank_threshold,
+        conventions,
+        screenot_k,
+    )
 
 
 @geometry_app.command("run")
@@ -243,11 +306,18 @@ def run_cmd(
     ctx_map: str = MAP_OPT,
     rank_threshold: str = RANK_OPT,
     _layer: str | None = OLD_LAYER_OPT,
+    conventions: str = CONV_OPT,
+    screenot_k: int = SCREENOT_OPT,
+    second_moment: bool = MOMENT_OPT,
 ) -> None:
     """collect, then measure, into the same --out."""
     from tgeom.analyses.geometry.measure import check_measure_options
 
-    check_measure_options(ctx_map, rank_threshold)  # before spending the forward passes
+    check_measure_options(ctx_map, rank_threshold, conventions)  # before the forward passes
+    if conventions == "paper" and not second_moment:
+        from tgeom.errors import TgeomError
+
+        raise TgeomError("--conventions paper needs the second moment; drop --no-second-moment.")
     stats = _collect(
         model,
         corpus,
@@ -258,9 +328,21 @@ def run_cmd(
         keep_first,
         trust_remote_code,
         need_topics=True,
+        second_moment=second_moment,
     )
     if stats is not None:  # rank 0 (or the only process) measures
-        _measure(out, k_subspace, low_freq, drop_channels, seed, hidden, ctx_map, rank_threshold)
+        _measure(
+            out,
+            k_subspace,
+            low_freq,
+            drop_channels,
+            seed,
+            hidden,
+            ctx_map,
+            rank_threshold,
+            conventions,
+            screenot_k,
+        )
 
 
 @geometry_app.command("qk")

@@ -11,6 +11,9 @@
   ``lambda*(beta) = sqrt(2 (beta + 1) + 8 beta / (beta + 1 + sqrt(beta^2 + 14 beta + 1)))`` and
   ``mu_beta`` the median of the Marchenko-Pastur law of ratio ``beta`` (found numerically: scipy
   quadrature of the density and a root of CDF - 1/2). The two differ by < 0.016 on (0, 1].
+- :func:`screenot_rank`: the ScreeNOT adaptive hard threshold (Donoho, Gavish & Romanov 2023)
+  as the [SZ] code calls it, ``adaptiveHardThresholding(P, k, strategy)`` of the ``screenot``
+  package: the rank convention of the paper's own metrics (``k = 20``, imputation ``"i"``).
 """
 
 from __future__ import annotations
@@ -112,3 +115,30 @@ def _median(s: Tensor) -> Tensor:
     ordered = s.sort().values
     mid = s.numel() // 2
     return (ordered[mid - 1] + ordered[mid]) / 2
+
+
+SCREENOT_STRATEGIES = ("i", "w", "0")
+
+
+def screenot_fits(shape: Sequence[int], k: int, strategy: str = "i") -> bool:
+    """Whether ScreeNOT can run on an ``m x n`` matrix with signal-rank bound ``k``: it needs
+    ``2 k + 1 < min(m, n)`` for imputation (``"i"``), ``k < min(m, n)`` otherwise."""
+    smallest = min(int(shape[0]), int(shape[1]))
+    return 2 * k + 1 < smallest if strategy == "i" else k < smallest
+
+
+def screenot_rank(matrix: Tensor, k: int = 20, strategy: str = "i") -> int:
+    """Rank kept by ScreeNOT's optimal adaptive hard threshold on ``matrix [m, n]`` (float64 on
+    the CPU): the number of singular values above the threshold that the package derives from
+    the bulk left after imputing the top ``k``. Raises ValueError when
+    :func:`screenot_fits` is false; 0 for a zero matrix (the package's search never ends)."""
+    from screenot.ScreeNOT import adaptiveHardThresholding
+
+    if strategy not in SCREENOT_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SCREENOT_STRATEGIES}, got {strategy!r}")
+    if not screenot_fits(tuple(matrix.shape), k, strategy):
+        raise ValueError(f"ScreeNOT with k={k} needs 2k+1 < min(m, n); shape {tuple(matrix.shape)}")
+    y = check_finite("the matrix", matrix).detach().double().cpu().numpy()
+    if not y.any():
+        return 0
+    return int(adaptiveHardThresholding(y, k=k, strategy=strategy)[-1])

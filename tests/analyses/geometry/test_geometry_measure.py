@@ -19,13 +19,17 @@ REQUIRED = [
     "var_share_ctx",
     "var_share_resid",
     "pos_stable_rank",
-    "pos_rank",
-    "pos_explained_top2",
-    "pos_explained_top3",
-    "pos_explained_top10",
-    "pos_relative_norm",
+    "pos_rank_gavish_donoho",
+    "pos_rank_screenot",
+    "pos_explained_sq_top2",
+    "pos_explained_sq_top3",
+    "pos_explained_sq_top10",
+    "pos_explained_sv_screenot",
+    "pos_relative_norm_fro",
+    "pos_relative_norm_op",
     "pos_lowfreq_share",
-    "ctx_within_cos",
+    "ctx_within_cos_excl_self",
+    "ctx_within_cos_incl_self",
     "ctx_between_cos",
     "ctx_ari",
     "ctx_silhouette",
@@ -70,11 +74,12 @@ def _stats(**kwargs: object) -> GeometryStats:
 
 def test_planted_helix_clusters_and_orthogonality_are_recovered() -> None:
     row = measure(_stats()).by_hidden[0]
-    assert row["pos_explained_top2"] > 0.95
+    assert row["pos_explained_sq_top2"] > 0.95
     assert row["pos_stable_rank"] < 2.2
-    assert row["pos_rank"] == 2
+    assert row["pos_rank_gavish_donoho"] == 2
     assert row["ctx_ari"] == 1.0
-    assert row["ctx_within_cos"] > 0.95 > row["ctx_between_cos"] + 0.3  # 3 centred centres: ~0.5
+    within = row["ctx_within_cos_excl_self"]
+    assert within > 0.95 > row["ctx_between_cos"] + 0.3  # 3 centred centres: ~0.5
     baseline = row["random_baseline_mean"]
     assert baseline == pytest.approx(math.sqrt(2 / (math.pi * 256)), rel=0.01)
     assert row["incoherence_mean"] < 1.5 * baseline
@@ -114,7 +119,7 @@ def test_massive_channel_is_reported_and_can_be_dropped() -> None:
     dropped = measure(_stats(), drop_channels=1)
     plain = measure(_stats())
     # Without channel 7 layer 1 is layer 0 minus one ordinary channel: the helix is back.
-    assert dropped.by_hidden[1]["pos_explained_top2"] > 0.95
+    assert dropped.by_hidden[1]["pos_explained_sq_top2"] > 0.95
     assert dropped.by_hidden[1]["ctx_ari"] == plain.by_hidden[0]["ctx_ari"] == 1.0
 
 
@@ -146,6 +151,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     back = GeometryStats.load(tmp_path / "s.safetensors")
     assert back.meta == stats.meta and back.n_done == stats.n_done
     torch.testing.assert_close(back.sum_pos, stats.sum_pos, rtol=0, atol=0)
+    assert stats.second_moment is not None
+    torch.testing.assert_close(back.second_moment, stats.second_moment, rtol=0, atol=0)
     assert (tmp_path / "s.json").is_file()
 
 

@@ -20,9 +20,14 @@ KEYS = [
     "var_share_ctx",
     "var_share_resid",
     "pos_stable_rank",
-    "pos_rank",
-    "pos_explained_top2",
-    "ctx_within_cos",
+    "pos_rank_gavish_donoho",
+    "pos_rank_screenot",
+    "pos_explained_sq_top2",
+    "pos_explained_sv_screenot",
+    "pos_relative_norm_fro",
+    "pos_relative_norm_op",
+    "ctx_within_cos_excl_self",
+    "ctx_within_cos_incl_self",
     "ctx_between_cos",
     "ctx_ari",
     "incoherence_max",
@@ -52,7 +57,8 @@ def test_real_model_geometry_numbers(name: str, request: pytest.FixtureRequest) 
         print(f"{row['hidden']:6d} " + " ".join(f"{float(row[k]):14.4f}" for k in KEYS))
         total = row["var_share_pos"] + row["var_share_ctx"] + row["var_share_resid"]
         assert total == pytest.approx(1.0, abs=1e-9)
-        assert 1.0 <= row["pos_stable_rank"] <= row["pos_rank"] + 1e-9 or row["pos_rank"] == 0
+        rank = row["pos_rank_gavish_donoho"]
+        assert 1.0 <= row["pos_stable_rank"] <= rank + 1e-9 or rank == 0
     print("massive:", [(m["hidden"], m["channels"][:3]) for m in result.massive_channels])
     dropped = measure(stats, drop_channels=2)
     print("with each hidden state's top-2 |h| channels removed:")

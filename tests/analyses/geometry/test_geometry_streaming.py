@@ -40,6 +40,7 @@ def _dense_parts(lm: Any, token_ids: torch.Tensor, first: int) -> list[dict[str,
                 "ctx": ctx,
                 "total": float(((h - mu) ** 2).sum()),
                 "resid": float((resid**2).sum()),
+                "second_moment": torch.einsum("cti,ctj->ij", h, h),
             }
         )
     return out
@@ -53,6 +54,10 @@ def _assert_matches_dense(stats: GeometryStats, dense: list[dict[str, Any]]) -> 
         torch.testing.assert_close(dec.ctx, ref["ctx"], rtol=1e-9, atol=1e-9)
         assert dec.ss_total == pytest.approx(ref["total"], rel=1e-9)
         assert dec.ss_resid == pytest.approx(ref["resid"], rel=1e-9)
+        assert stats.second_moment is not None
+        torch.testing.assert_close(
+            stats.second_moment[layer], ref["second_moment"], rtol=1e-12, atol=1e-9
+        )
         c, t = ref["ctx"].shape[0], ref["pos"].shape[0]
         anova = c * float((ref["pos"] ** 2).sum()) + t * float((ref["ctx"] ** 2).sum())
         assert ref["total"] == pytest.approx(anova + ref["resid"], rel=1e-9)
@@ -141,7 +146,7 @@ def test_interrupted_collection_resumes_without_double_counting(
         progress=False,
     )
     assert resumed.n_done == len(windows)
-    for name in ("sum_total", "sum_pos", "ctx_means", "sumsq", "sum_abs"):
+    for name in ("sum_total", "sum_pos", "ctx_means", "sumsq", "sum_abs", "second_moment"):
         torch.testing.assert_close(
             getattr(resumed, name), getattr(full, name), rtol=1e-12, atol=1e-12
         )
@@ -168,3 +173,23 @@ def test_incomplete_statistics_refuse_to_measure(tiny_model: Any, topic_corpus: 
     stats.n_done -= 1
     with pytest.raises(TgeomError, match="collect"):
         stats.decomposition(0)
+
+
+def test_statistics_without_second_moment_resume_only_without_it(
+    tiny_model: Any, topic_corpus: Path, tmp_path: Path
+) -> None:
+    lm = tiny_model("gpt2")
+    windows = _windows(lm, topic_corpus, 1)
+    checkpoint = tmp_path / "stats.safetensors"
+    lean = collect_statistics(
+        lm, windows, checkpoint_path=checkpoint, progress=False, second_moment=False
+    )
+    assert lean.second_moment is None and GeometryStats.load(checkpoint).second_moment is None
+    with pytest.raises(TgeomError, match="without the \\[d, d\\] second moment"):
+        collect_statistics(lm, windows, checkpoint_path=checkpoint, progress=False)
+    with pytest.raises(TgeomError, match="re-run `tgeom geometry collect`"):
+        lean.raw_operator_norm_sq(0)
+    again = collect_statistics(
+        lm, windows, checkpoint_path=checkpoint, progress=False, second_moment=False
+    )
+    torch.testing.assert_close(again.sum_pos, lean.sum_pos, rtol=0, atol=0)

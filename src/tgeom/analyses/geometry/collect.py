@@ -1,10 +1,12 @@
 """First (and only) pass over a corpus: batched forward passes feeding :class:`GeometryStats`.
 
 [SZ] / SPEC section 4, streaming. Each batch's hidden states ``[L+1, B, T, d]`` are folded into
-float64 running sums on the runtime's device and dropped; only the per-window means ``[C, L+1,
-d]`` grow with the corpus. With ``checkpoint_path`` the statistics are saved atomically every
-``checkpoint_every`` batches (and at the end); a later call with the same model, windows and
-options resumes after the ``n_done`` windows the checkpoint holds, so none is counted twice.
+float64 running sums on the runtime's device and dropped (with ``second_moment``, also each
+layer's ``sum h h^T [d, d]``, one float64 GEMM per layer and batch); only the per-window means
+``[C, L+1, d]`` grow with the corpus. With ``checkpoint_path`` the statistics are saved
+atomically every ``checkpoint_every`` batches (and at the end); a later call with the same
+model, windows and options resumes after the ``n_done`` windows the checkpoint holds, so none
+is counted twice.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def collect_statistics(
     progress: bool = True,
     corpus: str | None = None,
     shard: Shard | None = None,
+    second_moment: bool = True,
 ) -> GeometryStats:
     """Accumulate the running sums of every hidden state (0..L) over ``windows``.
 
@@ -93,7 +96,8 @@ def collect_statistics(
     C sum_t ||pos_t||^2 + T' sum_c ||ctx_c||^2 + resid SS; see :mod:`.stats`).
     ``corpus`` is the corpus identity recorded in the file (e.g. ``Corpus.source``).
     ``shard``: this process' rank in a ``torchrun`` job (default: read from the environment);
-    see :func:`_collect_sharded`.
+    see :func:`_collect_sharded`. ``second_moment``: also accumulate ``sum h h^T [L+1, d, d]``
+    (the raw operator norm of [SZ]'s relative norm; ``8 (L+1) d^2`` bytes).
     """
     shard = shard if shard is not None else shard_from_env()
     if shard.distributed:
@@ -107,6 +111,7 @@ def collect_statistics(
             checkpoint_every,
             progress,
             corpus,
+            second_moment,
         )
     runtime = runtime or Runtime.auto()
     seq_len = int(windows.seq_len)
@@ -122,14 +127,13 @@ def collect_statistics(
     n_hidden = int(lm.summary.n_layers) + 1  # embedding output + each block's output
     d = int(lm.summary.d_model)
 
-    stats = _resume(checkpoint_path, identity)
+    stats = _resume(checkpoint_path, identity, second_moment)
     if stats is None:
-        stats = GeometryStats.empty(n_hidden, seq_len - first, len(windows), d, identity)
+        stats = GeometryStats.empty(
+            n_hidden, seq_len - first, len(windows), d, identity, second_moment
+        )
     device = runtime.device
-    acc = {
-        name: getattr(stats, name).to(device)
-        for name in ("sum_total", "sum_pos", "sumsq", "sum_abs")
-    }
+    acc = {name: value.to(device) for name, value in stats.running_sums().items()}
     token_ids = windows.token_ids[stats.n_done :]
     bar = _progress(progress, len(windows), stats.n_done)
     n_positions = seq_len - first
@@ -181,6 +185,7 @@ def _collect_sharded(
     checkpoint_every: int,
     progress: bool,
     corpus: str | None,
+    second_moment: bool,
 ) -> GeometryStats:
     """One rank of a ``torchrun`` job: collect a contiguous block of windows (with its own
     resumable checkpoint), then all-reduce the float64 sums so every rank holds the statistics
@@ -205,6 +210,7 @@ def _collect_sharded(
         len(windows),
         int(lm.summary.d_model),
         identity,
+        second_moment,
     )
     if hi > lo:
         part_windows = _WindowSlice(
@@ -223,12 +229,12 @@ def _collect_sharded(
             progress=progress and shard.is_main,
             corpus=corpus,
             shard=Shard(),
+            second_moment=second_moment,
         )
-        for name in ("sum_total", "sum_pos", "sumsq", "sum_abs"):
-            setattr(total, name, getattr(part, name).clone())
+        for name, value in part.running_sums().items():
+            setattr(total, name, value.clone())
         total.ctx_means[lo:hi] = part.ctx_means
-    sums = {name: getattr(total, name) for name in ("sum_total", "sum_pos", "sumsq", "sum_abs")}
-    sums["ctx_means"] = total.ctx_means
+    sums = {**total.running_sums(), "ctx_means": total.ctx_means}
     shard.all_reduce_sum(sums)
     total.n_done = len(windows)
     if checkpoint_path is not None and shard.is_main:
@@ -243,10 +249,14 @@ def _fold_hidden(acc: dict[str, Tensor], index: int, hidden: Tensor, first: int)
     (float64).
 
     Called from the block's forward hook, while the block's output is still in cache. One float64
-    copy (exact: float32 -> float64 loses nothing), two sums read from it, then ``|h|`` and
-    ``h^2`` are formed *in place* in that copy, so no other temporary of its size is allocated.
+    copy (exact: float32 -> float64 loses nothing), two sums and (when ``acc`` has it) the second
+    moment ``h^T h`` read from it, then ``|h|`` and ``h^2`` are formed *in place* in that copy, so
+    no other temporary of its size is allocated.
     """
     h = hidden[:, first:].to(device=acc["sum_pos"].device, dtype=torch.float64)  # [B, T', d]
+    if "second_moment" in acc:
+        flat = h.reshape(-1, h.shape[-1])  # [B T', d]
+        acc["second_moment"][index].addmm_(flat.T, flat)
     acc["sum_pos"][index] += h.sum(dim=0)
     window_sums = h.sum(dim=1)
     acc["sum_total"][index] += window_sums.sum(dim=0)
@@ -261,7 +271,9 @@ def _store(stats: GeometryStats, acc: dict[str, Tensor]) -> GeometryStats:
     return stats
 
 
-def _resume(path: str | Path | None, identity: dict[str, Any]) -> GeometryStats | None:
+def _resume(
+    path: str | Path | None, identity: dict[str, Any], second_moment: bool
+) -> GeometryStats | None:
     if path is None:
         return None
     from tgeom.analyses.geometry.stats import _stats_path
@@ -271,6 +283,13 @@ def _resume(path: str | Path | None, identity: dict[str, Any]) -> GeometryStats 
         return None
     stats = GeometryStats.load(target)
     check_same_identity(stats.meta, identity, str(target))
+    if (stats.second_moment is not None) != second_moment:
+        held = "with" if stats.second_moment is not None else "without"
+        flag = "omit --no-second-moment" if held == "with" else "pass --no-second-moment"
+        raise TgeomError(
+            f"the statistics at {target} were collected {held} the [d, d] second moment; "
+            f"{flag} to continue them, or use a fresh --out."
+        )
     return stats
 
 

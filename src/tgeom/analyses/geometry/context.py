@@ -1,6 +1,8 @@
 """Context-part and incoherence metrics of one layer [SZ] (SPEC section 4).
 
-- :func:`context_metrics`: within/between-topic mean ``|cos|`` of ``ctx_c``, k-means ARI and
+- :func:`context_metrics`: within/between-topic mean ``|cos|`` of ``ctx_c`` (within-topic both
+  over pairs of distinct windows and, as the [SZ] code's block mask counts them, with each window
+  also paired with itself), k-means ARI and
   silhouette (cosine metric) against the topic labels, and a 2-D map: PCA of the centred ctx
   (default) or t-SNE (``map_method="tsne"``: sklearn, PCA initialisation, seeded, perplexity
   ``min(30, (C - 1) / 3)``; slower, and distances between clusters are not meaningful).
@@ -57,6 +59,7 @@ def context_metrics(
     same = topic_ids[:, None] == topic_ids[None, :]
     off = ~torch.eye(ctx.shape[0], dtype=torch.bool)
     within = cos[same & off]
+    within_incl_self = cos[same]
     between = cos[~same]
     x = ctx.numpy()
     labels = topic_ids.numpy()
@@ -69,7 +72,8 @@ def context_metrics(
     )
     coords = _tsne_map(x, seed) if map_method == "tsne" else _pca_map(ctx)
     return {
-        "ctx_within_cos": float(within.mean()) if within.numel() else float("nan"),
+        "ctx_within_cos_excl_self": float(within.mean()) if within.numel() else float("nan"),
+        "ctx_within_cos_incl_self": float(within_incl_self.mean()),
         "ctx_between_cos": float(between.mean()),
         "ctx_ari": ari,
         "ctx_silhouette": silhouette,

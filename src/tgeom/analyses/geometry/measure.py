@@ -10,8 +10,24 @@ frequencies ``<= low_freq`` in both axes), context clustering, incoherence besid
 baselines, and the massive-activation channels (largest mean ``|h|``), optionally removed
 (``drop_channels = m``: each hidden state's own top-m channels are dropped before every metric).
 
-``pos_relative_norm`` is ``sqrt(mean_t ||pos_t||^2) / sqrt(mean_{c,t} ||h[c,t]||^2)``: the RMS
-positional vector against the RMS raw hidden state (mean included).
+Where tgeom and the [SZ] code (its ``metrics.py``) define a quantity differently, both are
+reported, each named for what it is (``conventions`` only picks the headline, see
+:data:`HEADLINES`):
+
+- estimated rank: ``pos_rank_gavish_donoho`` (tgeom) / ``pos_rank_screenot`` (the code:
+  ScreeNOT, ``k = 20``, imputation; ``None`` when ``2 k + 1 >= min(T', d)``);
+- explained ratio: ``pos_explained_sq_top{2,3,10}`` (tgeom: share of ``sum s^2`` in the top k)
+  / ``pos_explained_sv_screenot`` (the code: ``sum_{i < r} s_i / sum s_i``, r the ScreeNOT rank);
+- relative norm: ``pos_relative_norm_fro = ||P_C||_F / ||H||_F`` (tgeom, = RMS ``pos_t`` over
+  RMS ``h[c, t]``) / ``pos_relative_norm_op = ||P_C||_2 / ||H||_2`` (the code), with ``P_C [C T',
+  d]`` the positional matrix repeated for every window (``||P_C|| = sqrt(C) ||P||``) and ``H``
+  the raw hidden states, mean included (``||H||_2`` from the collected second moment; ``None``
+  when the statistics hold none);
+- within-topic mean ``|cos|`` of ``ctx_c``: ``ctx_within_cos_excl_self`` (tgeom: pairs of
+  distinct windows) / ``ctx_within_cos_incl_self`` (the code: each window also paired with
+  itself, as its block mask does).
+
+The stable rank and the between-topic ``|cos|`` are the same in both.
 """
 
 from __future__ import annotations
@@ -32,13 +48,38 @@ from tgeom.analyses.geometry.context import (
 )
 from tgeom.analyses.geometry.stats import GeometryStats
 from tgeom.errors import TgeomError, check_index
-from tgeom.linalg.spectral import RANK_METHODS, dct_matrix, optimal_rank, stable_rank
+from tgeom.linalg.spectral import (
+    RANK_METHODS,
+    dct_matrix,
+    optimal_rank,
+    screenot_fits,
+    screenot_rank,
+    stable_rank,
+)
 from tgeom.results import results_frame
 
 if TYPE_CHECKING:
     import pandas as pd
 
 N_MASSIVE = 5  # channels listed per hidden state in the massive-activation report
+CONVENTIONS = ("tgeom", "paper")
+SCREENOT_K = 20  # the [SZ] code's upper bound on the signal rank
+# Which named quantity is the headline estimated rank, explained ratio, relative norm and
+# within-topic |cos| under each convention (results.json records the chosen map).
+HEADLINES: dict[str, dict[str, str]] = {
+    "tgeom": {
+        "estimated_rank": "pos_rank_gavish_donoho",
+        "explained_ratio": "pos_explained_sq_top2",
+        "relative_norm": "pos_relative_norm_fro",
+        "within_topic_cos": "ctx_within_cos_excl_self",
+    },
+    "paper": {
+        "estimated_rank": "pos_rank_screenot",
+        "explained_ratio": "pos_explained_sv_screenot",
+        "relative_norm": "pos_relative_norm_op",
+        "within_topic_cos": "ctx_within_cos_incl_self",
+    },
+}
 
 
 @dataclass
@@ -70,6 +111,11 @@ class GeometryResult:
         """Hidden states measured: the embedding output and each block's output (L + 1)."""
         return len(self.by_hidden)
 
+    @property
+    def headline(self) -> dict[str, str]:
+        """The named quantity shown as each headline metric under these results' conventions."""
+        return HEADLINES[self.options.get("conventions", "tgeom")]
+
     def check_hidden(self, hidden: int) -> int:
         return check_index("hidden state", hidden, self.n_hidden)
 
@@ -93,6 +139,8 @@ class GeometryResult:
             "n_blocks": self.n_hidden - 1,
             "n_hidden": self.n_hidden,
             "options": self.options,
+            "conventions": self.options.get("conventions", "tgeom"),
+            "headline": self.headline,
             "topics": self.topics,
             "topic_ids": self.topic_ids,
             "positions": self.positions,
@@ -109,8 +157,12 @@ class GeometryResult:
         return results_frame(self.to_json(), table, ("by_hidden", "massive_channels"))
 
 
-def check_measure_options(ctx_map: str, rank_method: str) -> None:
-    """One-line error for an unknown ``--ctx-map`` or ``--rank-threshold``."""
+def check_measure_options(ctx_map: str, rank_method: str, conventions: str = "tgeom") -> None:
+    """One-line error for an unknown ``--ctx-map``, ``--rank-threshold`` or ``--conventions``."""
+    if conventions not in CONVENTIONS:
+        raise TgeomError(
+            f"--conventions must be one of {', '.join(CONVENTIONS)}, got {conventions!r}."
+        )
     if ctx_map not in MAP_METHODS:
         raise TgeomError(f"--ctx-map must be one of {', '.join(MAP_METHODS)}, got {ctx_map!r}.")
     if rank_method not in RANK_METHODS:
@@ -128,13 +180,19 @@ def measure(
     seed: int = 0,
     ctx_map: str = "pca",
     rank_method: str = "cubic",
+    conventions: str = "tgeom",
+    screenot_k: int = SCREENOT_K,
 ) -> GeometryResult:
     """Measure every hidden state of ``stats`` (see the module docstring for each quantity).
 
     ``ctx_map``: "pca" or "tsne" (the 2-D context map); ``rank_method``: how the Gavish-Donoho
-    coefficient omega(beta) is computed for ``pos_rank`` ("cubic" or "exact", see
-    :func:`tgeom.linalg.spectral.optimal_rank`)."""
-    check_measure_options(ctx_map, rank_method)
+    coefficient omega(beta) is computed for ``pos_rank_gavish_donoho`` ("cubic" or "exact", see
+    :func:`tgeom.linalg.spectral.optimal_rank`); ``conventions``: "tgeom" or "paper", which
+    definitions are the headline (:data:`HEADLINES`); ``screenot_k``: ScreeNOT's bound on the
+    signal rank (20 in the [SZ] code). Under "paper" every headline quantity must exist:
+    statistics without the second moment, or ``min(T', d) <= 2 k + 1`` (ScreeNOT), are refused
+    with a one-line error."""
+    check_measure_options(ctx_map, rank_method, conventions)
     topic_ids = stats.topic_ids
     check_context_design(stats.n_windows, topic_ids)
     d = stats.d_model
@@ -142,6 +200,10 @@ def measure(
         raise TgeomError(f"--drop-channels must be between 0 and {d - 2}, got {drop_channels}.")
     if low_freq < 1:
         raise TgeomError(f"--low-freq must be at least 1, got {low_freq}.")
+    if screenot_k < 0:
+        raise TgeomError(f"--screenot-k must be at least 0, got {screenot_k}.")
+    if conventions == "paper":
+        _check_paper_conventions(stats, drop_channels, screenot_k)
     n = stats.n_windows * stats.n_positions
     mean_abs = stats.sum_abs / n  # [L+1, d]
     result = GeometryResult(
@@ -158,6 +220,8 @@ def measure(
             "seed": seed,
             "ctx_map": ctx_map,
             "rank_method": rank_method,
+            "conventions": conventions,
+            "screenot_k": screenot_k,
             **stats.meta.get("options", {}),
         },
         pos_singular_values=[],
@@ -174,6 +238,19 @@ def measure(
         keep = torch.sort(order[drop_channels:]).values if drop_channels else None
         _measure_hidden(result, stats, hidden, keep, dct, k_subspace, low_freq, seed)
     return result
+
+
+def _check_paper_conventions(stats: GeometryStats, drop_channels: int, k: int) -> None:
+    """One-line errors for statistics the [SZ] code's definitions cannot be computed from."""
+    if stats.second_moment is None:
+        stats.raw_operator_norm_sq(0)  # raises the one-line "re-run geometry collect" error
+    shape = (stats.n_positions, stats.d_model - drop_channels)
+    if not screenot_fits(shape, k):
+        raise TgeomError(
+            f"--conventions paper estimates the rank by ScreeNOT with k={k}, which needs more "
+            f"than {2 * k + 1} positions and channels (here {shape[0]} x {shape[1]}); collect "
+            "with a longer --seq-len or pass a smaller --screenot-k."
+        )
 
 
 def _positions(stats: GeometryStats) -> list[int]:
@@ -207,15 +284,6 @@ def _measure_hidden(
     share_pos, share_ctx, share_resid = dec.shares()
     pos, ctx = dec.pos, dec.ctx
     u, s, _ = torch.linalg.svd(pos, full_matrices=False)
-    energy = (s**2).sum()
-
-    def explained(k: int) -> float:
-        return float((s[:k] ** 2).sum() / energy) if energy > 0 else float("nan")
-
-    n = stats.n_windows * stats.n_positions
-    sumsq = stats.sumsq[hidden] if keep is None else stats.sumsq[hidden, keep]
-    rms_h = math.sqrt(float(sumsq.sum()) / n)
-    rms_pos = math.sqrt(float((pos**2).sum()) / pos.shape[0])
     unit = unit_rows(pos)
     gram = unit @ unit.T
     gram_dct = dct @ gram @ dct.T
@@ -238,11 +306,10 @@ def _measure_hidden(
             "var_share_resid": share_resid,
             "ss_total": dec.ss_total,
             "pos_stable_rank": stable_rank(s),
-            "pos_rank": optimal_rank(s, tuple(pos.shape), rank_method),
-            "pos_explained_top2": explained(2),
-            "pos_explained_top3": explained(3),
-            "pos_explained_top10": explained(10),
-            "pos_relative_norm": rms_pos / rms_h if rms_h > 0 else float("nan"),
+            "pos_rank_gavish_donoho": optimal_rank(s, tuple(pos.shape), rank_method),
+            **_paper_and_tgeom_pos_metrics(
+                stats, hidden, keep, pos, s, result.options["screenot_k"]
+            ),
             "pos_lowfreq_share": lowfreq_share,
             **{k: v for k, v in ctx_part.items() if k != "ctx_map_2d"},
             **{k: v for k, v in inc.items() if k != "pos_ctx_cos"},
@@ -254,3 +321,41 @@ def _measure_hidden(
     result.pos_ctx_cos.append(inc["pos_ctx_cos"])
     result.gram.append(gram.float().numpy())
     result.gram_dct.append(gram_dct.float().numpy())
+
+
+def _paper_and_tgeom_pos_metrics(
+    stats: GeometryStats,
+    hidden: int,
+    keep: torch.Tensor | None,
+    pos: torch.Tensor,
+    s: torch.Tensor,
+    screenot_k: int,
+) -> dict[str, Any]:
+    """ScreeNOT rank, explained ratios and relative norms of ``pos [T', d]`` (singular values
+    ``s``, descending), each in both definitions (module docstring); ``None`` where the
+    statistics cannot give one."""
+    energy, total = float((s**2).sum()), float(s.sum())
+    out: dict[str, Any] = {}
+    fits = screenot_fits(pos.shape, screenot_k)
+    rank = screenot_rank(pos, screenot_k) if fits else None
+    out["pos_rank_screenot"] = rank
+    for k in (2, 3, 10):
+        out[f"pos_explained_sq_top{k}"] = (
+            float((s[:k] ** 2).sum()) / energy if energy > 0 else float("nan")
+        )
+    out["pos_explained_sv_screenot"] = (
+        None if rank is None else (float(s[:rank].sum()) / total if total > 0 else float("nan"))
+    )
+    c = stats.n_windows
+    sumsq = stats.sumsq[hidden] if keep is None else stats.sumsq[hidden, keep]
+    h_fro_sq = float(sumsq.sum())  # ||H||_F^2; ||P_C||_F^2 = C ||P||_F^2 = C sum s^2
+    out["pos_relative_norm_fro"] = math.sqrt(c * energy / h_fro_sq) if h_fro_sq > 0 else math.nan
+    if stats.second_moment is None:
+        out["pos_relative_norm_op"] = None
+    else:
+        h_op_sq = stats.raw_operator_norm_sq(hidden, keep)
+        top = float(s[0]) if s.numel() else 0.0
+        out["pos_relative_norm_op"] = (
+            math.sqrt(c) * top / math.sqrt(h_op_sq) if h_op_sq > 0 else math.nan
+        )
+    return out

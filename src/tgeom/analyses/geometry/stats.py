@@ -8,8 +8,11 @@ position 0 dropped unless ``keep_first``):
   ``resid[c, t] = h[c, t] - mu - pos_t - ctx_c``.
 
 :class:`GeometryStats` holds only running sums, never the ``[C, T, d]`` tensor: the total sum
-``[L+1, d]``, per-position sums ``[L+1, T', d]``, per-window means ``[C, L+1, d]`` and per-channel
-sums of squares and of absolute values ``[L+1, d]``. Memory is ``O(L d (T' + C))``.
+``[L+1, d]``, per-position sums ``[L+1, T', d]``, per-window means ``[C, L+1, d]``, per-channel
+sums of squares and of absolute values ``[L+1, d]`` and (unless collected without it) the
+second moment ``sum_{c,t} h h^T`` ``[L+1, d, d]``, from which the operator norm of the raw
+hidden-state matrix ``H [C T', d]`` follows (``||H||_2^2 = lambda_max(H^T H)``; the [SZ] code's
+relative norm needs it). Memory is ``O(L d (T' + C + d))``.
 
 Residual statistics come *exactly from this first pass*: in a balanced design (every window has
 all T' positions) the two-way ANOVA identity
@@ -52,6 +55,9 @@ class GeometryStats:
     sum_abs: Tensor  # [L+1, d]      sum over (c, t) of |h|, per channel
     n_done: int  # windows accumulated so far
     meta: dict[str, Any] = field(default_factory=dict)
+    second_moment: Tensor | None = None  # [L+1, d, d]  sum over (c, t) of h h^T (or None)
+
+    SUMS = ("sum_total", "sum_pos", "sumsq", "sum_abs", "second_moment")  # added over windows
 
     # -- shapes and identity -------------------------------------------------------------
     @property
@@ -83,9 +89,37 @@ class GeometryStats:
     def topics(self) -> list[str]:
         return list(self.meta.get("topics", []))
 
+    def running_sums(self) -> dict[str, Tensor]:
+        """The tensors that are sums over windows (what a sharded job all-reduces), by name."""
+        sums = {name: getattr(self, name) for name in self.SUMS}
+        return {name: value for name, value in sums.items() if value is not None}
+
+    def raw_operator_norm_sq(self, hidden: int, channels: Tensor | None = None) -> float:
+        """``||H||_2^2`` of the raw vectors ``H [C T', d]`` of hidden state ``hidden`` (0..L, mean
+        included), restricted to ``channels``: the largest eigenvalue of the second moment."""
+        if self.second_moment is None:
+            raise TgeomError(
+                "these statistics hold no [d, d] second moment (collected by an older tgeom or "
+                "with --no-second-moment), so the raw operator norm is unknown; re-run "
+                "`tgeom geometry collect` into a fresh --out."
+            )
+        from scipy.linalg import eigh
+
+        m = self.second_moment[hidden]
+        if channels is not None:
+            m = m[channels][:, channels]
+        top = m.shape[0] - 1  # only the largest eigenvalue is computed
+        return float(eigh(m.numpy(), eigvals_only=True, subset_by_index=[top, top])[0])
+
     @classmethod
     def empty(
-        cls, n_hidden: int, n_positions: int, n_windows: int, d: int, meta: dict[str, Any]
+        cls,
+        n_hidden: int,
+        n_positions: int,
+        n_windows: int,
+        d: int,
+        meta: dict[str, Any],
+        second_moment: bool = True,
     ) -> GeometryStats:
         f64 = torch.float64
         return cls(
@@ -96,6 +130,7 @@ class GeometryStats:
             sum_abs=torch.zeros(n_hidden, d, dtype=f64),
             n_done=0,
             meta=dict(meta),
+            second_moment=torch.zeros(n_hidden, d, d, dtype=f64) if second_moment else None,
         )
 
     @classmethod
@@ -115,6 +150,7 @@ class GeometryStats:
             ctx_means=h.mean(dim=2).transpose(0, 1).contiguous(),
             sumsq=(h * h).sum(dim=(1, 2)),
             sum_abs=h.abs().sum(dim=(1, 2)),
+            second_moment=torch.einsum("lcti,lctj->lij", h, h),
             n_done=int(h.shape[1]),
             meta={
                 **(meta or {}),
@@ -162,6 +198,8 @@ class GeometryStats:
             "sumsq": self.sumsq,
             "sum_abs": self.sum_abs,
         }
+        if self.second_moment is not None:
+            tensors["second_moment"] = self.second_moment
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         os.close(fd)
         try:
