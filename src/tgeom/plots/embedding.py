@@ -47,7 +47,8 @@ def top_pairs_figure(
     row_is, col_is = ("query", "key") if result.circuit == "qk" else ("source", "promoted")
     ax.set_title(
         f"{result.circuit.upper()} layer {result.layer} head {result.head}: {kind} entries "
-        f"({row_is} → {col_is}, E = {result.embedding})",
+        f"({row_is} → {col_is}, E = {result.embedding}; weights only, exact over all token "
+        "pairs)",
         fontsize=9,
     )
     ax.set_xlabel("entry of the interaction matrix")
@@ -78,7 +79,12 @@ def logit_lens_figure(result: Any, max_positions: int = 40) -> Figure:
     ax.set_yticks(range(scores.shape[0]), [str(i) for i in range(scores.shape[0])], fontsize=7)
     ax.set_xlabel("input token (position)")
     ax.set_ylabel("layer (0 = embeddings)")
-    ax.set_title("logit lens: top-1 token per layer and position", fontsize=9)
+    shown = f"first {n_pos} of " if n_pos < len(result.tokens) else ""
+    ax.set_title(
+        f"logit lens: top-1 token per layer and position ({shown}1 text of "
+        f"{len(result.tokens)} tokens)",
+        fontsize=9,
+    )
     fig.colorbar(image, ax=ax, label="top-1 logit")
     fig.tight_layout()
     return fig

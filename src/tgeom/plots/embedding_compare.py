@@ -44,7 +44,11 @@ def plot_alignment(result: AlignmentResult) -> Figure:
         fig.colorbar(image, ax=ax, shrink=0.8, label="mean |rho|")
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle("Vocabulary-space similarity of parameters (Pearson across V)")
+    per_layer = result.options.get("per_layer")
+    drawn = "all vectors" if per_layer is None else f"up to {per_layer} vectors"
+    fig.suptitle(
+        f"Vocabulary-space similarity of parameters (Pearson across V; {drawn} per layer and group)"
+    )
     return fig
 
 
@@ -59,7 +63,10 @@ def plot_stitching(result: StitchingResult) -> Figure:
     ax.set_xlabel("split layer l (A's first l blocks, then B's)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Stitching through the embedding space (dotted: B alone)", fontsize=10)
+    ax.set_title(
+        f"Stitching through the embedding space, {result.n_eval} windows (dotted: B alone)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     return fig
 
@@ -76,7 +83,11 @@ def plot_validation(rk: RKResult | None, simk: SimKResult | None) -> Figure:
             layers = list(range(len(values)))
             (line,) = ax.plot(layers, values, marker="o", label=group)
             ax.plot(layers, rk.shuffled[group], ls="--", color=line.get_color())
-        ax.set_title(f"R_k, {rk.definition} (k={rk.k}, top {rk.n_neurons}; dashed: baseline)")
+        ax.set_title(
+            f"R_k, {rk.definition} (k={rk.k}, top {rk.n_neurons}; dashed: baseline)\n"
+            f"{rk.n_positions} positions",
+            fontsize=9,
+        )
         ax.set_xlabel("layer")
         ax.set_ylabel("|A ∩ B| / k" if rk.definition == "paper" else "shared tokens per neuron")
         ax.legend(fontsize=8)
@@ -86,7 +97,12 @@ def plot_validation(rk: RKResult | None, simk: SimKResult | None) -> Figure:
         for pair, values in simk.similarity.items():
             (line,) = ax.plot(range(len(values)), values, marker="o", label=pair)
             ax.plot(range(len(values)), simk.shuffled[pair], ls="--", color=line.get_color())
-        ax.set_title(f"Sim_k, {simk.definition} (k={simk.k}; dashed: shuffled pairs)")
+        pairs = ", ".join(f"{p} {n}" for p, n in simk.n_pairs.items())
+        ax.set_title(
+            f"Sim_k, {simk.definition} (k={simk.k}; dashed: shuffled pairs)\n"
+            f"pairs per layer: {pairs}",
+            fontsize=9,
+        )
         ax.set_xlabel("layer")
         ax.set_ylabel("Jaccard overlap")
         ax.legend(fontsize=8)
@@ -101,6 +117,6 @@ def plot_finetuning_diff(diff: FinetuningDiff) -> Figure:
         ax.plot(range(len(norms)), norms, marker="o", label=group)
     ax.set_xlabel("layer")
     ax.set_ylabel("||theta_ft - theta_pt|| (Frobenius)")
-    ax.set_title("How much fine-tuning moved each parameter group")
+    ax.set_title("How much fine-tuning moved each parameter group (weights only)")
     ax.legend(fontsize=8)
     return fig

@@ -1,4 +1,6 @@
-"""Figures for identifiability [BRU]; each takes a result object and returns a Figure."""
+"""Figures for identifiability [BRU]; each takes a result object and returns a Figure.
+
+Every title names the sample: the sequences and tokens the numbers come from."""
 
 from __future__ import annotations
 
@@ -19,10 +21,22 @@ def _labels(tokens: list[str], limit: int = 14) -> list[str]:
     return shown
 
 
+def sequences_and_tokens(lengths: list[int]) -> str:
+    """``"S sequences, N tokens"`` (``"1 sequence of N tokens"`` for one)."""
+    if len(lengths) == 1:
+        return f"1 sequence of {lengths[0]} tokens"
+    return f"{len(lengths)} sequences, {sum(lengths)} tokens"
+
+
 def plot_effective_attention(result: Any, layer: int, head: int, sequence: int = 0) -> Figure:
-    """Raw (left) and effective (right) attention of one head for one sequence."""
+    """Raw (left) and effective (right) attention of one head for one sequence.
+
+    When the head's null space is trivial (``null_dim`` 0: d_s <= rank of ``T = V W_O``, always
+    so for d_s <= d_head), effective attention equals raw attention by construction; a note
+    under the panels says so, so two identical panels do not read as a fault."""
     seq = result.sequences[sequence]
     raw, eff = seq.raw[layer, head].numpy(), seq.effective[layer, head].numpy()
+    null_dim = int(seq.null_dim[layer, head])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     limit = float(max(np.abs(raw).max(), np.abs(eff).max(), 1e-12))
     for ax, matrix, title in ((axes[0], raw, "raw"), (axes[1], eff, "effective")):
@@ -36,7 +50,23 @@ def plot_effective_attention(result: Any, layer: int, head: int, sequence: int =
             ax.set_yticks(range(n), labels, fontsize=6)
     axes[0].set_ylabel("query token")
     fig.colorbar(image, ax=axes, shrink=0.8)
-    fig.suptitle(f"null-space dimension {int(seq.null_dim[layer, head])}", fontsize=9)
+    n = raw.shape[-1]
+    fig.suptitle(
+        f"{sequences_and_tokens([n])} (sequence {sequence}), d_head {result.d_head}: "
+        f"null-space dimension {null_dim}",
+        fontsize=9,
+    )
+    if null_dim == 0:
+        why = f"{n} tokens <= d_head {result.d_head}" if n <= result.d_head else "full rank"
+        fig.text(
+            0.5,
+            0.005,
+            f"The panels are identical by construction: this head's null space is trivial "
+            f"({why}), so effective attention = raw attention.",
+            ha="center",
+            fontsize=8,
+            color="#8a3b12",
+        )
     return fig
 
 
@@ -60,6 +90,11 @@ def plot_pearson_vs_length(result: Any) -> Figure:
     ax.axvline(result.d_head, color="grey", ls="--", lw=1, label="d_head")
     ax.set_xlabel("sequence length d_s")
     ax.set_ylabel("Pearson(raw, effective)")
+    ax.set_title(
+        f"Raw vs effective attention by length ({sequences_and_tokens(list(result.lengths))}; "
+        "mean over heads)",
+        fontsize=9,
+    )
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
@@ -79,6 +114,11 @@ def plot_token_types(result: Any) -> Figure:
         ax.set_xlabel("layer")
     axes[0].set_ylabel("mean attention (signed)")
     axes[0].legend(fontsize=7)
+    fig.suptitle(
+        "Attention to each token type, mean over heads and queries "
+        f"({sequences_and_tokens(list(result.lengths))})",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -96,6 +136,15 @@ def plot_identifiability(result: Any) -> Figure:
     ax.set_xlabel("layer")
     ax.set_ylabel("share of tokens identified")
     ax.legend(fontsize=7)
+    counts = result.options.get("n_sequences", {})
+    tested = max((row["n_tokens"] for row in result.rows), default=0)
+    ax.set_title(
+        f"Token identifiability: {counts.get('test', '?')} test sequences, {tested} test tokens"
+        f"\n(g fitted on {counts.get('train', '?')} sequences, "
+        f"{result.options.get('n_train_tokens', '?')} tokens; candidates: "
+        f"{result.options.get('candidates', '?')})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -112,7 +161,10 @@ def plot_attribution(result: Any, layer: int) -> Figure:
         ax.set_yticks(range(n), labels, fontsize=6)
     ax.set_xlabel("input token j")
     ax.set_ylabel("hidden token i")
-    ax.set_title(f"hidden token attribution, layer {layer} ({result.mode})", fontsize=9)
+    ax.set_title(
+        f"hidden token attribution, layer {layer} ({result.mode}; {sequences_and_tokens([n])})",
+        fontsize=9,
+    )
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     return fig
@@ -133,5 +185,10 @@ def plot_own_contribution(result: Any) -> Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("layer")
     ax.legend(fontsize=7)
+    ax.set_title(
+        f"Own-token contribution by layer ({result.mode}; "
+        f"{sequences_and_tokens([len(result.tokens)])})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
