@@ -163,8 +163,11 @@ def validate_args(model: str, corpus: Path, out: Path, *extra: str) -> list[str]
 def test_validate_writes_r_k_and_sim_k_with_their_definitions(
     tiny_model_dir, corpus_dir, tmp_out
 ) -> None:  # type: ignore[no-untyped-def]
-    doc = invoke(*validate_args(str(tiny_model_dir("gpt2")), corpus_dir, tmp_out))
+    doc = invoke(
+        *validate_args(str(tiny_model_dir("gpt2")), corpus_dir, tmp_out, "--max-pairs", "0")
+    )
     rk, sk = doc["r_k"], doc["sim_k"]
+    assert sk["options"]["max_pairs"] is None and sk["n_pairs"]["ffn_key_value"] == 48  # all
     assert rk["definition"] == "paper" and sk["definition"] == "paper"
     assert set(rk["overlap"]) == {"ffn_key", "ffn_value", "W_V", "W_O"}
     assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in rk["shuffled"].values())

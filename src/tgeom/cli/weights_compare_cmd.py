@@ -81,7 +81,9 @@ def validate(
     ),
     seq_len: int = typer.Option(32, "--seq-len", help="Tokens per window."),
     max_windows: int = typer.Option(8, "--max-windows-per-topic", help="Windows per topic."),
-    max_pairs: int = typer.Option(512, "--max-pairs", help="Sim_k pairs drawn per layer."),
+    max_pairs: int = typer.Option(
+        512, "--max-pairs", help="Sim_k pairs drawn per layer (0: all, as the official code)."
+    ),
     keep_special: bool = typer.Option(False, "--keep-special", help="Keep special tokens."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled baselines."),
 ) -> None:
@@ -96,6 +98,8 @@ def validate(
     check_definition(sim_definition, "Sim_k")
     if max_positions < 0:
         raise TgeomError(f"--max-positions {max_positions} must be 0 (all) or positive.")
+    if max_pairs < 0:
+        raise TgeomError(f"--max-pairs {max_pairs} must be 0 (all) or positive.")
     if rank_by and rk_definition != "tgeom":
         raise TgeomError("--rank-by applies to the tgeom definition of R_k only; drop it.")
     out = prepare_out_dir(out)
@@ -120,7 +124,7 @@ def validate(
         definition=sim_definition,
         seed=seed,
         exclude_ids=exclude,
-        max_pairs=max_pairs,
+        max_pairs=max_pairs or None,
     )
     payload = {
         "model": lm.source,

@@ -214,6 +214,8 @@ def test_r_k_rejects_bad_options(tiny_model) -> None:  # type: ignore[no-untyped
         r_k(lm, ids, CPU, k=5, max_positions=1)
     with pytest.raises(TgeomError, match="choose paper or tgeom"):
         sim_k(lm.weights(), k=5, definition="abs")
+    with pytest.raises(TgeomError, match="max-pairs = 0"):
+        sim_k(lm.weights(), k=5, max_pairs=0)
 
 
 def test_sim_k_subsamples_pairs_with_a_seed(tiny_model) -> None:  # type: ignore[no-untyped-def]

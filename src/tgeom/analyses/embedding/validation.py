@@ -165,6 +165,8 @@ def sim_k(
     (``None`` = all).
     """
     absolute = check_definition(definition, "Sim_k") == "paper"
+    if max_pairs is not None and max_pairs < 1:
+        raise TgeomError(f"max-pairs = {max_pairs} must be at least 1 (or None for all pairs).")
     E = vocabulary_matrix(cw, embedding)
     gen = torch.Generator().manual_seed(seed)
     similarity: dict[str, list[float]] = {}
