@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from tgeom.cli import app
+from tgeom.models import load_model
 
 runner = CliRunner()
 
@@ -181,6 +183,66 @@ def test_atlas_selects_layers_heads_and_circuit(tiny_model_dir, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1
         assert lines[0].startswith(f"tgeom: error: {message}")
+
+
+def frequent_run(command: str, *args: str) -> tuple[dict, str]:  # type: ignore[type-arg]
+    result = runner.invoke(app, ["weights", command, *args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "results.json").read_text()), result.output
+
+
+def test_frequent_restricts_every_reported_token_of_every_top_k_command(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("llama"))
+    lm = load_model(model, device="cpu")
+    corpus = tmp_path / "corpus.jsonl"
+    texts = ["the cat sat on the mat", "a dog ate the hat", "hello there, world"] * 7
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    counts = Counter(ch for t in texts for ch in t)
+    ranked = sorted(counts, key=lambda ch: (-counts[ch], lm.tokenizer.convert_tokens_to_ids(ch)))
+    allowed = {lm.tokenizer.convert_tokens_to_ids(ch) for ch in ranked[:9]}  # no special among them
+    freq = ["--frequent", "9", "--frequent-corpus", str(corpus)]
+    description = f"9 most frequent tokens of corpus {str(corpus)!r} (of 96), special tokens"
+
+    topk, printed = frequent_run(
+        "topk", model, "--layer", "1", "--head", "2", "--circuit", "ov", "--k", "30", *freq,
+        "--out", str(tmp_path / "topk"),
+    )  # fmt: skip
+    got = [(p["row"], p["col"]) for p in topk["pairs"]]
+    cw = lm.weights()
+    E = cw.W_U.double()
+    OV = E @ cw.layers[1].W_V[2].double() @ cw.layers[1].W_O[2].double() @ E.T
+    dense = sorted(
+        ((-float(OV[i, j]), i, j) for i in sorted(allowed) for j in sorted(allowed)),
+    )
+    assert got == [(i, j) for _, i, j in dense[:30]]
+    assert topk["vocabulary"]["description"].startswith(description)
+    assert topk["vocabulary"]["n_tokens"] == 9 and "vocabulary: 9 most frequent" in printed
+
+    atlas, printed = frequent_run(
+        "atlas", model, "--k", "3", "--quiet", *freq, "--out", str(tmp_path / "atlas")
+    )
+    assert {r["row"] for r in atlas["rows"]} | {r["col"] for r in atlas["rows"]} <= allowed
+    assert atlas["vocabulary"]["frequent"] == 9 and "vocabulary: 9 most frequent" in printed
+
+    project, _ = frequent_run(
+        "project", model, "--neuron", "0:3", "--k", "20", *freq, "--out", str(tmp_path / "p")
+    )
+    assert {r["token_id"] for r in project["top"] + project["bottom"]} == allowed
+
+    lens, printed = frequent_run(
+        "lens", model, "--text", "the cat", "--k", "3", *freq, "--out", str(tmp_path / "lens")
+    )
+    ids = {i for layer in lens["layers"] for pos in layer["positions"] for i in pos["top_ids"]}
+    assert ids <= allowed and lens["vocabulary"]["drop_special"] is False
+    assert "vocabulary: 9 most frequent" in printed
+
+    result = runner.invoke(
+        app,
+        ["weights", "topk", model, "--layer", "0", "--head", "0", "--frequent-corpus",
+         str(corpus), "--out", str(tmp_path / "bad")],
+    )  # fmt: skip
+    assert "--frequent-corpus needs --frequent N" in str(result.exception)
 
 
 def test_lens_writes_layers_and_heatmap(tiny_model_dir, tmp_path):

@@ -47,6 +47,18 @@ PAIR_EMBED_OPT = typer.Option(
     "OV rows), W_U for the tokens it promotes (OV columns), as TransformerLens.",
 )
 REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model author's code.")
+FREQUENT_OPT = typer.Option(
+    None,
+    "--frequent",
+    help="Report only the N most frequent tokens of --frequent-corpus (rare fragments such as "
+    "half words otherwise swamp exact top pairs); default: the whole vocabulary.",
+)
+FREQUENT_CORPUS_OPT = typer.Option(
+    None,
+    "--frequent-corpus",
+    help="Corpus whose tokens --frequent counts: text file, folder, .jsonl, hf:NAME or builtin "
+    "(default builtin).",
+)
 
 
 def _load(model: str, trust_remote_code: bool) -> Any:
@@ -55,12 +67,31 @@ def _load(model: str, trust_remote_code: bool) -> Any:
     return load_model(model, trust_remote_code=trust_remote_code)
 
 
-def _mask(lm: Any, keep_special: bool, ascii_only: bool, alpha_only: bool) -> Any:
-    from tgeom.analyses.embedding.filters import token_mask
+def _vocabulary(
+    lm: Any,
+    keep_special: bool,
+    ascii_only: bool,
+    alpha_only: bool,
+    frequent: int | None,
+    frequent_corpus: str | None,
+) -> Any:
+    """The :class:`~tgeom.analyses.embedding.filters.VocabularySubset` the options ask for."""
+    from tgeom.analyses.embedding.filters import vocabulary_subset
 
-    return token_mask(
-        lm, drop_special=not keep_special, ascii_only=ascii_only, alpha_only=alpha_only
+    if frequent_corpus is not None and frequent is None:
+        raise TgeomError("--frequent-corpus needs --frequent N (how many frequent tokens).")
+    return vocabulary_subset(
+        lm,
+        drop_special=not keep_special,
+        ascii_only=ascii_only,
+        alpha_only=alpha_only,
+        frequent=frequent,
+        corpus=frequent_corpus or "builtin",
     )
+
+
+def _print_vocabulary(vocabulary: Any) -> None:
+    Console().print(Text(f"vocabulary: {vocabulary.description}"))
 
 
 def _filters(keep_special: bool, ascii_only: bool, alpha_only: bool) -> dict[str, Any]:
@@ -158,6 +189,8 @@ def project(
     ascii_only: bool = ASCII_OPT,
     alpha_only: bool = ALPHA_OPT,
     keep_special: bool = SPECIAL_OPT,
+    frequent: int | None = FREQUENT_OPT,
+    frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
@@ -174,7 +207,8 @@ def project(
         layer, h = _pair(head or "", "head")
         which = {"head": h, "subhead": subhead, "index": index}
     lm = _load(model, trust_remote_code)
-    mask = _mask(lm, keep_special, ascii_only, alpha_only)
+    vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
+    mask = vocabulary.mask
     result = project_parameter(
         lm,
         layer=layer,
@@ -188,6 +222,7 @@ def project(
         "model": lm.source,
         "k": k,
         "filters": _filters(keep_special, ascii_only, alpha_only),
+        "vocabulary": vocabulary.to_json(),
     }
     write_results(out, "weights project", {**payload, **result.to_json()})
     top, bottom = result.top.records(), result.bottom.records()
@@ -199,6 +234,7 @@ def project(
             for a, b in zip(top, bottom, strict=False)
         ][:15],
     )
+    _print_vocabulary(vocabulary)
 
 
 @weights_app.command("topk")
@@ -213,6 +249,8 @@ def topk(
     ascii_only: bool = ASCII_OPT,
     alpha_only: bool = ALPHA_OPT,
     keep_special: bool = SPECIAL_OPT,
+    frequent: int | None = FREQUENT_OPT,
+    frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
@@ -224,7 +262,8 @@ def topk(
     if circuit not in ("qk", "ov"):
         raise TgeomError(f"--circuit must be qk or ov, got {circuit!r}.")
     lm = _load(model, trust_remote_code)
-    mask = _mask(lm, keep_special, ascii_only, alpha_only)
+    vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
+    mask = vocabulary.mask
     result = head_top_pairs(
         lm.weights(),
         layer,
@@ -243,6 +282,7 @@ def topk(
         "k": k,
         "negative": negative,
         "filters": _filters(keep_special, ascii_only, alpha_only),
+        "vocabulary": vocabulary.to_json(),
         **result.to_json(vocab),
     }
     write_results(out, "weights topk", payload)
@@ -256,6 +296,7 @@ def topk(
             for i, p in enumerate(payload["pairs"][:15])
         ],
     )
+    _print_vocabulary(vocabulary)
     if result.rope_note:
         Console(stderr=True).print(f"note: {result.rope_note}")
 
@@ -275,6 +316,8 @@ def atlas(
     alpha_only: bool = ALPHA_OPT,
     keep_special: bool = SPECIAL_OPT,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    frequent: int | None = FREQUENT_OPT,
+    frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
@@ -285,7 +328,8 @@ def atlas(
     chosen, chosen_heads = _int_list(layers, "--layers"), _int_list(heads, "--heads")
     circuits = _circuits(circuit)
     lm = _load(model, trust_remote_code)
-    mask = _mask(lm, keep_special, ascii_only, alpha_only)
+    vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
+    mask = vocabulary.mask
     result = head_atlas(
         lm.weights(),
         k,
@@ -305,6 +349,7 @@ def atlas(
         "model": lm.source,
         "family": lm.family,
         "filters": _filters(keep_special, ascii_only, alpha_only),
+        "vocabulary": vocabulary.to_json(),
         "csv": "atlas.csv",
         **result.to_json(),
     }
@@ -316,6 +361,7 @@ def atlas(
         ["layer", "head", "circuit", "row token", "col token", "value"],
         [[r.layer, r.head, r.circuit, r.row_token, r.col_token, r.value] for r in best],
     )
+    _print_vocabulary(vocabulary)
 
 
 @weights_app.command("lens")
@@ -328,6 +374,8 @@ def lens(
     keep_special: bool = typer.Option(
         True, "--keep-special/--drop-special", help="Special tokens."
     ),
+    frequent: int | None = FREQUENT_OPT,
+    frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
@@ -338,13 +386,15 @@ def lens(
 
     lm = _load(model, trust_remote_code)
     filtered = ascii_only or alpha_only or not keep_special
-    mask = _mask(lm, keep_special, ascii_only, alpha_only) if filtered else None
+    vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
+    mask = vocabulary.mask if filtered or frequent is not None else None
     result = logit_lens(lm, text, k, mask=mask)
     payload = {
         "model": lm.source,
         "family": lm.family,
         "k": k,
         "filters": _filters(keep_special, ascii_only, alpha_only),
+        "vocabulary": vocabulary.to_json(),
         **result.to_json(),
     }
     write_results(out, "weights lens", payload)
@@ -358,3 +408,4 @@ def lens(
             for layer in range(result.n_layers + 1)
         ],
     )
+    _print_vocabulary(vocabulary)

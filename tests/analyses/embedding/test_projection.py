@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -9,9 +11,11 @@ import torch
 
 from tgeom.analyses.embedding.filters import (
     ASCII_TEST,
+    corpus_frequent_ids,
     frequent_token_ids,
     mask_from_strings,
     token_mask,
+    vocabulary_subset,
 )
 from tgeom.analyses.embedding.interaction import head_top_pairs
 from tgeom.analyses.embedding.lens import lens_logits, logit_lens
@@ -22,6 +26,7 @@ from tgeom.analyses.embedding.projection import (
     project_vector,
     subhead_vector,
 )
+from tgeom.corpus import load_corpus
 from tgeom.errors import TgeomError
 
 
@@ -128,6 +133,53 @@ def test_frequent_token_ids_counts_the_windows():
     assert frequent_token_ids(windows, 10).tolist() == [3, 5, 7, 9]
     with pytest.raises(TgeomError):
         frequent_token_ids(windows, 0)
+
+
+TEXTS = [f"doc {i}: " + "the cat sat on the mat; " * (i % 3) + "zzz!" * i for i in range(20)]
+
+
+def write_corpus(folder):
+    """A JSONL corpus of 20 short documents (more than one tokenising batch)."""
+    path = folder / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    return path
+
+
+def char_ranking(texts):
+    """Brute force for the tiny character-level tokenizer: id = code point - 32 + 4, ranked by
+    count (descending), then id."""
+    counts = Counter(ord(ch) - 32 + 4 for text in texts for ch in text)
+    return sorted(counts, key=lambda i: (-counts[i], i))
+
+
+def test_corpus_frequent_ids_count_every_token_of_every_document(tiny_model, tmp_path):
+    lm = tiny_model("gpt2")
+    path = write_corpus(tmp_path)
+    want = char_ranking(TEXTS)
+    assert corpus_frequent_ids(lm, str(path), 7).tolist() == want[:7]
+    assert corpus_frequent_ids(lm.tokenizer, load_corpus(str(path)), 500).tolist() == want
+    with pytest.raises(TgeomError, match="positive integer"):
+        corpus_frequent_ids(lm, str(path), 0)
+
+
+def test_vocabulary_subset_is_the_frequent_tokens_minus_the_filtered(tiny_model, tmp_path):
+    lm = tiny_model("gpt2")
+    path = write_corpus(tmp_path)
+    subset = vocabulary_subset(lm, frequent=10, corpus=str(path), alpha_only=True)
+    want = [i for i in char_ranking(TEXTS)[:10] if lm.vocab_strings[i].isalpha()]
+    assert subset.mask.nonzero().squeeze(1).tolist() == sorted(want)
+    assert subset.description == (
+        f"10 most frequent tokens of corpus {str(path)!r} (of 96), special tokens dropped, "
+        f"alphabetic only: {len(want)} tokens"
+    )
+    record = subset.to_json()
+    assert (record["frequent"], record["n_frequent"], record["n_tokens"]) == (10, 10, len(want))
+    full = vocabulary_subset(lm)
+    assert full.description == "full vocabulary (96) minus 4 special: 92 tokens"
+    assert bool(torch.equal(full.mask, token_mask(lm))) and full.to_json()["frequent"] is None
+    few = vocabulary_subset(lm, frequent=1000, corpus=str(path), drop_special=False)
+    n = len(char_ranking(TEXTS))
+    assert few.description.startswith(f"all {n} (< 1000) frequent tokens of corpus")
 
 
 def test_neuron_and_subhead_vectors_are_the_canonical_columns_and_rows(tiny_model):

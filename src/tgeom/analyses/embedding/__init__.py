@@ -8,7 +8,13 @@ Modules: ``filters`` (token masks), ``projection`` (vectors, FFN keys/values, su
 from __future__ import annotations
 
 from tgeom.analyses.embedding.atlas import HeadAtlas, head_atlas
-from tgeom.analyses.embedding.filters import frequent_token_ids, token_mask
+from tgeom.analyses.embedding.filters import (
+    VocabularySubset,
+    corpus_frequent_ids,
+    frequent_token_ids,
+    token_mask,
+    vocabulary_subset,
+)
 from tgeom.analyses.embedding.interaction import (
     InteractionPairs,
     head_top_pairs,
@@ -29,6 +35,8 @@ __all__ = [
     "InteractionPairs",
     "LogitLens",
     "VocabProjection",
+    "VocabularySubset",
+    "corpus_frequent_ids",
     "frequent_token_ids",
     "head_atlas",
     "head_top_pairs",
@@ -40,4 +48,5 @@ __all__ = [
     "qk_top_pairs",
     "subhead_vector",
     "token_mask",
+    "vocabulary_subset",
 ]
