@@ -240,32 +240,51 @@ def test_run_on_one_topic_leaves_no_output(
     assert not tmp_out.exists()
 
 
-def test_qk_split_command_and_model_mismatch(tiny_model_dir, tmp_path):
-    """`geometry qk` writes per-head shares summing to 1; stats from another model exit 2."""
-    import json as _json
-    import subprocess as _sp
-    import sys as _sys
+def test_qk_covers_every_block_in_one_call_and_keeps_earlier_blocks(
+    tiny_model_dir: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`geometry qk` without --block writes every block (shares sum to 1, each entry equal to
+    qk_logit_parts of that block); a later call for some blocks keeps the others; a bad block
+    list or stats from another model exit 2 with one line."""
+    from tgeom.analyses.geometry import GeometryStats
+    from tgeom.analyses.geometry.attention import PARTS, qk_logit_parts
+    from tgeom.models import load_model
 
     corpus = tmp_path / "c"
     for topic in ("a", "b"):
         (corpus / topic).mkdir(parents=True)
         (corpus / topic / "x.txt").write_text(f"{topic} words and more words " * 40)
     out = tmp_path / "stats"
-    base = [_sys.executable, "-m", "tgeom", "geometry"]
     model = str(tiny_model_dir("llama"))
-    collect = [*base, "collect", model, str(corpus), "--seq-len", "16", "--out", str(out)]
-    assert _sp.run(collect, capture_output=True, timeout=300).returncode == 0
-    done = _sp.run([*base, "qk", model, str(out), "--block", "1"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    heads = _json.loads((out / "qk" / "results.json").read_text())["heads"]
-    assert len(heads) == 4
-    for row in heads:
-        shares = [row[f"share_{p}"] for p in ("pos-pos", "pos-ctx", "ctx-pos", "ctx-ctx")]
-        assert abs(sum(shares) - 1) < 1e-9
+    collect = ["geometry", "collect", model, str(corpus), "--seq-len", "16", "--out", str(out)]
+    assert run_main(collect, capsys)[0] == 0
+    assert run_main(["geometry", "qk", model, str(out)], capsys)[0] == 0
+    results = json.loads((out / "qk" / "results.json").read_text())
+    assert results["blocks"] == [0, 1] and [e["block"] for e in results["by_block"]] == [0, 1]
+    stats, cw = GeometryStats.load(out), load_model(model, device="cpu").weights()
+    for entry in results["by_block"]:
+        reference = qk_logit_parts(stats, cw, entry["block"])["heads"]
+        assert len(entry["heads"]) == len(reference) == 4
+        for row, ref in zip(entry["heads"], reference, strict=True):
+            assert sum(row[f"share_{p}"] for p in PARTS) == pytest.approx(1.0, abs=1e-9)
+            for p in PARTS:
+                assert row[f"share_{p}"] == pytest.approx(ref[f"share_{p}"], rel=1e-12)
+    # one block per call, in two calls: neither overwrites the other
+    (out / "qk" / "results.json").unlink()
+    assert run_main(["geometry", "qk", model, str(out), "--block", "1"], capsys)[0] == 0
+    assert json.loads((out / "qk" / "results.json").read_text())["blocks"] == [1]
+    assert run_main(["geometry", "qk", model, str(out), "--block", "0"], capsys)[0] == 0
+    again = json.loads((out / "qk" / "results.json").read_text())
+    assert again["by_block"] == results["by_block"]
+    for argv, message in (
+        (["--block", "0,5"], "block 5 is out of range"),
+        (["--block", "one"], "--block must be comma-separated integers"),
+    ):
+        code, err = run_main(["geometry", "qk", model, str(out), *argv], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     other = str(tiny_model_dir("gpt2"))
-    bad = _sp.run([*base, "qk", other, str(out), "--block", "1"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "another model" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    code, err = run_main(["geometry", "qk", other, str(out)], capsys)
+    assert code == 2 and "another model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_measure_conventions_paper_records_its_headline_and_refuses_old_statistics(

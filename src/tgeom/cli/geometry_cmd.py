@@ -349,27 +349,88 @@ def run_cmd(
 def qk_cmd(
     model: str = MODEL_ARG,
     out: Path = typer.Argument(..., help="Folder holding geometry_stats.safetensors."),
-    block: int = typer.Option(
-        ..., "--block", help="Block (0..L-1) whose attention logits are split; it reads hidden B."
+    block: str | None = typer.Option(
+        None,
+        "--block",
+        help="Blocks (0..L-1, comma-separated, e.g. 0,5) whose attention logits are split; "
+        "block B reads hidden B. Default: every block.",
     ),
     trust_remote_code: bool = REMOTE_OPT,
     _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
-    """Split every head's QK logits into pos-pos, pos-ctx, ctx-pos and ctx-ctx parts."""
+    """Split every head's QK logits into pos-pos, pos-ctx, ctx-pos and ctx-ctx parts.
+
+    The model is loaded once for all blocks; OUT/qk/results.json holds one entry per block
+    (``by_block``), and blocks measured by an earlier call on the same statistics are kept."""
     from tgeom.analyses.geometry import GeometryStats
-    from tgeom.analyses.geometry.attention import PARTS, qk_logit_parts
+    from tgeom.analyses.geometry.attention import qk_logit_parts
     from tgeom.analyses.geometry.collect import check_same_identity
+    from tgeom.cli.options import int_list
+    from tgeom.errors import check_index
     from tgeom.models import load_model
     from tgeom.results import write_results
 
     stats = GeometryStats.load(out)
+    wanted_blocks = int_list(block, "--block")
     lm = load_model(model, trust_remote_code=trust_remote_code)
     wanted = {**stats.meta, "model": str(lm.source), "d_model": lm.summary.d_model}
     wanted["n_blocks"] = lm.summary.n_layers
     check_same_identity(stats.meta, wanted, str(out), "pass the model that collected them.")
-    result = qk_logit_parts(stats, lm.weights(), block)
-    write_results(Path(out) / "qk", "geometry qk", {"model": lm.source, **result})
-    console = Console()
-    for row in result["heads"]:
-        shares = "  ".join(f"{p} {row['share_' + p]:.2f}" for p in PARTS)
-        console.print(f"block {block} head {row['head']}: {shares}", markup=False)
+    n_blocks = int(lm.summary.n_layers)
+    blocks = list(range(n_blocks)) if wanted_blocks is None else wanted_blocks
+    for b in blocks:  # all refused before any work
+        check_index("block", b, n_blocks)
+    cw = lm.weights()
+    results = {b: qk_logit_parts(stats, cw, b) for b in blocks}
+    by_block = {**_earlier_qk_blocks(Path(out) / "qk", stats.meta, str(lm.source)), **results}
+    first = results[blocks[0]]
+    payload = {
+        "model": lm.source,
+        "windows_sha256": stats.meta.get("windows_sha256"),
+        "n_blocks": n_blocks,
+        "blocks": sorted(by_block),
+        "norm_linearisation": first["norm_linearisation"],
+        "rotary_applied": first["rotary_applied"],
+        "by_block": [
+            {k: v for k, v in by_block[b].items() if k not in ("norm_linearisation", "n_blocks")}
+            for b in sorted(by_block)
+        ],
+    }
+    write_results(Path(out) / "qk", "geometry qk", payload)
+    _print_qk_summary([results[b] for b in blocks])
+
+
+def _earlier_qk_blocks(folder: Path, meta: dict[str, Any], model: str) -> dict[int, Any]:
+    """The per-block entries of an earlier ``geometry qk`` on the same statistics and model
+    (``folder/results.json``), by block; empty when there is none or it came from others."""
+    import json
+
+    path = folder / "results.json"
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = earlier.get("windows_sha256") == meta.get("windows_sha256")
+    if not same or str(earlier.get("model")) != model or "by_block" not in earlier:
+        return {}
+    return {int(row["block"]): row for row in earlier["by_block"]}
+
+
+def _print_qk_summary(blocks: list[dict[str, Any]]) -> None:
+    """One row per block: the four parts' shares averaged over heads, and the head with the
+    largest pos-pos share."""
+    from tgeom.analyses.geometry.attention import PARTS
+
+    table = Table(title="QK logit parts: share of the summed squares, mean over heads")
+    for title in ("block", *PARTS, "most pos-pos head"):
+        table.add_column(title, justify="right")
+    for entry in blocks:
+        heads = entry["heads"]
+        means = [sum(h[f"share_{p}"] for h in heads) / len(heads) for p in PARTS]
+        top = max(heads, key=lambda h: h["share_pos-pos"])
+        table.add_row(
+            str(entry["block"]),
+            *(f"{m:.2f}" for m in means),
+            f"{top['head']} ({top['share_pos-pos']:.2f})",
+        )
+    Console().print(table)

@@ -26,3 +26,18 @@ def renamed_layer(new: str, meaning: str, flag: str = "--layer") -> Any:
             raise TgeomError(f"{flag} was renamed: pass {new} ({meaning}).")
 
     return typer.Option(None, flag, hidden=True, callback=refuse, help=f"Renamed: use {new}.")
+
+
+def int_list(text: str | None, option: str) -> list[int] | None:
+    """``"0,3, 5"`` -> ``[0, 3, 5]`` (order kept, repeats dropped); None -> None (= all)."""
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TgeomError(
+            f"{option} must be comma-separated integers (e.g. 0,3), got {text!r}."
+        ) from None
+    if not values:
+        raise TgeomError(f"{option} must name at least one index (e.g. 0,3), got {text!r}.")
+    return list(dict.fromkeys(values))
