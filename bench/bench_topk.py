@@ -185,7 +185,7 @@ def atlas_times(alias: str) -> None:
     start = time.perf_counter()
     atlas = head_atlas(cw, K, quiet=True)
     seconds = time.perf_counter() - start
-    n = len(atlas.layers) * cw.summary.n_heads * 2
+    n = len(atlas.blocks) * cw.summary.n_heads * 2
     print(f"atlas {alias}: {n} head-circuits, top-{K}, {seconds:.1f}s ({seconds / n:.3f}s each)")
 
 

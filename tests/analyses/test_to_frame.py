@@ -52,7 +52,7 @@ def windows_of(n: int, T: int, seed: int = 0) -> torch.Tensor:
 
 def projection_case(tiny_model: Any, tmp_path: Path) -> Case:
     lm = tiny_model("llama")
-    result = project_parameter(lm, layer=1, neuron=3, side="value", k=5)
+    result = project_parameter(lm, block=1, neuron=3, side="value", k=5)
     return {"model": lm.source, **result.to_json()}, [
         (result.to_frame(), lambda doc: doc["top"]),
         (result.to_frame("bottom"), lambda doc: doc["bottom"]),
@@ -80,7 +80,7 @@ def lens_case(tiny_model: Any, tmp_path: Path) -> Case:
     result = logit_lens(lm, "Hello, world!", k=3)
 
     def rows(doc: dict[str, Any]) -> Rows:
-        return [{"layer": e["layer"], **p} for e in doc["layers"] for p in e["positions"]]
+        return [{"hidden": e["hidden"], **p} for e in doc["by_hidden"] for p in e["positions"]]
 
     return {"model": lm.source, **result.to_json()}, [(result.to_frame(), rows)]
 
@@ -169,10 +169,10 @@ def classifier_case(tiny_model: Any, tmp_path: Path) -> Case:
 
     def runs(doc: dict[str, Any]) -> Rows:
         return [
-            run | {"layers": layer, "accuracy": accuracy, "p_value": p}
+            run | {"hidden": hidden, "accuracy": accuracy, "p_value": p}
             for run in doc["stitching"]["runs"]
-            for layer, accuracy, p in zip(
-                run["layers"], run["accuracy"], run["p_value"], strict=True
+            for hidden, accuracy, p in zip(
+                run["hidden"], run["accuracy"], run["p_value"], strict=True
             )
         ]
 
@@ -216,7 +216,7 @@ def test_to_frame_has_the_columns_and_values_of_results_json(name, tiny_model, t
 
 
 def test_to_frame_names_the_tables_it_has(tiny_model):  # type: ignore[no-untyped-def]
-    result = project_parameter(tiny_model("llama"), layer=0, neuron=1, k=2)
+    result = project_parameter(tiny_model("llama"), block=0, neuron=1, k=2)
     with pytest.raises(TgeomError, match="unknown table 'middle'; choose one of top, bottom"):
         result.to_frame("middle")
 
@@ -224,17 +224,17 @@ def test_to_frame_names_the_tables_it_has(tiny_model):  # type: ignore[no-untype
 def test_project_parameter_takes_arguments(tiny_model):  # type: ignore[no-untyped-def]
     lm = tiny_model("llama")
     cw = lm.weights()
-    neuron = project_parameter(lm, layer=1, neuron=4, side="value", k=3)
+    neuron = project_parameter(lm, block=1, neuron=4, side="value", k=3)
     scores = cw.W_U.double() @ cw.layers[1].W_out[4].double()
     assert neuron.top.token_ids[0].tolist() == scores.argsort(descending=True)[:3].tolist()
-    assert neuron.parameter == {"kind": "neuron", "layer": 1, "neuron": 4, "side": "value"}
-    sub = project_parameter(lm, layer=0, head=1, subhead="o", index=2, k=3)
-    assert sub.parameter == {"kind": "subhead", "layer": 0, "head": 1, "subhead": "o", "index": 2}
+    assert neuron.parameter == {"kind": "neuron", "block": 1, "neuron": 4, "side": "value"}
+    sub = project_parameter(lm, block=0, head=1, subhead="o", index=2, k=3)
+    assert sub.parameter == {"kind": "subhead", "block": 0, "head": 1, "subhead": "o", "index": 2}
     scores = cw.W_U.double() @ cw.layers[0].W_O[1, 2].double()
     assert sub.bottom.token_ids[0].tolist() == scores.argsort()[:3].tolist()
     for bad in ({}, {"neuron": 1, "head": 0}):
         with pytest.raises(TgeomError, match=r"exactly one of neuron= .* or head="):
-            project_parameter(lm, layer=0, **bad)
+            project_parameter(lm, block=0, **bad)
 
 
 def test_cli_results_json_rows_are_the_frame_of_the_same_call(tiny_model_dir, tmp_path):  # type: ignore[no-untyped-def]
@@ -252,7 +252,7 @@ def test_cli_results_json_rows_are_the_frame_of_the_same_call(tiny_model_dir, tm
 
     lm = load_model(str(folder), device="cpu")
     result = project_parameter(
-        lm, layer=1, neuron=3, side="value", k=4, mask=token_mask(lm, drop_special=True)
+        lm, block=1, neuron=3, side="value", k=4, mask=token_mask(lm, drop_special=True)
     )
     rows = read_results(tmp_path / "o")["bottom"]
     assert result.to_frame("bottom").to_dict("records") == rows

@@ -3,8 +3,8 @@
 The matrix: 19 model-taking commands x 7 bad models (missing path, folder without config.json,
 not-a-GGUF, truncated GGUF, unsupported architecture, pickle-only checkpoint, inf weights);
 9 corpus-taking commands x 5 bad corpora (empty, non-UTF-8, shorter than T, JSONL line without
-text, missing); an unwritable --out for every command that writes one; layer, head, neuron and
-split-layer indices out of range; texts under 2 tokens; a corpus too small for the 70/15/15
+text, missing); an unwritable --out for every command that writes one; block, hidden, head,
+neuron and split indices out of range; texts under 2 tokens; a corpus too small for the 70/15/15
 split; statistics of another model; mismatched vocabularies; seq-len beyond the context; a report
 folder holding foreign files.
 
@@ -133,7 +133,7 @@ MODEL_CASES = {
 
 MODEL_COMMANDS = {
     "info": ["info", "{model}"],
-    "weights topk": ["weights", "topk", "{model}", "--layer", "0", "--head", "0", "--out", "{out}"],
+    "weights topk": ["weights", "topk", "{model}", "--block", "0", "--head", "0", "--out", "{out}"],
     "weights atlas": ["weights", "atlas", "{model}", "--k", "2", "--out", "{out}"],
     "weights lens": ["weights", "lens", "{model}", "--text", "hello there", "--out", "{out}"],
     "corpus": ["corpus", "{good_corpus}", "--model", "{model}", "--seq-len", "8"],
@@ -287,7 +287,7 @@ def test_unwritable_output_for_every_command(bad, capsys, command):
 
 
 RANGE_CASES = {
-    "project layer": (["weights", "project", "{good}", "--neuron", "9:0"], "layer 9"),
+    "project block": (["weights", "project", "{good}", "--neuron", "9:0"], "block 9"),
     "project neuron": (["weights", "project", "{good}", "--neuron", "0:99999"], "neuron 99999"),
     "project head": (["weights", "project", "{good}", "--head", "0:9", "--subhead", "q"], "head 9"),
     "effective layer": (
@@ -303,9 +303,9 @@ RANGE_CASES = {
         ["geometry", "measure", "{stats_copy}", "--hidden", "9"],
         "hidden state 9",
     ),
-    "stitch layers": (
-        ["weights", "stitch", "{good}", "{classifier}", "--layers", "0,99"],
-        "split layer 99 is out of range",
+    "stitch hidden": (
+        ["weights", "stitch", "{good}", "{classifier}", "--hidden", "0,99"],
+        "split hidden state 99 is out of range",
     ),
 }
 
@@ -366,10 +366,10 @@ def test_seq_len_beyond_model_context(bad, capsys):
 
 @pytest.mark.parametrize(
     ("flag", "value", "needle"),
-    [("--layer", "7", "layer 7 is out of range"), ("--head", "9", "head 9 is out of range")],
+    [("--block", "7", "block 7 is out of range"), ("--head", "9", "head 9 is out of range")],
 )
-def test_layer_or_head_out_of_range(bad, tmp_path, capsys, flag, value, needle):
-    args = {"--layer": "0", "--head": "0", flag: value}
+def test_block_or_head_out_of_range(bad, tmp_path, capsys, flag, value, needle):
+    args = {"--block": "0", "--head": "0", flag: value}
     argv = ["weights", "topk", str(bad["good"]), "--out", str(tmp_path / "o")]
     for name, v in args.items():
         argv += [name, v]
@@ -392,7 +392,7 @@ def test_mismatched_vocabularies(bad, tmp_path, capsys):
 
 def test_unwritable_output(bad, capsys):
     out = bad["a_file"] / "sub"  # a folder inside a plain file cannot be created
-    argv = ["weights", "topk", str(bad["good"]), "--layer", "0", "--head", "0", "--out", str(out)]
+    argv = ["weights", "topk", str(bad["good"]), "--block", "0", "--head", "0", "--out", str(out)]
     code, err = run_main(argv, capsys)
     assert_clean_failure(code, err, "cannot create output folder")
 

@@ -46,9 +46,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 COMMANDS = {
-    "weights topk": ["weights", "topk", "{model}", "--layer", "1", "--head", "2", "--k", "15"],
+    "weights topk": ["weights", "topk", "{model}", "--block", "1", "--head", "2", "--k", "15"],
     "weights atlas": ["weights", "atlas", "{model}", "--k", "4"],
-    "weights align": ["weights", "align", "{model}", "{model}", "--per-layer", "16", "--seed", "3"],
+    "weights align": ["weights", "align", "{model}", "{model}", "--per-block", "16", "--seed", "3"],
     "weights validate": [
         *("weights", "validate", "{model}", "--corpus", "{corpus}", "--k", "5", "--sim-k", "5"),
         *("--seq-len", "16"),

@@ -19,7 +19,7 @@ import pytest
 from tgeom.cli import main
 from tgeom.models import load_model
 
-TEXT = "The boat left the harbour at dawn and the gulls cried over the sea."
+TEXT = "the boat left at dawn"
 
 
 def run_main(argv: list[str]) -> int:
@@ -70,13 +70,33 @@ def runs(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[
             *("--hidden", str(n_blocks)),  # the last hidden state is in range
         ],
         "geometry qk": ["geometry", "qk", model, str(geo), "--block", str(n_blocks - 1)],
+        "weights topk": ["weights", "topk", model, "--block", "1", "--head", "0", "--k", "3"],
+        "weights project": ["weights", "project", model, "--neuron", "1:3", "--k", "3"],
+        "weights atlas": ["weights", "atlas", model, "--k", "2", "--blocks", "0,1", "--quiet"],
+        "weights lens": ["weights", "lens", model, "--text", TEXT, "--k", "2"],
+        "weights align": ["weights", "align", model, model, "--per-block", "8"],
+        "weights validate": [
+            *("weights", "validate", model, "--corpus", corpus, "--seq-len", "8"),
+            *("--max-windows-per-topic", "2", "--k", "5", "--sim-k", "5", "--max-pairs", "8"),
+        ],
+        "weights finetune": [
+            *("weights", "finetune", model, "--corpus", corpus, "--seq-len", "8"),
+            *("--steps", "2", "--max-windows-per-topic", "10"),
+        ],
+        "weights stitch": ["weights", "stitch", model, str(root / "weights finetune")],
+        "weights diff": ["weights", "diff", model, str(root / "weights finetune"), "--k", "3"],
     }
     outs = {"geometry measure": geo, "geometry qk": geo / "qk"}
+    for name, argv in commands.items():
+        if name not in outs:
+            outs[name] = root / name
+            argv += ["--out", str(outs[name])]
     results = {}
     for name, argv in commands.items():
         assert run_main(argv) == 0, name
         results[name] = json.loads((outs[name] / "results.json").read_text())
-    return {"n_blocks": n_blocks, "model": model, "geo": geo, "results": results}
+    clf = outs["weights finetune"]
+    return {"n_blocks": n_blocks, "model": model, "geo": geo, "clf": clf, "results": results}
 
 
 def test_tiny_model_has_two_blocks(runs: dict[str, Any]) -> None:
@@ -105,6 +125,31 @@ def test_geometry_qk_is_by_block(runs: dict[str, Any]) -> None:
     assert doc["heads"] and all(row["block"] == L - 1 for row in doc["heads"])
 
 
+def test_weights_are_by_block(runs: dict[str, Any]) -> None:
+    L, docs = runs["n_blocks"], runs["results"]
+    assert (docs["weights topk"]["block"], docs["weights topk"]["head"]) == (1, 0)
+    assert docs["weights project"]["parameter"]["block"] == 1
+    atlas = docs["weights atlas"]
+    assert atlas["blocks"] == [0, 1] and {row["block"] for row in atlas["rows"]} == {0, 1}
+    pairs = docs["weights align"]["alignment"]["block_matching"]["mean"]
+    assert sorted(a for a, _ in pairs) == sorted(b for _, b in pairs) == list(range(L))
+    validate = docs["weights validate"]
+    assert validate["r_k"]["overlap"] and all(
+        len(v) == L for v in validate["r_k"]["overlap"].values()
+    )
+    assert all(len(v) == L for v in validate["sim_k"]["similarity"].values())
+    blocks = {row["block"] for row in docs["weights diff"]["diff"]["rows"]}
+    assert blocks - {None} and blocks <= {*range(L), None}
+
+
+def test_lens_and_stitching_are_by_hidden_state(runs: dict[str, Any]) -> None:
+    L, docs = runs["n_blocks"], runs["results"]
+    lens = docs["weights lens"]
+    assert (lens["n_blocks"], lens["n_hidden"]) == (L, L + 1)
+    assert [row["hidden"] for row in lens["by_hidden"]] == list(range(L + 1))
+    assert docs["weights stitch"]["stitching"]["runs"][0]["hidden"] == list(range(L + 1))
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -116,6 +161,15 @@ def test_geometry_qk_is_by_block(runs: dict[str, Any]) -> None:
             ["geometry", "qk", "{model}", "{geo}", "--layer", "1"],
             "--layer was renamed: pass --block",
         ),
+        (["weights", "topk", "{model}", "--block", "2", "--head", "0"], "block 2 is out of range"),
+        (["weights", "topk", "{model}", "--block", "-1", "--head", "0"], "block -1 is out"),
+        (["weights", "topk", "{model}", "--layer", "1", "--head", "0"], "pass --block"),
+        (["weights", "project", "{model}", "--neuron", "2:0"], "block 2 is out of range"),
+        (["weights", "atlas", "{model}", "--blocks", "0,2"], "block 2 is out of range"),
+        (["weights", "atlas", "{model}", "--layers", "0"], "--layers was renamed: pass --blocks"),
+        (["weights", "align", "{model}", "{model}", "--per-layer", "8"], "pass --per-block"),
+        (["weights", "stitch", "{model}", "{clf}", "--hidden", "3"], "split hidden state 3 is out"),
+        (["weights", "stitch", "{model}", "{clf}", "--layers", "1"], "pass --hidden"),
     ],
 )
 def test_options_range_checked_and_old_name_refused(
@@ -130,10 +184,15 @@ def test_options_range_checked_and_old_name_refused(
     geo = tmp_path / "geo"  # a copy: a refused command must leave the original as it was
     shutil.copytree(runs["geo"], geo)
     before = (geo / "results.json").read_bytes()
-    values = {"geo": str(geo), "model": runs["model"]}
-    code = run_main([arg.format(**values) for arg in argv])
+    values = {"geo": str(geo), "model": runs["model"], "clf": str(runs["clf"])}
+    out = tmp_path / "out"
+    argv = [arg.format(**values) for arg in argv]
+    if argv[:2] not in (["geometry", "qk"], ["geometry", "measure"]):
+        argv += ["--out", str(out)]
+    code = run_main(argv)
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("tgeom: error: ")
     assert needle in err
     assert (geo / "results.json").read_bytes() == before
+    assert not (out / "results.json").exists()

@@ -37,13 +37,13 @@ def test_topk_writes_pairs_with_the_required_keys(tiny_model_dir, tmp_path):
     model = str(tiny_model_dir("llama"))
     out = tmp_path / "topk"
     proc = run_tgeom(
-        "weights", "topk", model, "--layer", "1", "--head", "2", "--circuit", "qk",
+        "weights", "topk", model, "--block", "1", "--head", "2", "--circuit", "qk",
         "--k", "7", "--ascii-only", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     payload = json.loads((out / "results.json").read_text())
     assert payload["command"] == "weights topk" and payload["model"].endswith(Path(model).name)
-    assert payload["circuit"] == "qk" and payload["layer"] == 1 and payload["head"] == 2
+    assert payload["circuit"] == "qk" and payload["block"] == 1 and payload["head"] == 2
     assert payload["filters"] == {
         "drop_special": True,
         "ascii_only": True,
@@ -61,14 +61,14 @@ def test_topk_writes_pairs_with_the_required_keys(tiny_model_dir, tmp_path):
 
 def test_topk_tl_embedding_is_recorded(tiny_model_dir, tmp_path):
     payload = invoke(
-        "topk", str(tiny_model_dir("llama")), "--layer", "0", "--head", "1", "--circuit", "ov",
+        "topk", str(tiny_model_dir("llama")), "--block", "0", "--head", "1", "--circuit", "ov",
         "--embedding", "tl", "--k", "3", "--out", str(tmp_path / "tl"),
     )  # fmt: skip
     assert payload["embedding_convention"] == "tl"
     assert (payload["row_embedding"], payload["col_embedding"]) == ("W_E", "W_U")
     result = runner.invoke(
         app,
-        ["weights", "topk", str(tiny_model_dir("llama")), "--layer", "0", "--head", "1",
+        ["weights", "topk", str(tiny_model_dir("llama")), "--block", "0", "--head", "1",
          "--embedding", "both", "--out", str(tmp_path / "bad")],
     )  # fmt: skip
     assert "--embedding must be out (W_U), in (W_E) or tl" in str(result.exception)
@@ -79,7 +79,7 @@ def test_minilm_topk_records_the_input_embedding_it_reads(tmp_path):
     # MiniLM has no output head: its pairs are read through W_E, and results must say so.
     for embedding in ("out", "tl"):
         payload = invoke(
-            "topk", "minilm", "--layer", "2", "--head", "0", "--circuit", "ov", "--k", "3",
+            "topk", "minilm", "--block", "2", "--head", "0", "--circuit", "ov", "--k", "3",
             "--embedding", embedding, "--out", str(tmp_path / embedding),
         )  # fmt: skip
         assert payload["embedding"] == payload["row_embedding"] == "W_E"
@@ -90,20 +90,20 @@ def test_minilm_topk_records_the_input_embedding_it_reads(tmp_path):
     assert neuron["embedding"] == "W_E"
 
 
-def test_topk_layer_out_of_range_exits_2_with_one_line(tiny_model_dir, tmp_path):
+def test_topk_block_out_of_range_exits_2_with_one_line(tiny_model_dir, tmp_path):
     proc = run_tgeom(
-        "weights", "topk", str(tiny_model_dir("gpt2")), "--layer", "9", "--head", "0",
+        "weights", "topk", str(tiny_model_dir("gpt2")), "--block", "9", "--head", "0",
         "--out", str(tmp_path / "bad"),
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "tgeom: error: layer 9 is out of range: valid layers are 0..1."
+        "tgeom: error: block 9 is out of range: valid blocks are 0..1."
     ]
 
 
 def test_topk_negative_lists_most_negative_first(tiny_model_dir, tmp_path):
     payload = invoke(
-        "topk", str(tiny_model_dir("gpt2")), "--layer", "0", "--head", "1", "--circuit", "ov",
+        "topk", str(tiny_model_dir("gpt2")), "--block", "0", "--head", "1", "--circuit", "ov",
         "--k", "5", "--negative", "--out", str(tmp_path / "neg"),
     )  # fmt: skip
     values = [p["value"] for p in payload["pairs"]]
@@ -116,7 +116,7 @@ def test_project_neuron_and_subhead(tiny_model_dir, tmp_path):
         "project", model, "--neuron", "1:3", "--side", "value", "--k", "4",
         "--out", str(tmp_path / "n"),
     )  # fmt: skip
-    assert neuron["parameter"] == {"kind": "neuron", "layer": 1, "neuron": 3, "side": "value"}
+    assert neuron["parameter"] == {"kind": "neuron", "block": 1, "neuron": 3, "side": "value"}
     assert len(neuron["top"]) == 4 and neuron["embedding"] == "W_U"
     assert neuron["top"][0]["score"] >= neuron["top"][-1]["score"]
     sub = invoke(
@@ -131,7 +131,7 @@ def test_project_neuron_and_subhead(tiny_model_dir, tmp_path):
     ("args", "message"),
     [
         (["--k", "3"], "exactly one of --neuron"),
-        (["--neuron", "x", "--k", "3"], "LAYER:INDEX"),
+        (["--neuron", "x", "--k", "3"], "BLOCK:INDEX"),
         (["--neuron", "0:999", "--k", "3"], "valid neurons are"),
         (["--neuron", "0:1", "--k", "0"], "k must be a positive"),
         (["--neuron", "0:1", "--alpha-only", "--ascii-only", "--k", "2"], None),
@@ -157,16 +157,16 @@ def test_atlas_writes_csv_and_results(tiny_model_dir, tmp_path):
     assert {r["circuit"] for r in rows} == {"qk", "ov"}
 
 
-def test_atlas_selects_layers_heads_and_circuit(tiny_model_dir, tmp_path):
+def test_atlas_selects_blocks_heads_and_circuit(tiny_model_dir, tmp_path):
     out = tmp_path / "atlas"
     payload = invoke(
-        "atlas", str(tiny_model_dir("gpt2")), "--k", "2", "--layers", "1", "--heads", "0,2",
+        "atlas", str(tiny_model_dir("gpt2")), "--k", "2", "--blocks", "1", "--heads", "0,2",
         "--circuit", "ov", "--quiet", "--out", str(out),
     )  # fmt: skip
     with (out / "atlas.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    assert (payload["layers"], payload["heads"], payload["circuits"]) == ([1], [0, 2], ["ov"])
-    assert {(r["layer"], r["head"], r["circuit"]) for r in rows} == {
+    assert (payload["blocks"], payload["heads"], payload["circuits"]) == ([1], [0, 2], ["ov"])
+    assert {(r["block"], r["head"], r["circuit"]) for r in rows} == {
         ("1", "0", "ov"),
         ("1", "2", "ov"),
     }
@@ -205,7 +205,7 @@ def test_frequent_restricts_every_reported_token_of_every_top_k_command(tiny_mod
     description = f"9 most frequent tokens of corpus {str(corpus)!r} (of 96), special tokens"
 
     topk, printed = frequent_run(
-        "topk", model, "--layer", "1", "--head", "2", "--circuit", "ov", "--k", "30", *freq,
+        "topk", model, "--block", "1", "--head", "2", "--circuit", "ov", "--k", "30", *freq,
         "--out", str(tmp_path / "topk"),
     )  # fmt: skip
     got = [(p["row"], p["col"]) for p in topk["pairs"]]
@@ -233,22 +233,23 @@ def test_frequent_restricts_every_reported_token_of_every_top_k_command(tiny_mod
     lens, printed = frequent_run(
         "lens", model, "--text", "the cat", "--k", "3", *freq, "--out", str(tmp_path / "lens")
     )
-    ids = {i for layer in lens["layers"] for pos in layer["positions"] for i in pos["top_ids"]}
+    ids = {i for row in lens["by_hidden"] for pos in row["positions"] for i in pos["top_ids"]}
     assert ids <= allowed and lens["vocabulary"]["drop_special"] is False
     assert "vocabulary: 9 most frequent" in printed
 
     result = runner.invoke(
         app,
-        ["weights", "topk", model, "--layer", "0", "--head", "0", "--frequent-corpus",
+        ["weights", "topk", model, "--block", "0", "--head", "0", "--frequent-corpus",
          str(corpus), "--out", str(tmp_path / "bad")],
     )  # fmt: skip
     assert "--frequent-corpus needs --frequent N" in str(result.exception)
 
 
-def test_lens_writes_layers_and_heatmap(tiny_model_dir, tmp_path):
+def test_lens_writes_hidden_states_and_heatmap(tiny_model_dir, tmp_path):
     out = tmp_path / "lens"
     payload = invoke("lens", str(tiny_model_dir("gpt2")), "--text", "a $b c", "--out", str(out))
-    assert len(payload["layers"]) == 3
+    assert len(payload["by_hidden"]) == 3
+    assert (payload["n_blocks"], payload["n_hidden"]) == (2, 3)
     assert payload["tokens"] == ["a", " ", "$", "b", " ", "c"]
-    assert len(payload["layers"][2]["positions"][0]["top_tokens"]) == 5
+    assert len(payload["by_hidden"][2]["positions"][0]["top_tokens"]) == 5
     assert (out / "logit_lens.png").stat().st_size > 0

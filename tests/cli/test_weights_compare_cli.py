@@ -65,22 +65,22 @@ def corpus_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
 
 def test_align_writes_similarity_matrices_and_a_heatmap(tiny_model_dir, tmp_out) -> None:  # type: ignore[no-untyped-def]
     a, b = str(tiny_model_dir("gpt2")), str(tiny_model_dir("llama"))
-    doc = invoke("align", a, b, "--out", str(tmp_out), "--per-layer", "16")
+    doc = invoke("align", a, b, "--out", str(tmp_out), "--per-block", "16")
     assert doc["command"] == "weights align"
     sim = doc["alignment"]["similarity"]
     assert set(sim) == {"ffn_key", "ffn_value", "W_Q", "W_K", "W_V", "W_O", "mean"}
     assert len(sim["mean"]) == 2 and len(sim["mean"][0]) == 2
-    assert len(doc["alignment"]["layer_matching"]["mean"]) == 2
+    assert len(doc["alignment"]["block_matching"]["mean"]) == 2
     assert (tmp_out / "alignment.png").stat().st_size > 0
 
 
-def test_stitch_reports_accuracy_per_layer_against_chance(
+def test_stitch_reports_accuracy_per_split_hidden_state_against_chance(
     tiny_model_dir, classifier_dir, tmp_out
 ) -> None:  # type: ignore[no-untyped-def]
     doc = invoke("stitch", str(tiny_model_dir("llama")), str(classifier_dir), "--out", str(tmp_out))
     stitching = doc["stitching"]
     (run,) = stitching["runs"]
-    assert run["layers"] == [0, 1, 2] and len(run["accuracy"]) == 3
+    assert run["hidden"] == [0, 1, 2] and len(run["accuracy"]) == 3
     assert 0.0 < stitching["chance"] < 1.0
     assert (tmp_out / "stitching.png").stat().st_size > 0
 
@@ -130,12 +130,12 @@ def test_finetune_then_stitch_with_itself_from_a_corpus(
         str(corpus_dir),
         "--out",
         str(tmp_path / "st"),
-        "--layers",
+        "--hidden",
         "0,2",
         "--max-windows-per-topic",
         "5",
     )
-    assert stitched["stitching"]["runs"][0]["layers"] == [0, 2]
+    assert stitched["stitching"]["runs"][0]["hidden"] == [0, 2]
 
 
 def validate_args(model: str, corpus: Path, out: Path, *extra: str) -> list[str]:

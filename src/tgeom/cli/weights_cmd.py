@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tgeom.cli import app
+from tgeom.cli.options import BLOCK_MEANING, renamed_layer
 from tgeom.errors import TgeomError
 
 weights_app = typer.Typer(
@@ -145,7 +146,7 @@ def _pair(text: str, what: str) -> tuple[int, int]:
     """``"L:N"`` -> ``(L, N)``."""
     parts = text.split(":")
     if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-        raise TgeomError(f"--{what} must look like LAYER:INDEX (e.g. 3:17), got {text!r}.")
+        raise TgeomError(f"--{what} must look like BLOCK:INDEX (e.g. 3:17), got {text!r}.")
     return int(parts[0]), int(parts[1])
 
 
@@ -160,9 +161,9 @@ def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 def _describe(parameter: dict[str, Any]) -> str:
     if parameter["kind"] == "neuron":
-        return f"layer {parameter['layer']} neuron {parameter['neuron']} {parameter['side']}"
+        return f"block {parameter['block']} neuron {parameter['neuron']} {parameter['side']}"
     return (
-        f"layer {parameter['layer']} head {parameter['head']} "
+        f"block {parameter['block']} head {parameter['head']} "
         f"{parameter['subhead']}[{parameter['index']}]"
     )
 
@@ -178,9 +179,9 @@ def _cell(value: Any) -> str:
 @weights_app.command("project")
 def project(
     model: str = MODEL_ARG,
-    neuron: str | None = typer.Option(None, "--neuron", help="FFN neuron LAYER:NEURON."),
+    neuron: str | None = typer.Option(None, "--neuron", help="FFN neuron BLOCK:NEURON."),
     side: str = typer.Option("key", "--side", help="key (W_in column), gate, value (W_out row)."),
-    head: str | None = typer.Option(None, "--head", help="Attention head LAYER:HEAD."),
+    head: str | None = typer.Option(None, "--head", help="Attention head BLOCK:HEAD."),
     subhead: str = typer.Option("v", "--subhead", help="q, k, v (columns) or o (W_O row)."),
     index: int = typer.Option(0, "--index", help="Subhead index within d_head."),
     k: int = K_OPT,
@@ -199,19 +200,19 @@ def project(
     from tgeom.results import write_results
 
     if (neuron is None) == (head is None):
-        raise TgeomError("pass exactly one of --neuron LAYER:NEURON or --head LAYER:HEAD.")
+        raise TgeomError("pass exactly one of --neuron BLOCK:NEURON or --head BLOCK:HEAD.")
     if neuron is not None:
-        layer, n = _pair(neuron, "neuron")
+        block, n = _pair(neuron, "neuron")
         which: dict[str, Any] = {"neuron": n, "side": side}
     else:
-        layer, h = _pair(head or "", "head")
+        block, h = _pair(head or "", "head")
         which = {"head": h, "subhead": subhead, "index": index}
     lm = _load(model, trust_remote_code)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask
     result = project_parameter(
         lm,
-        layer=layer,
+        block=block,
         **which,
         k=k,
         mask=mask,
@@ -240,7 +241,7 @@ def project(
 @weights_app.command("topk")
 def topk(
     model: str = MODEL_ARG,
-    layer: int = typer.Option(..., "--layer", help="Layer (0-based)."),
+    block: int = typer.Option(..., "--block", help="Block (0..L-1)."),
     head: int = typer.Option(..., "--head", help="Head (0-based)."),
     circuit: str = typer.Option("ov", "--circuit", help="qk or ov."),
     k: int = K_OPT,
@@ -253,6 +254,7 @@ def topk(
     frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
+    _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
     """Exact top entries of one head's QK or OV matrix in token space (never materialised)."""
     from tgeom.analyses.embedding.interaction import head_top_pairs
@@ -266,7 +268,7 @@ def topk(
     mask = vocabulary.mask
     result = head_top_pairs(
         lm.weights(),
-        layer,
+        block,
         head,
         circuit,
         k,
@@ -288,7 +290,7 @@ def topk(
     write_results(out, "weights topk", payload)
     save_figure(top_pairs_figure(result, vocab), prepare_out_dir(out) / "top_pairs.png")
     _print_table(
-        f"{lm.source}: {circuit.upper()} layer {layer} head {head}"
+        f"{lm.source}: {circuit.upper()} block {block} head {head}"
         f" ({'most negative' if negative else 'largest'}; E = {result.embedding})",
         ["rank", "row token", "col token", "value"],
         [
@@ -305,9 +307,9 @@ def topk(
 def atlas(
     model: str = MODEL_ARG,
     k: int = typer.Option(10, "--k", help="Pairs per head and circuit."),
-    layers: str | None = typer.Option(None, "--layers", help="Comma-separated layers (all)."),
+    blocks: str | None = typer.Option(None, "--blocks", help="Comma-separated blocks (all)."),
     heads: str | None = typer.Option(
-        None, "--heads", "--head", help="Comma-separated heads of each chosen layer (all)."
+        None, "--heads", "--head", help="Comma-separated heads of each chosen block (all)."
     ),
     circuit: str | None = typer.Option(None, "--circuit", help="qk, ov or qk,ov (both)."),
     negative: bool = typer.Option(False, "--negative", help="Most negative entries instead."),
@@ -320,12 +322,13 @@ def atlas(
     frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
+    _layers: str | None = renamed_layer("--blocks", "comma-separated blocks 0..L-1", "--layers"),
 ) -> None:
     """Top QK and OV pairs of every chosen head, as one table (atlas.csv + results.json)."""
     from tgeom.analyses.embedding.atlas import head_atlas
     from tgeom.results import prepare_out_dir, write_results
 
-    chosen, chosen_heads = _int_list(layers, "--layers"), _int_list(heads, "--heads")
+    chosen, chosen_heads = _int_list(blocks, "--blocks"), _int_list(heads, "--heads")
     circuits = _circuits(circuit)
     lm = _load(model, trust_remote_code)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
@@ -334,7 +337,7 @@ def atlas(
         lm.weights(),
         k,
         vocab=lm.vocab_strings,
-        layers=chosen,
+        blocks=chosen,
         heads=chosen_heads,
         circuits=circuits,
         largest=not negative,
@@ -358,8 +361,8 @@ def atlas(
     _print_table(
         f"{lm.source}: head atlas (top pair per head, {len(result.rows)} rows in atlas.csv; "
         f"E = {result.embedding})",
-        ["layer", "head", "circuit", "row token", "col token", "value"],
-        [[r.layer, r.head, r.circuit, r.row_token, r.col_token, r.value] for r in best],
+        ["block", "head", "circuit", "row token", "col token", "value"],
+        [[r.block, r.head, r.circuit, r.row_token, r.col_token, r.value] for r in best],
     )
     _print_vocabulary(vocabulary)
 
@@ -367,8 +370,8 @@ def atlas(
 @weights_app.command("lens")
 def lens(
     model: str = MODEL_ARG,
-    text: str = typer.Option(..., "--text", help="The text to read layer by layer."),
-    k: int = typer.Option(5, "--k", help="Top tokens per layer and position."),
+    text: str = typer.Option(..., "--text", help="The text to read at every hidden state."),
+    k: int = typer.Option(5, "--k", help="Top tokens per hidden state and position."),
     ascii_only: bool = ASCII_OPT,
     alpha_only: bool = ALPHA_OPT,
     keep_special: bool = typer.Option(
@@ -379,7 +382,7 @@ def lens(
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
-    """Logit lens: final_norm(hidden[l]) @ W_U.T at every layer and position of a text."""
+    """Logit lens: final_norm(hidden[h]) @ W_U.T at every hidden state 0..L and position."""
     from tgeom.analyses.embedding.lens import logit_lens
     from tgeom.plots.embedding import logit_lens_figure, save_figure
     from tgeom.results import prepare_out_dir, write_results
@@ -402,10 +405,10 @@ def lens(
     last = len(result.tokens) - 1
     _print_table(
         f"{lm.source}: logit lens at the last position ({result.tokens[last]!r})",
-        ["layer", "top tokens"],
+        ["hidden", "top tokens"],
         [
-            [layer, " | ".join(result.top_tokens[layer][last])]
-            for layer in range(result.n_layers + 1)
+            [hidden, " | ".join(result.top_tokens[hidden][last])]
+            for hidden in range(result.n_hidden)
         ],
     )
     _print_vocabulary(vocabulary)

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from tgeom.cli.options import renamed_layer
 from tgeom.cli.weights_cmd import weights_app
 from tgeom.errors import TgeomError
 
@@ -82,12 +83,12 @@ def validate(
     seq_len: int = typer.Option(32, "--seq-len", help="Tokens per window."),
     max_windows: int = typer.Option(8, "--max-windows-per-topic", help="Windows per topic."),
     max_pairs: int = typer.Option(
-        512, "--max-pairs", help="Sim_k pairs drawn per layer (0: all, as the official code)."
+        512, "--max-pairs", help="Sim_k pairs drawn per block (0: all, as the official code)."
     ),
     keep_special: bool = typer.Option(False, "--keep-special", help="Keep special tokens."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled baselines."),
 ) -> None:
-    """R_k (active neurons vs hidden states) and Sim_k (related parameter pairs), per layer."""
+    """R_k (active neurons vs hidden states) and Sim_k (related parameter pairs), per block."""
     from tgeom.analyses.embedding.validation import check_definition, r_k, sim_k
     from tgeom.models import load_model
     from tgeom.plots.embedding_compare import plot_validation
@@ -136,7 +137,7 @@ def validate(
     }
     write_results(out, "weights validate", payload)
     _save_figure(plot_validation(rk, sk), out, "validation.png")
-    typer.echo(f"R_k ({rk.definition}, k={k}, {rk.n_positions} positions) per layer:")
+    typer.echo(f"R_k ({rk.definition}, k={k}, {rk.n_positions} positions) per block:")
     for group, values in rk.overlap.items():
         typer.echo(f"  {group:<9} " + " ".join(f"{v:.3f}" for v in values))
         typer.echo("  baseline  " + " ".join(f"{v:.3f}" for v in rk.shuffled[group]))
@@ -154,25 +155,26 @@ def align(
     model_a: str = typer.Argument(..., help="Model A. " + MODEL_HELP),
     model_b: str = typer.Argument(..., help="Model B, with the same vocabulary."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
-    per_layer: int = typer.Option(256, "--per-layer", help="Vectors drawn per layer and group."),
+    per_block: int = typer.Option(256, "--per-block", help="Vectors drawn per block and group."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subsampling."),
     embedding: str = typer.Option("out", "--embedding", help=EMBEDDING_HELP),
+    _per_layer: str | None = renamed_layer("--per-block", "vectors per block", "--per-layer"),
 ) -> None:
-    """Layer-by-layer similarity of two models in vocabulary space, with Hungarian matching."""
+    """Block-by-block similarity of two models in vocabulary space, with Hungarian matching."""
     from tgeom.analyses.embedding.alignment import align_models, check_shared_vocabulary
     from tgeom.models import load_model
     from tgeom.plots.embedding_compare import plot_alignment
     from tgeom.results import prepare_out_dir, write_results
 
-    if per_layer < 1:
-        raise TgeomError(f"--per-layer {per_layer} must be at least 1.")
+    if per_block < 1:
+        raise TgeomError(f"--per-block {per_block} must be at least 1.")
     out = prepare_out_dir(out)
     lm_a, lm_b = load_model(model_a), load_model(model_b)
     check_shared_vocabulary(lm_a, lm_b, "alignment")
     result = align_models(
         lm_a.weights(),
         lm_b.weights(),
-        per_layer=per_layer,
+        per_block=per_block,
         seed=seed,
         embedding=_check_embedding(embedding),
     )
@@ -181,8 +183,8 @@ def align(
     )
     _save_figure(plot_alignment(result), out, "alignment.png")
     typer.echo(
-        "layer matching (A -> B): "
-        + ", ".join(f"{a}->{b}" for a, b in result.layer_matching["mean"])
+        "block matching (A -> B): "
+        + ", ".join(f"{a}->{b}" for a, b in result.block_matching["mean"])
     )
     typer.echo(f"wrote {out / 'results.json'}")
 
@@ -236,15 +238,13 @@ def finetune(
     )
 
 
-def _parse_layers(layers: str) -> list[int] | None:
-    if not layers:
+def _parse_indices(text: str, flag: str) -> list[int] | None:
+    if not text:
         return None
     try:
-        return [int(x) for x in layers.split(",") if x.strip()]
+        return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise TgeomError(
-            f"--layers '{layers}' must be comma-separated integers, e.g. 0,2,4."
-        ) from None
+        raise TgeomError(f"{flag} '{text}' must be comma-separated integers, e.g. 0,2,4.") from None
 
 
 @weights_app.command("stitch")
@@ -259,10 +259,13 @@ def stitch(
         "of the classifiers' held-out windows. " + CORPUS_HELP,
     ),
     max_windows: int = typer.Option(40, "--max-windows-per-topic", help="Windows per topic."),
-    layers: str = typer.Option("", "--layers", help="Split layers, e.g. 0,2,4 (default all)."),
+    hidden: str = typer.Option(
+        "", "--hidden", help="Split hidden states h (0..L), e.g. 0,2,4 (default all)."
+    ),
     embedding: str = typer.Option("out", "--embedding", help=EMBEDDING_HELP),
+    _layers: str | None = renamed_layer("--hidden", "split hidden states 0..L", "--layers"),
 ) -> None:
-    """Zero-shot stitching: A's first l blocks -> E_A.T pinv(E_B.T) -> B's blocks and head."""
+    """Zero-shot stitching: A's first h blocks -> E_A.T pinv(E_B.T) -> B's blocks and head."""
     import torch
 
     from tgeom.analyses.embedding.alignment import check_shared_vocabulary
@@ -301,7 +304,7 @@ def stitch(
         ids,
         labels,
         names=[str(p) for p in classifier_dirs],
-        layers=_parse_layers(layers),
+        hidden=_parse_indices(hidden, "--hidden"),
         embedding=_check_embedding(embedding),
     )
     write_results(
@@ -314,9 +317,9 @@ def stitch(
         },
     )
     _save_figure(plot_stitching(result), out, "stitching.png")
-    name, layer, best = result.best()
+    name, split, best = result.best()
     typer.echo(
-        f"chance {result.chance:.3f}; best stitched accuracy {best:.3f} at l={layer} ({name})"
+        f"chance {result.chance:.3f}; best stitched accuracy {best:.3f} at hidden {split} ({name})"
     )
     typer.echo(f"wrote {out / 'results.json'}")
 
@@ -371,7 +374,7 @@ def diff(
     )
     _save_figure(plot_finetuning_diff(result), out, "diff_norms.png")
     for row in result.rows[:10]:
-        where = "head" if row.layer is None else f"layer {row.layer} {row.group} {row.label}"
+        where = "head" if row.block is None else f"block {row.block} {row.group} {row.label}"
         typer.echo(f"{where} (|diff| {row.norm:.3g})")
         typer.echo(f"  +delta (top):    {' '.join(row.top_tokens[:8])}")
         typer.echo(f"  -delta (bottom): {' '.join(row.bottom_tokens[:8])}")

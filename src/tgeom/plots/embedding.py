@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from tgeom.plots import HIDDEN_AXIS
+
 
 def show_token(token: str, limit: int = 18, mathtext: bool = True) -> str:
     """A token as a safe one-line label: visible newlines/tabs, truncated, ``$`` escaped for
@@ -46,7 +48,7 @@ def top_pairs_figure(
     kind = "largest" if result.largest else "most negative"
     row_is, col_is = ("query", "key") if result.circuit == "qk" else ("source", "promoted")
     ax.set_title(
-        f"{result.circuit.upper()} layer {result.layer} head {result.head}: {kind} entries "
+        f"{result.circuit.upper()} block {result.block} head {result.head}: {kind} entries "
         f"({row_is} → {col_is}, E = {result.embedding}; weights only, exact over all token "
         "pairs)",
         fontsize=9,
@@ -57,17 +59,17 @@ def top_pairs_figure(
 
 
 def logit_lens_figure(result: Any, max_positions: int = 40) -> Figure:
-    """Heatmap layers x positions of the top-1 lens score, annotated with the top-1 token."""
+    """Heatmap hidden states x positions of the top-1 lens score, annotated with the top-1 token."""
     n_pos = min(len(result.tokens), max_positions)
     scores = result.top_scores[:, :n_pos, 0].numpy()
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n_pos, 0.9 + 0.32 * scores.shape[0]))
     image = ax.imshow(scores, aspect="auto", cmap="viridis", origin="lower")
-    for layer in range(scores.shape[0]):
+    for hidden in range(scores.shape[0]):
         for t in range(n_pos):
             ax.text(
                 t,
-                layer,
-                show_token(result.top_tokens[layer][t][0], 8, mathtext=False),
+                hidden,
+                show_token(result.top_tokens[hidden][t][0], 8, mathtext=False),
                 ha="center",
                 va="center",
                 fontsize=6,
@@ -78,10 +80,10 @@ def logit_lens_figure(result: Any, max_positions: int = 40) -> Figure:
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     ax.set_yticks(range(scores.shape[0]), [str(i) for i in range(scores.shape[0])], fontsize=7)
     ax.set_xlabel("input token (position)")
-    ax.set_ylabel("layer (0 = embeddings)")
+    ax.set_ylabel(HIDDEN_AXIS)
     shown = f"first {n_pos} of " if n_pos < len(result.tokens) else ""
     ax.set_title(
-        f"logit lens: top-1 token per layer and position ({shown}1 text of "
+        f"logit lens: top-1 token per hidden state and position ({shown}1 text of "
         f"{len(result.tokens)} tokens)",
         fontsize=9,
     )

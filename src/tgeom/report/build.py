@@ -34,8 +34,8 @@ class ReportOptions:
     windows_per_topic: int = 16
     atlas_k: int = 5
     atlas_vocab: int | None = 4096  # rows/cols of the atlas: the N most frequent corpus tokens
-    atlas_layers: tuple[int, ...] | None = None  # None: every layer
-    neurons_per_layer: int = 3
+    atlas_blocks: tuple[int, ...] | None = None  # None: every block
+    neurons_per_block: int = 3
     lens_text: str = "The capital of France is Paris. The quick brown fox jumps over the dog."
     identify_sequences: int = 40
     identify_layers: int | None = 8  # layers evaluated for token identifiability (None: all)

@@ -36,13 +36,13 @@ def weights_section(ctx: ReportContext) -> Section:
             cw,
             opts.atlas_k,
             vocab=vocab,
-            layers=opts.atlas_layers,
+            blocks=opts.atlas_blocks,
             row_mask=mask,
             col_mask=mask,
             quiet=ctx.progress.quiet,
         )
     rows = [
-        (r.layer, r.head, r.circuit, r.rank, r.row_token, r.col_token, r.value) for r in atlas.rows
+        (r.block, r.head, r.circuit, r.rank, r.row_token, r.col_token, r.value) for r in atlas.rows
     ]
     subset = (
         f"rows and columns restricted to the {len(include)} most frequent corpus tokens"
@@ -59,47 +59,47 @@ def weights_section(ctx: ReportContext) -> Section:
     parts.append(
         H.table(
             rows,
-            ["layer", "head", "circuit", "rank", "row token", "column token", "value"],
+            ["block", "head", "circuit", "rank", "row token", "column token", "value"],
             table_id="atlas",
             searchable=True,
             token_columns=(4, 5),
             scroll=True,
         )
     )
-    layer = len(cw.layers) // 2
+    block = len(cw.layers) // 2
     for circuit in ("qk", "ov"):
-        pairs = head_top_pairs(cw, layer, 0, circuit, 20, row_mask=mask, col_mask=mask)
+        pairs = head_top_pairs(cw, block, 0, circuit, 20, row_mask=mask, col_mask=mask)
         parts.append(
             ctx.save_figure(
                 top_pairs_figure(pairs, vocab),
-                f"top-pairs-{circuit}-L{layer}H0",
-                f"Largest {circuit.upper()} entries of layer {layer}, head 0 ({subset}).",
+                f"top-pairs-{circuit}-block{block}-head0",
+                f"Largest {circuit.upper()} entries of block {block}, head 0 ({subset}).",
             )
         )
     neuron_rows, neuron_records = [], []
     generator = torch.Generator().manual_seed(opts.seed)
     d_mlp = cw.summary.d_mlp
-    for layer_index in range(len(cw.layers)):
-        picks = torch.randperm(d_mlp, generator=generator)[: opts.neurons_per_layer].tolist()
+    for block_index in range(len(cw.layers)):
+        picks = torch.randperm(d_mlp, generator=generator)[: opts.neurons_per_block].tolist()
         for neuron in sorted(picks):
-            record = {"layer": layer_index, "neuron": neuron}
+            record = {"block": block_index, "neuron": neuron}
             for side in ("key", "value"):
                 proj = project_parameter(
-                    lm, layer=layer_index, neuron=neuron, side=side, k=8, mask=no_special
+                    lm, block=block_index, neuron=neuron, side=side, k=8, mask=no_special
                 )
                 record[side] = [r["token"] for r in proj.top.records()]
             neuron_records.append(record)
             neuron_rows.append(
-                (layer_index, neuron, " | ".join(record["key"]), " | ".join(record["value"]))
+                (block_index, neuron, " | ".join(record["key"]), " | ".join(record["value"]))
             )
     parts += [
         "<h3>FFN neurons</h3>",
-        '<p class="note">Top tokens of a random sample of neurons per layer: the key (column of '
+        '<p class="note">Top tokens of a random sample of neurons per block: the key (column of '
         "W_in) and the value (row of W_out), raw parameters projected on the unembedding. Geva "
-        "et al. and Dar et al. found values that promote coherent token sets in upper layers.</p>",
+        "et al. and Dar et al. found values that promote coherent token sets in upper blocks.</p>",
         H.table(
             neuron_rows,
-            ["layer", "neuron", "key: top tokens", "value: top tokens"],
+            ["block", "neuron", "key: top tokens", "value: top tokens"],
             table_id="neurons",
             searchable=True,
             token_columns=(2, 3),
@@ -114,8 +114,9 @@ def weights_section(ctx: ReportContext) -> Section:
         ctx.save_figure(
             logit_lens_figure(lens),
             "logit-lens",
-            "Top-1 token of final_norm(hidden[l]) @ W_U.T at each layer (rows) and position "
-            "(columns); colour is its score. Predictions typically sharpen in the upper layers.",
+            "Top-1 token of final_norm(hidden[h]) @ W_U.T at each hidden state (rows; 0 = the "
+            "embedding output, h = the output of block h-1) and position (columns); colour is its "
+            "score. Predictions typically sharpen in the upper hidden states.",
         ),
     ]
     results = {
@@ -125,7 +126,7 @@ def weights_section(ctx: ReportContext) -> Section:
         "logit_lens": {
             "text": opts.lens_text,
             "tokens": lens.tokens,
-            "top1_by_layer": [[pos[0] for pos in layer] for layer in lens.top_tokens],
+            "top1_by_hidden": [[pos[0] for pos in state] for state in lens.top_tokens],
         },
     }
     return Section("weights", "Weights in embedding space", "".join(parts), results)

@@ -119,8 +119,8 @@ def test_alignment_recovers_permutation_of_rotated_copy(four_layer_model) -> Non
     ]
     B = rotated_permuted_copy(A, Q, layer_perm, head_perms)
 
-    self_result = align_models(A, A, per_layer=None)
-    result = align_models(A, B, per_layer=None)
+    self_result = align_models(A, A, per_block=None)
+    result = align_models(A, B, per_block=None)
 
     expected_layers = sorted((a, j) for j, a in enumerate(layer_perm))
     for group in (*PARAMETER_GROUPS, "mean"):
@@ -131,9 +131,9 @@ def test_alignment_recovers_permutation_of_rotated_copy(four_layer_model) -> Non
             atol=1e-6,
             rtol=0,
         )
-        assert sorted(result.layer_matching[group]) == expected_layers
+        assert sorted(result.block_matching[group]) == expected_layers
     for match in result.head_matching:
-        hp = head_perms[match.layer_b]
+        hp = head_perms[match.block_b]
         assert sorted(match.pairs) == sorted((hp[h], h) for h in range(H))
     # Raw coordinates are not invariant: the diagonal advantage of matched layers disappears.
     assert self_result.raw_similarity is not None and result.raw_similarity is not None
@@ -148,9 +148,9 @@ def test_alignment_recovers_permutation_of_rotated_copy(four_layer_model) -> Non
 
 
 def test_alignment_subsampling_is_seeded(four_layer_model) -> None:  # type: ignore[no-untyped-def]
-    first = align_models(four_layer_model, four_layer_model, per_layer=8, seed=5, match_heads=False)
-    again = align_models(four_layer_model, four_layer_model, per_layer=8, seed=5, match_heads=False)
-    other = align_models(four_layer_model, four_layer_model, per_layer=8, seed=6, match_heads=False)
+    first = align_models(four_layer_model, four_layer_model, per_block=8, seed=5, match_heads=False)
+    again = align_models(four_layer_model, four_layer_model, per_block=8, seed=5, match_heads=False)
+    other = align_models(four_layer_model, four_layer_model, per_block=8, seed=6, match_heads=False)
     torch.testing.assert_close(first.similarity["mean"], again.similarity["mean"])
     assert not torch.allclose(first.similarity["mean"], other.similarity["mean"])
 

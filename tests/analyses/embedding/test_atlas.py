@@ -22,7 +22,7 @@ def test_atlas_rows_are_each_heads_top_pairs(tiny_model, tmp_path):
         for head in range(H):
             for circuit in ("qk", "ov"):
                 rows = [
-                    r for r in atlas.rows if (r.layer, r.head, r.circuit) == (layer, head, circuit)
+                    r for r in atlas.rows if (r.block, r.head, r.circuit) == (layer, head, circuit)
                 ]
                 pairs = head_top_pairs(cw, layer, head, circuit, 3)
                 assert [r.rank for r in rows] == [0, 1, 2]
@@ -38,10 +38,10 @@ def test_atlas_rows_are_each_heads_top_pairs(tiny_model, tmp_path):
     assert float(read[0]["value"]) == pytest.approx(atlas.rows[0].value, rel=1e-6)
 
 
-def test_atlas_on_chosen_layers_and_one_circuit(tiny_model):
+def test_atlas_on_chosen_blocks_and_one_circuit(tiny_model):
     cw = tiny_model("gpt2").weights()
-    atlas = head_atlas(cw, 2, layers=[1], circuits=["ov"], largest=False, quiet=True)
-    assert {(r.layer, r.circuit) for r in atlas.rows} == {(1, "ov")}
+    atlas = head_atlas(cw, 2, blocks=[1], circuits=["ov"], largest=False, quiet=True)
+    assert {(r.block, r.circuit) for r in atlas.rows} == {(1, "ov")}
     assert atlas.rope_note is None
     assert atlas.rows[0].row_token.startswith("<id:")
     assert atlas.to_json()["n_rows"] == len(atlas.rows) == 4 * 2
@@ -51,8 +51,8 @@ def test_atlas_on_chosen_layers_and_one_circuit(tiny_model):
 def test_atlas_on_chosen_heads_equals_the_full_atlas_restricted(tiny_model):
     cw = tiny_model("llama").weights()
     full = head_atlas(cw, 2, quiet=True)
-    some = head_atlas(cw, 2, layers=[1, 0, 1], heads=[3, 1], circuits=["qk"], quiet=True)
-    assert (some.layers, some.heads, some.circuits) == ([0, 1], [1, 3], ["qk"])
+    some = head_atlas(cw, 2, blocks=[1, 0, 1], heads=[3, 1], circuits=["qk"], quiet=True)
+    assert (some.blocks, some.heads, some.circuits) == ([0, 1], [1, 3], ["qk"])
     want = [r for r in full.rows if r.head in (1, 3) and r.circuit == "qk"]
     assert some.rows == want and len(want) == 2 * 2 * 2
     assert some.to_json()["heads"] == [1, 3]
@@ -72,14 +72,14 @@ def test_atlas_rejects_bad_heads_and_circuits(tiny_model, kwargs, match):
         head_atlas(tiny_model("gpt2").weights(), 2, quiet=True, **kwargs)
 
 
-def test_atlas_rejects_a_layer_out_of_range(tiny_model):
-    with pytest.raises(TgeomError, match=r"valid layers are 0\.\.1"):
-        head_atlas(tiny_model("gpt2").weights(), 2, layers=[3], quiet=True)
+def test_atlas_rejects_a_block_out_of_range(tiny_model):
+    with pytest.raises(TgeomError, match=r"valid blocks are 0\.\.1"):
+        head_atlas(tiny_model("gpt2").weights(), 2, blocks=[3], quiet=True)
 
 
 def test_atlas_tl_convention_records_each_circuits_sides(tiny_model):
     cw = tiny_model("llama").weights()
-    atlas = head_atlas(cw, 2, layers=[1], E="tl", quiet=True)
+    atlas = head_atlas(cw, 2, blocks=[1], E="tl", quiet=True)
     assert atlas.convention == "tl"
     assert atlas.sides == {
         "qk": {"rows": "W_E", "cols": "W_E"},
@@ -89,5 +89,5 @@ def test_atlas_tl_convention_records_each_circuits_sides(tiny_model):
     for row in atlas.rows[::2]:
         pairs = head_top_pairs(cw, 1, row.head, row.circuit, 2, E="tl")
         assert (row.row, row.col) == (int(pairs.rows[0]), int(pairs.cols[0]))
-    plain = head_atlas(cw, 2, layers=[1], quiet=True)
+    plain = head_atlas(cw, 2, blocks=[1], quiet=True)
     assert plain.convention == "dar" and plain.embedding == "W_U"

@@ -121,7 +121,7 @@ def test_planted_change_comes_back_as_its_token(tiny_model) -> None:  # type: ig
     ft_layers[1].W_O[2, 5] -= 2.0 * E[t]  # a subhead row that now demotes token t
     finetuned = dataclasses.replace(cw, layers=ft_layers)
     diff = finetuning_diff(cw, finetuned, token_strings, k=3)
-    by_group = {(r.group, r.layer, r.index): r for r in diff.rows}
+    by_group = {(r.group, r.block, r.index): r for r in diff.rows}
     assert set(by_group) == {("ffn_value", 1, 7), ("W_O", 1, 2 * dh + 5)}
     value_row = by_group[("ffn_value", 1, 7)]
     assert value_row.top_ids[0] == t and value_row.top_tokens[0] == f"t{t}"
@@ -148,7 +148,7 @@ def test_both_ends_equal_sorting_every_score(tiny_model) -> None:  # type: ignor
     assert len(diff.rows) == 5
     E = cw.W_U.double().numpy()
     for row in diff.rows:
-        change = (ft_layers[row.layer].W_in - cw.layers[row.layer].W_in)[:, row.index]
+        change = (ft_layers[row.block].W_in - cw.layers[row.block].W_in)[:, row.index]
         scores = change.double().numpy() @ E.T
         assert row.top_ids == np.argsort(-scores, kind="stable")[:4].tolist()
         assert row.bottom_ids == np.argsort(scores, kind="stable")[:4].tolist()

@@ -132,7 +132,7 @@ def test_pairs_json_has_tokens_and_orientation(tiny_model):
 @pytest.mark.parametrize(
     ("layer", "head", "circuit", "match"),
     [
-        (2, 0, "qk", "layer 2 is out of range: valid layers are 0..1"),
+        (2, 0, "qk", "block 2 is out of range: valid blocks are 0..1"),
         (0, 4, "ov", "head 4 is out of range: valid heads are 0..3"),
         (0, 0, "xy", "circuit must be qk or ov"),
     ],

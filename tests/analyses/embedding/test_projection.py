@@ -207,7 +207,7 @@ def test_post_ln_attention_reads_the_previous_layers_norm(tiny_model):
 def test_project_parameter_matches_projecting_the_vector(tiny_model):
     lm = tiny_model("llama")
     cw = lm.weights()
-    result = project_parameter(lm, layer=0, head=1, subhead="v", index=2, k=6, embedding="in")
+    result = project_parameter(lm, block=0, head=1, subhead="v", index=2, k=6, embedding="in")
     want, _ = brute_force(cw.layers[0].W_V[1, :, 2], cw.W_E, 6)
     assert result.embedding == "W_E"
     assert result.top.token_ids[0].tolist() == want

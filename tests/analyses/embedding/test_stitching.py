@@ -55,22 +55,22 @@ def test_stitching_a_classifier_to_itself_gives_its_own_accuracy_at_every_layer(
     clf = classifier
     result = stitch(clf.weights, [clf])
     (run,) = result.runs
-    assert run.layers == list(range(clf.n_layers + 1))
+    assert run.hidden == list(range(clf.n_blocks + 1))
     own = accuracy(clf, clf.eval_ids, clf.eval_labels)
     assert run.own_accuracy == own
-    assert run.accuracy == [own] * len(run.layers)
+    assert run.accuracy == [own] * len(run.hidden)
     # And the stitched logits are the classifier's own logits.
     ids = clf.eval_ids[:4]
     hidden = run_blocks(clf.weights, embed(clf.weights, ids))
     for layer, h in enumerate(hidden):
         torch.testing.assert_close(
-            clf.logits_from_layer(h, layer), clf.logits(ids), atol=1e-5, rtol=1e-5
+            clf.logits_from_hidden(h, layer), clf.logits(ids), atol=1e-5, rtol=1e-5
         )
 
 
 def test_stitching_between_different_random_models_reports_chance(classifier, tiny_model) -> None:  # type: ignore[no-untyped-def]
     ids, labels = two_topic_windows(n=40, seed=7)
-    result = stitch(tiny_model("llama").weights(), [classifier], ids, labels, layers=[0, 1, 2])
+    result = stitch(tiny_model("llama").weights(), [classifier], ids, labels, hidden=[0, 1, 2])
     (run,) = result.runs
     assert result.chance == pytest.approx(0.5) and result.uniform_chance == 0.5
     assert result.n_eval == 40 and len(run.accuracy) == 3
@@ -78,12 +78,12 @@ def test_stitching_between_different_random_models_reports_chance(classifier, ti
     assert all(0.0 <= p <= 1.0 for p in run.p_value)
     assert run.own_accuracy > result.chance
     name, layer, best = result.best()
-    assert name == "seed 0" and best == max(run.accuracy) and layer in run.layers
+    assert name == "seed 0" and best == max(run.accuracy) and layer in run.hidden
 
 
-def test_stitching_rejects_out_of_range_split_layers(classifier) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(TgeomError, match=r"valid split layers are 0\.\.2"):
-        stitch(classifier.weights, [classifier], layers=[3])
+def test_stitching_rejects_out_of_range_split_hidden_states(classifier) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TgeomError, match=r"valid split hidden states are 0\.\.2"):
+        stitch(classifier.weights, [classifier], hidden=[3])
 
 
 def test_stitching_map_rejects_different_vocabularies() -> None:
@@ -110,7 +110,7 @@ def test_minilm_topic_classifier_stitched_with_itself_keeps_its_accuracy(minilm)
     print(f"MiniLM topic classifier: {report}")
     assert report.losses[-1] < report.losses[0]
     assert report.eval_accuracy > report.majority_rate
-    result = stitch(clf.weights, [clf], layers=[0, 3, 6])
+    result = stitch(clf.weights, [clf], hidden=[0, 3, 6])
     (run,) = result.runs
     print(f"self-stitching accuracy per l: {run.accuracy} (own {run.own_accuracy})")
     assert run.accuracy == [run.own_accuracy] * 3

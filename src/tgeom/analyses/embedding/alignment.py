@@ -9,8 +9,8 @@ forming a V-vector: with ``mu = E.sum(0) / V`` and centred covariances
     rho(x, y) = x C_AB y.T / sqrt(x C_AA x.T * y C_BB y.T),
 
 in float64. Per parameter group (FFN keys and values, W_Q/W_K/W_V columns, W_O rows) the mean
-``|rho|`` over all pairs of vectors of (layer a of A, layer b of B) fills a similarity matrix;
-layers are matched with the Hungarian algorithm, then heads within matched layers. The baseline
+``|rho|`` over all pairs of vectors of (block a of A, block b of B) fills a similarity matrix;
+blocks are matched with the Hungarian algorithm, then heads within matched blocks. The baseline
 is the same Pearson on raw d-coordinates (only defined when ``d_A == d_B``): it is invariant to
 nothing, whereas the vocabulary-space one is invariant to any rotation of a model's residual
 basis applied to its embedding and weights together.
@@ -140,32 +140,32 @@ def _normalise(cov: Tensor, var_x: Tensor, var_y: Tensor) -> Tensor:
 
 @dataclass
 class HeadMatch:
-    """Heads of layer ``layer_a`` of A matched to heads of ``layer_b`` of B.
+    """Heads of block ``block_a`` of A matched to heads of block ``block_b`` of B.
 
     ``similarity [H_A, H_B]``: mean |rho| of subhead vectors, averaged over W_Q, W_K, W_V, W_O;
     ``pairs``: Hungarian matching ``(head of A, head of B)``.
     """
 
-    layer_a: int
-    layer_b: int
+    block_a: int
+    block_b: int
     similarity: Tensor
     pairs: list[tuple[int, int]]
 
 
 @dataclass
 class AlignmentResult:
-    """Layer-by-layer similarity of two models in vocabulary space (and on raw coordinates).
+    """Block-by-block similarity of two models in vocabulary space (and on raw coordinates).
 
     ``similarity[group] [L_A, L_B]``: mean |rho| per block; ``'mean'`` averages the groups.
     ``raw_similarity``: the same on raw coordinates, ``None`` when ``d_A != d_B``.
-    ``layer_matching[group]``: Hungarian pairs ``(layer of A, layer of B)``.
+    ``block_matching[group]``: Hungarian pairs ``(block of A, block of B)``.
     """
 
     groups: list[str]
     similarity: dict[str, Tensor]
     raw_similarity: dict[str, Tensor] | None
-    layer_matching: dict[str, list[tuple[int, int]]]
-    raw_layer_matching: dict[str, list[tuple[int, int]]] | None
+    block_matching: dict[str, list[tuple[int, int]]]
+    raw_block_matching: dict[str, list[tuple[int, int]]] | None
     head_matching: list[HeadMatch] = field(default_factory=list)
     options: dict[str, object] = field(default_factory=dict)
 
@@ -192,15 +192,15 @@ def align_models(
     cw_B: CanonicalWeights,
     *,
     groups: Sequence[str] = PARAMETER_GROUPS,
-    per_layer: int | None = 256,
+    per_block: int | None = 256,
     seed: int = 0,
     embedding: Embedding = "out",
     match_heads: bool = True,
 ) -> AlignmentResult:
-    """Similarity matrices, layer matching and head matching of two models ([DAR] 5.1).
+    """Similarity matrices, block matching and head matching of two models ([DAR] 5.1).
 
-    ``per_layer``: at most this many vectors per (layer, group) are drawn, seeded by ``seed``
-    (``None`` = all). Head matching always uses every subhead vector of the matched layers.
+    ``per_block``: at most this many vectors per (block, group) are drawn, seeded by ``seed``
+    (``None`` = all). Head matching always uses every subhead vector of the matched blocks.
     """
     for group in groups:
         group_vectors(cw_A.layers[0], group)  # validates the name
@@ -212,8 +212,8 @@ def align_models(
     similarity: dict[str, Tensor] = {}
     raw: dict[str, Tensor] = {}
     for group in groups:
-        xs = [_sampled(lw, group, per_layer, gen_A) for lw in cw_A.layers]
-        ys = [_sampled(lw, group, per_layer, gen_B) for lw in cw_B.layers]
+        xs = [_sampled(lw, group, per_block, gen_A) for lw in cw_A.layers]
+        ys = [_sampled(lw, group, per_block, gen_B) for lw in cw_B.layers]
         similarity[group] = _block_means(xs, ys, lambda x, y: vocabulary_pearson(x, y, moments))
         if same_width:
             raw[group] = _block_means(xs, ys, raw_pearson)
@@ -226,11 +226,11 @@ def align_models(
     heads = []
     if match_heads:
         heads = [
-            match_heads_of_layers(cw_A.layers[a], cw_B.layers[b], moments, a, b)
+            match_heads_of_blocks(cw_A.layers[a], cw_B.layers[b], moments, a, b)
             for a, b in matching["mean"]
         ]
     options: dict[str, object] = {
-        "per_layer": per_layer,
+        "per_block": per_block,
         "seed": seed,
         "embedding": embedding,
         "statistic": "mean |rho|",
@@ -239,8 +239,8 @@ def align_models(
         groups=list(groups),
         similarity=similarity,
         raw_similarity=raw if same_width else None,
-        layer_matching=matching,
-        raw_layer_matching=raw_matching,
+        block_matching=matching,
+        raw_block_matching=raw_matching,
         head_matching=heads,
         options=options,
     )
@@ -260,8 +260,8 @@ def _block_means(xs: list[Tensor], ys: list[Tensor], pearson) -> Tensor:  # type
     return out
 
 
-def match_heads_of_layers(
-    lw_A: LayerWeights, lw_B: LayerWeights, moments: VocabularyMoments, layer_a: int, layer_b: int
+def match_heads_of_blocks(
+    lw_A: LayerWeights, lw_B: LayerWeights, moments: VocabularyMoments, block_a: int, block_b: int
 ) -> HeadMatch:
     """Head-by-head similarity of two blocks and its Hungarian matching."""
     H_A, H_B = lw_A.W_Q.shape[0], lw_B.W_Q.shape[0]
@@ -271,7 +271,7 @@ def match_heads_of_layers(
         rho = rho.abs().reshape(H_A, rho.shape[0] // H_A, H_B, rho.shape[1] // H_B)
         sims.append(torch.nanmean(rho.permute(0, 2, 1, 3).reshape(H_A, H_B, -1), dim=-1))
     similarity = torch.stack(sims).mean(0)
-    return HeadMatch(layer_a, layer_b, similarity, hungarian(similarity))
+    return HeadMatch(block_a, block_b, similarity, hungarian(similarity))
 
 
 def check_shared_vocabulary(lm_A: LoadedModel, lm_B: LoadedModel, purpose: str) -> None:

@@ -1,6 +1,6 @@
 """The head atlas: the exact top pairs of every head's QK and OV matrices [DAR] (SPEC section 3).
 
-One table with a row per (layer, head, circuit, rank): ``layer, head, circuit, rank, row, col,
+One table with a row per (block, head, circuit, rank): ``block, head, circuit, rank, row, col,
 row_token, col_token, value``. Each head goes through
 :func:`tgeom.analyses.embedding.interaction.head_top_pairs`, so every row is exact.
 """
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AtlasRow:
-    layer: int
+    block: int
     head: int
     circuit: str
     rank: int
@@ -50,7 +50,7 @@ COLUMNS = tuple(f.name for f in fields(AtlasRow))
 
 @dataclass
 class HeadAtlas:
-    """The atlas table (``rows``, in layer, head, circuit, rank order) and its options.
+    """The atlas table (``rows``, in block, head, circuit, rank order) and its options.
 
     ``embedding``: the vocabulary matrices in one string (``"W_U"``, or per circuit when the
     sides differ); ``convention``: ``"dar"`` | ``"tl"``; ``sides``: per circuit, the matrix
@@ -61,7 +61,7 @@ class HeadAtlas:
     k: int
     largest: bool
     embedding: str
-    layers: list[int]
+    blocks: list[int]
     circuits: list[str]
     rope_note: str | None
     options: dict[str, Any] = field(default_factory=dict)
@@ -90,7 +90,7 @@ class HeadAtlas:
             "embedding": self.embedding,
             "embedding_convention": self.convention,
             "embedding_sides": self.sides,
-            "layers": self.layers,
+            "blocks": self.blocks,
             "heads": self.heads,
             "circuits": self.circuits,
             "rope_note": self.rope_note,
@@ -103,7 +103,7 @@ class HeadAtlas:
         return out
 
     def to_frame(self) -> pd.DataFrame:
-        """The table as a DataFrame, one row per (layer, head, circuit, rank): :data:`COLUMNS`."""
+        """The table as a DataFrame, one row per (block, head, circuit, rank): :data:`COLUMNS`."""
         return results_frame(self.to_json(), "rows", ("rows",))
 
 
@@ -112,7 +112,7 @@ def head_atlas(
     k: int,
     *,
     vocab: Sequence[str] | None = None,
-    layers: Iterable[int] | None = None,
+    blocks: Iterable[int] | None = None,
     heads: Iterable[int] | None = None,
     circuits: Sequence[str] = ("qk", "ov"),
     largest: bool = True,
@@ -122,15 +122,15 @@ def head_atlas(
     quiet: bool = False,
 ) -> HeadAtlas:
     """Top-``k`` pairs of every chosen head for each of ``circuits``: heads ``heads`` (default
-    all) of layers ``layers`` (default all), in ascending order, each once.
+    all) of blocks ``blocks`` (default all), in ascending order, each once.
 
     ``vocab``: display strings per token id (``lm.vocab_strings``); ids are shown as
     ``<id:N>`` without it. ``E``: the vocabulary matrices, as in
     :func:`~tgeom.analyses.embedding.interaction.head_top_pairs` (``"out"``, ``"in"``, ``"tl"``
     or a tensor). A rich progress bar counts heads unless ``quiet``.
     """
-    n_layers, n_heads = len(cw.layers), cw.summary.n_heads
-    chosen = _chosen("layer", layers, n_layers)
+    n_blocks, n_heads = len(cw.layers), cw.summary.n_heads
+    chosen = _chosen("block", blocks, n_blocks)
     chosen_heads = _chosen("head", heads, n_heads)
     circuits = list(dict.fromkeys(circuits))  # each once, in the given order
     if not circuits:
@@ -155,13 +155,13 @@ def head_atlas(
         transient=True,
     ) as progress:
         task = progress.add_task("", total=len(chosen) * len(chosen_heads) * len(circuits))
-        for layer in chosen:
+        for block in chosen:
             for head in chosen_heads:
                 for circuit in circuits:
-                    progress.update(task, description=f"layer {layer} head {head} {circuit}")
+                    progress.update(task, description=f"block {block} head {head} {circuit}")
                     pairs = head_top_pairs(
                         cw,
-                        layer,
+                        block,
                         head,
                         circuit,
                         k,
@@ -170,7 +170,7 @@ def head_atlas(
                         col_mask=col_mask,
                         E=E,
                     )
-                    rows.extend(_rows(layer, head, circuit, pairs, vocab))
+                    rows.extend(_rows(block, head, circuit, pairs, vocab))
                     progress.advance(task)
     rope = ROPE_NOTE if cw.rotary is not None and "qk" in circuits else None
     return HeadAtlas(
@@ -200,13 +200,13 @@ def _chosen(what: str, values: Iterable[int] | None, size: int) -> list[int]:
 
 
 def _rows(
-    layer: int, head: int, circuit: str, pairs: Any, vocab: Sequence[str] | None
+    block: int, head: int, circuit: str, pairs: Any, vocab: Sequence[str] | None
 ) -> list[AtlasRow]:
     def show(i: int) -> str:
         return vocab[i] if vocab is not None else f"<id:{i}>"
 
     return [
-        AtlasRow(layer, head, circuit, rank, r, c, show(r), show(c), v)
+        AtlasRow(block, head, circuit, rank, r, c, show(r), show(c), v)
         for rank, (r, c, v) in enumerate(
             zip(pairs.rows.tolist(), pairs.cols.tolist(), pairs.values.tolist(), strict=True)
         )

@@ -61,7 +61,7 @@ class SequenceClassifier:
     eval_labels: Tensor | None = None
 
     @property
-    def n_layers(self) -> int:
+    def n_blocks(self) -> int:
         return len(self.weights.layers)
 
     def pooled(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -78,14 +78,15 @@ class SequenceClassifier:
         m = attention_mask.to(h.dtype)[..., None]
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
-    def logits_from_layer(self, hidden: Tensor, layer: int) -> Tensor:
-        """Class scores ``[B, C]`` when ``hidden [B, T, d]`` is fed in as ``hidden[layer]``."""
-        last = run_blocks(self.weights, hidden, None, start=layer)[-1]
+    def logits_from_hidden(self, hidden: Tensor, index: int) -> Tensor:
+        """Class scores ``[B, C]`` when ``hidden [B, T, d]`` is fed in as hidden state ``index``
+        (0..L: the input of block ``index``)."""
+        last = run_blocks(self.weights, hidden, None, start=index)[-1]
         return self.pooled(last) @ self.head_weight.T + self.head_bias
 
     def logits(self, input_ids: Tensor) -> Tensor:
         """Class scores ``[B, C]`` of windows ``input_ids [B, T]``."""
-        return self.logits_from_layer(embed(self.weights, input_ids), 0)
+        return self.logits_from_hidden(embed(self.weights, input_ids), 0)
 
     @torch.no_grad()
     def predict(self, input_ids: Tensor, batch_size: int = 16) -> Tensor:

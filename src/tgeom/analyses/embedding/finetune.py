@@ -180,7 +180,7 @@ class DiffRow:
     """One changed parameter vector (or one head row) read in tokens."""
 
     group: str
-    layer: int | None  # None for the classifier head
+    block: int | None  # None for the classifier head
     index: int  # neuron, subhead row (head * d_head + j) or class
     label: str  # 'neuron 12', 'head 3 dim 5' or the class's topic
     norm: float  # ||diff|| (head rows: ||W_head[c]||)
@@ -194,10 +194,10 @@ class DiffRow:
 
 @dataclass
 class FinetuningDiff:
-    """Rows (most changed vectors of each group, largest first) and per-layer diff norms."""
+    """Rows (most changed vectors of each group, largest first) and per-block diff norms."""
 
     rows: list[DiffRow]
-    group_norms: dict[str, list[float]]  # Frobenius norm of the diff per layer
+    group_norms: dict[str, list[float]]  # Frobenius norm of the diff per block
     options: dict[str, Any] = field(default_factory=dict)
 
     def columns(self) -> dict[str, list[Any]]:
@@ -254,10 +254,10 @@ def finetuning_diff(
         vectors = torch.stack([diffs[int(i) // n_per][int(i) % n_per] for i in best])
         ends = _ends(vectors, E, k)
         for row, flat in enumerate(best.tolist()):
-            layer, index = divmod(flat, n_per)
+            block, index = divmod(flat, n_per)
             label, norm = _label(group, index, pretrained), float(norms[flat])
             ends_of_row = [t[row] for t in ends]
-            rows.append(_row(group, layer, index, label, norm, ends_of_row, token_strings))
+            rows.append(_row(group, block, index, label, norm, ends_of_row, token_strings))
     if head is not None:
         ends = _ends(head.head_weight.to(E.device), E, k)
         for c, topic in enumerate(head.config.topics):
@@ -288,7 +288,7 @@ def _ends(vectors: Tensor, E: Tensor, k: int) -> list[Tensor]:
 
 def _row(
     group: str,
-    layer: int | None,
+    block: int | None,
     index: int,
     label: str,
     norm: float,
@@ -299,7 +299,7 @@ def _row(
     top_ids, bottom_ids = [int(i) for i in top.tolist()], [int(i) for i in bottom.tolist()]
     return DiffRow(
         group,
-        layer,
+        block,
         index,
         label,
         norm,

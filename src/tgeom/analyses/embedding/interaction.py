@@ -59,7 +59,7 @@ class InteractionPairs:
     """Top entries of one head's QK or OV matrix, best first (largest, or most negative)."""
 
     circuit: str
-    layer: int
+    block: int
     head: int
     rows: Tensor  # [k'] int64 token ids
     cols: Tensor  # [k'] int64 token ids
@@ -93,7 +93,7 @@ class InteractionPairs:
         row_means, col_means = ORIENTATION[self.circuit]
         return {
             "circuit": self.circuit,
-            "layer": self.layer,
+            "block": self.block,
             "head": self.head,
             "largest": self.largest,
             "embedding": self.embedding,
@@ -150,7 +150,7 @@ def circuit_embeddings(
 
 def circuit_factors(
     cw: CanonicalWeights,
-    layer: int,
+    block: int,
     head: int,
     circuit: str,
     E: Tensor,
@@ -158,8 +158,8 @@ def circuit_factors(
 ) -> tuple[Tensor, Tensor]:
     """The two ``[V, d_head]`` factors of ``QK_h`` (``E W_Q, E_cols W_K``) or ``OV_h``
     (``E W_V, E_cols W_O^T``); ``E_cols`` (default ``E``) embeds the column tokens."""
-    check_index("layer", layer, len(cw.layers))
-    lw = cw.layers[layer]
+    check_index("block", block, len(cw.layers))
+    lw = cw.layers[block]
     check_index("head", head, lw.W_Q.shape[0])
     cols = E if E_cols is None else E_cols
     if circuit == "qk":
@@ -171,7 +171,7 @@ def circuit_factors(
 
 def head_top_pairs(
     cw: CanonicalWeights,
-    layer: int,
+    block: int,
     head: int,
     circuit: str,
     k: int,
@@ -182,7 +182,7 @@ def head_top_pairs(
     E: Tensor | str | None = None,
     chunk_size: int | None = None,
 ) -> InteractionPairs:
-    """Exact top-k entries of head ``head``'s ``circuit`` ("qk" | "ov") matrix in ``layer``.
+    """Exact top-k entries of head ``head``'s ``circuit`` ("qk" | "ov") matrix in ``block``.
 
     ``row_mask`` / ``col_mask`` [V] bool: token filters on rows and columns (applied before
     selection). ``E``: the vocabulary matrices (module docstring): ``"out"`` (default, ``W_U``
@@ -190,7 +190,7 @@ def head_top_pairs(
     tensor.
     """
     (E_rows, row_name), (E_cols, col_name) = circuit_embeddings(cw, circuit, E)
-    A, B = circuit_factors(cw, layer, head, circuit, E_rows, E_cols)
+    A, B = circuit_factors(cw, block, head, circuit, E_rows, E_cols)
     top = factored_topk(
         A, B, k, largest=largest, row_mask=row_mask, col_mask=col_mask, chunk_size=chunk_size
     )
@@ -199,7 +199,7 @@ def head_top_pairs(
     rope = ROPE_NOTE if circuit == "qk" and cw.rotary is not None else None
     return InteractionPairs(
         circuit,
-        layer,
+        block,
         head,
         top.rows,
         top.cols,
@@ -213,14 +213,14 @@ def head_top_pairs(
 
 
 def qk_top_pairs(
-    cw: CanonicalWeights, layer: int, head: int, k: int, **kwargs: Any
+    cw: CanonicalWeights, block: int, head: int, k: int, **kwargs: Any
 ) -> InteractionPairs:
     """Top entries of ``QK_h`` (row = query token, column = key token)."""
-    return head_top_pairs(cw, layer, head, "qk", k, **kwargs)
+    return head_top_pairs(cw, block, head, "qk", k, **kwargs)
 
 
 def ov_top_pairs(
-    cw: CanonicalWeights, layer: int, head: int, k: int, **kwargs: Any
+    cw: CanonicalWeights, block: int, head: int, k: int, **kwargs: Any
 ) -> InteractionPairs:
     """Top entries of ``OV_h`` (row = source token, column = promoted token)."""
-    return head_top_pairs(cw, layer, head, "ov", k, **kwargs)
+    return head_top_pairs(cw, block, head, "ov", k, **kwargs)

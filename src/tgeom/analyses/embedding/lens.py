@@ -1,7 +1,7 @@
 """Hidden states read as vocabulary scores: the logit lens [DAR] (SPEC section 3).
 
-For a text, every layer's residual stream ``hidden[l] [T, d]`` (``l = 0`` the embedding output,
-``l`` the output of block ``l``, before the final norm) is read as
+For a text, every hidden state ``hidden[h] [T, d]`` (``h = 0`` the embedding output, ``h`` the
+output of block ``h - 1`` (0-based blocks), before the final norm) is read as
 ``final_norm(hidden[l]) @ W_U.T (+ b_U)`` and summarised by its top-k tokens per position. For
 post-LN encoders (BERT) there is no final norm: the hidden states are already normalised.
 """
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 @dataclass
 class LogitLens:
     """``token_ids [T]`` and ``tokens`` of the text; ``top_ids, top_scores [L+1, T, k]`` and
-    ``top_tokens [L+1][T][k]`` per layer (0 = embeddings) and position, best first."""
+    ``top_tokens [L+1][T][k]`` per hidden state (0 = embeddings) and position, best first."""
 
     text: str
     token_ids: Tensor
@@ -38,8 +38,13 @@ class LogitLens:
     embedding: str = "W_U"  # the matrix read: "W_E" for a model without an LM head
 
     @property
-    def n_layers(self) -> int:
-        return int(self.top_ids.shape[0]) - 1
+    def n_hidden(self) -> int:
+        """Hidden states read: the embedding output and each block's output (L + 1)."""
+        return int(self.top_ids.shape[0])
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_hidden - 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,28 +54,30 @@ class LogitLens:
             "embedding": self.embedding,
             "final_norm_applied": self.final_norm,
             "unembedding_bias_added": self.has_unembedding_bias,
-            "layers": [
+            "n_blocks": self.n_blocks,
+            "n_hidden": self.n_hidden,
+            "by_hidden": [
                 {
-                    "layer": layer,
+                    "hidden": hidden,
                     "positions": [
                         {
                             "position": t,
                             "input_token": self.tokens[t],
-                            "top_ids": self.top_ids[layer, t],
-                            "top_tokens": self.top_tokens[layer][t],
-                            "top_scores": self.top_scores[layer, t],
+                            "top_ids": self.top_ids[hidden, t],
+                            "top_tokens": self.top_tokens[hidden][t],
+                            "top_scores": self.top_scores[hidden, t],
                         }
                         for t in range(len(self.tokens))
                     ],
                 }
-                for layer in range(self.n_layers + 1)
+                for hidden in range(self.n_hidden)
             ],
         }
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer and position: layer, position, input_token and the lists top_ids,
-        top_tokens, top_scores (best first; ``.explode`` them for one row per token)."""
-        return results_frame(self.to_json(), "layers.positions", ("layers.positions",))
+        """One row per hidden state and position: hidden, position, input_token and the lists
+        top_ids, top_tokens, top_scores (best first; ``.explode`` them for one row per token)."""
+        return results_frame(self.to_json(), "by_hidden.positions", ("by_hidden.positions",))
 
 
 def lens_logits(cw: Any, hidden: Tensor) -> Tensor:
@@ -82,7 +89,7 @@ def lens_logits(cw: Any, hidden: Tensor) -> Tensor:
 
 @torch.no_grad()
 def logit_lens(lm: Any, text: str, k: int = 5, *, mask: Tensor | None = None) -> LogitLens:
-    """Top-k tokens of every layer's hidden state at every position of ``text``.
+    """Top-k tokens of every hidden state (0..L) at every position of ``text``.
 
     ``mask [V]`` bool: tokens allowed in the top-k (excluded ones are set to -inf first).
     The text is tokenised with the tokenizer's defaults (BOS/CLS added when it adds them).
@@ -99,8 +106,8 @@ def logit_lens(lm: Any, text: str, k: int = 5, *, mask: Tensor | None = None) ->
     if kk == 0:
         raise TgeomError("the token filters leave no token; relax them.")
     top_ids, top_scores = [], []
-    for layer in range(hidden.shape[0]):
-        logits = lens_logits(cw, hidden[layer].to(cw.W_U.device))
+    for index in range(hidden.shape[0]):
+        logits = lens_logits(cw, hidden[index].to(cw.W_U.device))
         if mask is not None:
             logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
         order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :kk]
@@ -114,7 +121,7 @@ def logit_lens(lm: Any, text: str, k: int = 5, *, mask: Tensor | None = None) ->
         tokens=lm.token_strings(input_ids[0]),
         top_ids=ids,
         top_scores=torch.stack(top_scores),
-        top_tokens=[[[vocab[i] for i in pos] for pos in layer] for layer in ids.tolist()],
+        top_tokens=[[[vocab[i] for i in pos] for pos in state] for state in ids.tolist()],
         final_norm=cw.final_norm is not None,
         has_unembedding_bias=cw.b_U is not None,
         embedding=embedding_name(cw, "out"),

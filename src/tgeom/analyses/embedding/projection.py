@@ -111,19 +111,19 @@ def embedding_name(cw: CanonicalWeights, embedding: Embedding = "out") -> str:
     return "W_U" if embedding == "out" and cw.summary.has_lm_head else "W_E"
 
 
-def preceding_norm(cw: CanonicalWeights, layer: int, site: Literal["attn", "mlp"]) -> Norm | None:
-    """The norm whose output the attention (``"attn"``) or MLP (``"mlp"``) of ``layer`` reads.
+def preceding_norm(cw: CanonicalWeights, block: int, site: Literal["attn", "mlp"]) -> Norm | None:
+    """The norm whose output the attention (``"attn"``) or MLP (``"mlp"``) of ``block`` reads.
 
     Pre-LN: the block's own ``ln_attn`` / ``ln_mlp``. Post-LN (BERT): the MLP reads the output
-    of ``ln_attn`` of the same layer; the attention reads ``ln_mlp`` of the previous layer (the
-    embedding norm for layer 0).
+    of ``ln_attn`` of the same block; the attention reads ``ln_mlp`` of the previous block (the
+    embedding norm for block 0).
     """
-    lw = cw.layers[layer]
+    lw = cw.layers[block]
     if cw.summary.norm_placement == "pre":
         return lw.ln_attn if site == "attn" else lw.ln_mlp
     if site == "mlp":
         return lw.ln_attn
-    return cw.embed_norm if layer == 0 else cw.layers[layer - 1].ln_mlp
+    return cw.embed_norm if block == 0 else cw.layers[block - 1].ln_mlp
 
 
 def _fold(vector: Tensor, norm: Norm | None, fold_norm: bool) -> Tensor:
@@ -131,31 +131,31 @@ def _fold(vector: Tensor, norm: Norm | None, fold_norm: bool) -> Tensor:
 
 
 def neuron_vector(
-    cw: CanonicalWeights, layer: int, neuron: int, side: str, *, fold_norm: bool = False
+    cw: CanonicalWeights, block: int, neuron: int, side: str, *, fold_norm: bool = False
 ) -> Tensor:
     """FFN neuron parameter ``[d]``: ``"key"`` = column of ``W_in``, ``"gate"`` = column of
     ``W_gate`` (gated MLPs), ``"value"`` = row of ``W_out``."""
-    check_index("layer", layer, len(cw.layers))
-    lw = cw.layers[layer]
+    check_index("block", block, len(cw.layers))
+    lw = cw.layers[block]
     check_index("neuron", neuron, lw.W_in.shape[1])
     if side == "key":
-        return _fold(lw.W_in[:, neuron], preceding_norm(cw, layer, "mlp"), fold_norm)
+        return _fold(lw.W_in[:, neuron], preceding_norm(cw, block, "mlp"), fold_norm)
     if side == "gate":
         if lw.W_gate is None:
             raise TgeomError("this model's MLP has no gate; use --side key or value.")
-        return _fold(lw.W_gate[:, neuron], preceding_norm(cw, layer, "mlp"), fold_norm)
+        return _fold(lw.W_gate[:, neuron], preceding_norm(cw, block, "mlp"), fold_norm)
     if side == "value":
         return lw.W_out[neuron]
     raise TgeomError(f"side must be key, gate or value, got {side!r}.")
 
 
 def subhead_vector(
-    cw: CanonicalWeights, layer: int, head: int, which: str, index: int, *, fold_norm: bool = False
+    cw: CanonicalWeights, block: int, head: int, which: str, index: int, *, fold_norm: bool = False
 ) -> Tensor:
     """Subhead ``[d]``: column ``index`` of ``W_Q/W_K/W_V[head]`` (``q/k/v``) or row ``index``
     of ``W_O[head]`` (``o``)."""
-    check_index("layer", layer, len(cw.layers))
-    lw = cw.layers[layer]
+    check_index("block", block, len(cw.layers))
+    lw = cw.layers[block]
     check_index("head", head, lw.W_Q.shape[0])
     check_index("subhead index", index, lw.W_Q.shape[2])
     if which == "o":
@@ -164,14 +164,14 @@ def subhead_vector(
     if which not in matrices:
         raise TgeomError(f"subhead must be q, k, v or o, got {which!r}.")
     vector = matrices[which][head, :, index]
-    return _fold(vector, preceding_norm(cw, layer, "attn"), fold_norm)
+    return _fold(vector, preceding_norm(cw, block, "attn"), fold_norm)
 
 
 @dataclass
 class ParameterProjection:
     """One parameter vector's top and bottom tokens, with what produced them."""
 
-    parameter: dict[str, Any]  # e.g. {"kind": "neuron", "layer": 3, "neuron": 7, "side": "key"}
+    parameter: dict[str, Any]  # e.g. {"kind": "neuron", "block": 3, "neuron": 7, "side": "key"}
     embedding: str  # "W_U" | "W_E"
     fold_norm: bool
     top: VocabProjection
@@ -196,7 +196,7 @@ class ParameterProjection:
 def project_parameter(
     lm: Any,
     *,
-    layer: int,
+    block: int,
     neuron: int | None = None,
     side: str = "key",
     head: int | None = None,
@@ -208,24 +208,24 @@ def project_parameter(
     fold_norm: bool = False,
 ) -> ParameterProjection:
     """Top and bottom ``k`` tokens of one parameter vector of ``lm`` (a LoadedModel): FFN
-    ``neuron`` of ``layer`` (its ``side``: key, gate or value, see :func:`neuron_vector`) or
+    ``neuron`` of ``block`` (its ``side``: key, gate or value, see :func:`neuron_vector`) or
     ``subhead[index]`` of ``head`` (q, k, v column or o row, see :func:`subhead_vector`).
 
     Pass exactly one of ``neuron`` and ``head``. The result's ``parameter`` records the choice
-    (``{"kind": "neuron", layer, neuron, side}`` or ``{"kind": "subhead", layer, head, subhead,
+    (``{"kind": "neuron", block, neuron, side}`` or ``{"kind": "subhead", block, head, subhead,
     index}``)."""
     cw = lm.weights()
     parameter: dict[str, Any]
     if (neuron is None) == (head is None):
         raise TgeomError("pass exactly one of neuron= (an FFN neuron) or head= (a subhead).")
     if neuron is not None:
-        parameter = {"kind": "neuron", "layer": layer, "neuron": neuron, "side": side}
-        x = neuron_vector(cw, layer, neuron, side, fold_norm=fold_norm)
+        parameter = {"kind": "neuron", "block": block, "neuron": neuron, "side": side}
+        x = neuron_vector(cw, block, neuron, side, fold_norm=fold_norm)
     else:
         assert head is not None
-        parameter = {"kind": "subhead", "layer": layer, "head": head, "subhead": subhead}
+        parameter = {"kind": "subhead", "block": block, "head": head, "subhead": subhead}
         parameter["index"] = index
-        x = subhead_vector(cw, layer, head, subhead, index, fold_norm=fold_norm)
+        x = subhead_vector(cw, block, head, subhead, index, fold_norm=fold_norm)
     E = vocab_matrix(cw, embedding)
     name = embedding_name(cw, embedding)
     vocab = lm.vocab_strings

@@ -4,10 +4,10 @@ Model A (pretrained) runs its first ``l`` blocks; its hidden state ``h_A [.., d_
 vocabulary space (``h_A @ E_A.T``) and written back in B's residual basis by least squares,
 ``h_B = h_A @ M`` with ``M = E_A.T @ pinv(E_B.T)  [d_A, d_B]`` (true pseudo-inverse, float64);
 classifier B (fine-tuned) then runs its remaining blocks ``l..L-1`` and its head. Nothing is
-trained. Accuracy is reported per split layer ``l`` and per classifier run (seed), against the
-majority-class rate of the evaluation windows, with a one-sided binomial p-value. When
-``E_A = E_B`` (full column rank) ``M`` is the identity, so stitching a classifier to its own body
-reproduces its accuracy at every ``l``.
+trained. Accuracy is reported per split hidden state ``l`` (0..L: B continues from A's hidden
+``l``) and per classifier run (seed), against the majority-class rate of the evaluation
+windows, with a one-sided binomial p-value. When ``E_A = E_B`` (full column rank) ``M`` is the
+identity, so stitching a classifier to its own body reproduces its accuracy at every ``l``.
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ def stitching_map(E_A: Tensor, E_B: Tensor) -> Tensor:
 
 @dataclass
 class StitchingRun:
-    """One classifier (one fine-tuning seed): accuracy per split layer, and its own accuracy."""
+    """One classifier (one fine-tuning seed): accuracy per split hidden state ``hidden`` (A's
+    first ``h`` blocks, then B's blocks ``h..``), and its own accuracy."""
 
     name: str
     seed: int
-    layers: list[int]
+    hidden: list[int]
     accuracy: list[float]
     p_value: list[float]  # one-sided binomial test of accuracy > majority rate
     own_accuracy: float
@@ -68,20 +69,16 @@ class StitchingResult:
     options: dict[str, Any] = field(default_factory=dict)
 
     def best(self) -> tuple[str, int, float]:
-        """``(run name, layer, accuracy)`` of the best stitched accuracy."""
+        """``(run name, split hidden state, accuracy)`` of the best stitched accuracy."""
         return max(
-            (
-                (r.name, layer, a)
-                for r in self.runs
-                for layer, a in zip(r.layers, r.accuracy, strict=True)
-            ),
+            ((r.name, h, a) for r in self.runs for h, a in zip(r.hidden, r.accuracy, strict=True)),
             key=lambda t: t[2],
         )
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per run and split layer: name, seed, layers (the split layer), accuracy,
+        """One row per run and split: name, seed, hidden (the split hidden state), accuracy,
         p_value, own_accuracy, chance (the fields of :class:`StitchingRun`)."""
-        return results_frame(self, "runs", ("runs",), explode=("layers", "accuracy", "p_value"))
+        return results_frame(self, "runs", ("runs",), explode=("hidden", "accuracy", "p_value"))
 
 
 @torch.no_grad()
@@ -91,21 +88,23 @@ def stitch_run(
     token_ids: Tensor,
     labels: Tensor,
     *,
-    layers: Sequence[int] | None = None,
+    hidden: Sequence[int] | None = None,
     embedding: Embedding = "out",
     batch_size: int = 16,
     name: str = "classifier",
 ) -> StitchingRun:
     """Accuracy of A's first ``l`` blocks -> ``M`` -> B's blocks ``l..`` + head, for each l.
 
-    ``layers``: split layers (default ``0..min(L_A, L_B)``); ``token_ids [N, T]``, ``labels [N]``.
+    ``hidden``: split hidden states (default ``0..min(L_A, L_B)``); ``token_ids [N, T]``,
+    ``labels [N]``.
     """
-    L_max = min(len(cw_A.layers), clf.n_layers)
-    splits = list(range(L_max + 1)) if layers is None else [int(x) for x in layers]
+    L_max = min(len(cw_A.layers), clf.n_blocks)
+    splits = list(range(L_max + 1)) if hidden is None else [int(x) for x in hidden]
     for split in splits:
         if not 0 <= split <= L_max:
             raise TgeomError(
-                f"split layer {split} is out of range: valid split layers are 0..{L_max}."
+                f"split hidden state {split} is out of range: valid split hidden states are "
+                f"0..{L_max}."
             )
     cw_B = clf.weights
     device = cw_B.W_E.device
@@ -120,14 +119,14 @@ def stitch_run(
         hidden_A = run_blocks(cw_A, embed(cw_A, ids), None, stop=stop)
         for i, split in enumerate(splits):
             h_B = hidden_A[split].to(device) @ M
-            correct[i] += int((clf.logits_from_layer(h_B, split).argmax(-1) == gold).sum())
+            correct[i] += int((clf.logits_from_hidden(h_B, split).argmax(-1) == gold).sum())
         own += int((clf.logits(ids.to(device)).argmax(-1) == gold).sum())
     n = int(token_ids.shape[0])
     p0 = majority_rate(labels, len(clf.config.topics))
     return StitchingRun(
         name=name,
         seed=clf.config.seed,
-        layers=splits,
+        hidden=splits,
         accuracy=[int(c) / n for c in correct],
         p_value=[_p_value(int(c), n, p0) for c in correct],
         own_accuracy=own / n,
@@ -148,7 +147,7 @@ def stitch(
     labels: Tensor | None = None,
     *,
     names: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
+    hidden: Sequence[int] | None = None,
     embedding: Embedding = "out",
     batch_size: int = 16,
 ) -> StitchingResult:
@@ -177,7 +176,7 @@ def stitch(
                 clf,
                 ids,
                 gold,
-                layers=layers,
+                hidden=hidden,
                 embedding=embedding,
                 batch_size=batch_size,
                 name=name,

@@ -5,7 +5,7 @@ Each metric has two definitions, recorded as ``definition`` in its result (and `
 as a named option.
 
 **R_k** (parameters vs hidden states), ``definition='paper'``. For each of the first
-``max_positions`` token positions (windows read row-major) and each layer l:
+``max_positions`` token positions (windows read row-major) and each block l:
 
 - FFN keys / values: the ``n_neurons`` (5) neurons with the largest *pre-activation*
   ``x @ W_in + b_in`` (``x`` the MLP input; for gated MLPs the key's own score, the up
@@ -28,13 +28,13 @@ score. The official code used k = 50, 5 neurons and the first 1,000 positions (o
 ``|top_k(v @ E.T) ∩ top_k(lens(h))|`` (0..k, averaged over the selected neurons and positions);
 neurons ranked by ``rank_by``: 'contribution' (``|a| * ||v||``, tokens of ``sign(a) v``) or
 'activation' (largest ``a``, tokens of ``v``), ``a`` the activation after the non-linearity;
-``lens`` = final norm, ``W_U``, ``b_U``. Baseline: each layer's neuron ids passed through a
+``lens`` = final norm, ``W_U``, ``b_U``. Baseline: each block's neuron ids passed through a
 fixed random permutation.
 
-**Sim_k** (related parameter pairs). For every layer, the Jaccard overlap of the top-k tokens of
+**Sim_k** (related parameter pairs). For every block, the Jaccard overlap of the top-k tokens of
 the two halves of related pairs: key/value of one FFN neuron, W_V column / W_O row of one
 subhead, W_Q / W_K column of one subhead; baseline: the same vectors with the second half of
-each pair shuffled within the layer (seeded). ``definition='paper'`` ranks tokens by the
+each pair shuffled within the block (seeded). ``definition='paper'`` ranks tokens by the
 *absolute* projected score ``|x @ E.T|`` (the official code); ``'tgeom'`` by the signed score.
 
 Both stream the corpus batch by batch and keep float64 running sums only.
@@ -137,7 +137,7 @@ def jaccard(a: Tensor, b: Tensor) -> Tensor:
 
 @dataclass
 class SimKResult:
-    """Sim_k per layer: ``similarity[pair][l]`` and ``shuffled[pair][l]`` (mean Jaccard)."""
+    """Sim_k per block: ``similarity[pair][l]`` and ``shuffled[pair][l]`` (mean Jaccard)."""
 
     k: int
     similarity: dict[str, list[float]]
@@ -158,10 +158,10 @@ def sim_k(
     exclude_ids: Sequence[int] | None = None,
     max_pairs: int | None = None,
 ) -> SimKResult:
-    """Sim_k of related parameter pairs against shuffled pairs, per layer ([DAR] 4).
+    """Sim_k of related parameter pairs against shuffled pairs, per block ([DAR] 4).
 
     ``definition``: 'paper' (tokens ranked by ``|x @ E.T|``, the official code) or 'tgeom'
-    (signed score). ``max_pairs``: at most this many pairs per layer, drawn with ``seed``
+    (signed score). ``max_pairs``: at most this many pairs per block, drawn with ``seed``
     (``None`` = all).
     """
     absolute = check_definition(definition, "Sim_k") == "paper"
@@ -198,41 +198,42 @@ def sim_k(
     return SimKResult(k, similarity, shuffled, n_pairs, definition, options)
 
 
-def mlp_input(cw: CanonicalWeights, layer: int, h: Tensor, bias: Tensor) -> Tensor:
-    """The MLP's input ``[B, T, d]`` in block ``layer`` given the block input ``h [B, T, d]``.
+def mlp_input(cw: CanonicalWeights, block: int, h: Tensor, bias: Tensor) -> Tensor:
+    """The MLP's input ``[B, T, d]`` in block ``block`` given its input ``h [B, T, d]``
+    (hidden state ``block``).
 
     Pre-LN: ``ln_mlp(h + attn(ln_attn(h)))``; parallel residual: ``ln_mlp(h)``; post-LN (BERT):
     ``ln_attn(h + attn(h))``, as in :func:`tgeom.models.reference.run_block`.
     """
-    lw = cw.layers[layer]
+    lw = cw.layers[block]
     s = cw.summary
     if s.norm_placement == "post":
-        return lw.ln_attn(h + attention_output(cw, layer, h, bias))
+        return lw.ln_attn(h + attention_output(cw, block, h, bias))
     if s.parallel_residual:
         return lw.ln_mlp(h)
-    return lw.ln_mlp(h + attention_output(cw, layer, lw.ln_attn(h), bias))
+    return lw.ln_mlp(h + attention_output(cw, block, lw.ln_attn(h), bias))
 
 
-def attention_input(cw: CanonicalWeights, layer: int, h: Tensor) -> Tensor:
-    """The attention's input ``[B, T, d]`` in block ``layer``: ``ln_attn(h)``, or ``h`` itself
+def attention_input(cw: CanonicalWeights, block: int, h: Tensor) -> Tensor:
+    """The attention's input ``[B, T, d]`` in block ``block``: ``ln_attn(h)``, or ``h`` itself
     for post-LN models, as in :func:`tgeom.models.reference.run_block`."""
-    return h if cw.summary.norm_placement == "post" else cw.layers[layer].ln_attn(h)
+    return h if cw.summary.norm_placement == "post" else cw.layers[block].ln_attn(h)
 
 
-def pre_activations(cw: CanonicalWeights, layer: int, x: Tensor) -> Tensor:
+def pre_activations(cw: CanonicalWeights, block: int, x: Tensor) -> Tensor:
     """Each FFN key's score ``x @ W_in + b_in`` ``[..., d_mlp]`` for MLP input ``x [..., d]``
     (before any gate or non-linearity)."""
-    lw = cw.layers[layer]
+    lw = cw.layers[block]
     return x @ lw.W_in + (lw.b_in if lw.b_in is not None else 0.0)
 
 
-def subhead_activations(cw: CanonicalWeights, layer: int, h: Tensor, bias: Tensor) -> Tensor:
+def subhead_activations(cw: CanonicalWeights, block: int, h: Tensor, bias: Tensor) -> Tensor:
     """The attention's output before ``W_O``, ``[B, T, H * d_head]`` for block input
     ``h [B, T, d]``: entry ``h_ * d_head + j`` is ``sum_t A[h_, p, t] v_t[h_, j]`` (values with
     ``b_V``), the row order of :func:`group_vectors` for ``W_V``/``W_O``."""
-    x = attention_input(cw, layer, h)
-    probs = block_attention(cw, layer, x, bias)
-    z = torch.einsum("bhqk,bhke->bqhe", probs, values(cw.layers[layer], x))
+    x = attention_input(cw, block, h)
+    probs = block_attention(cw, block, x, bias)
+    z = torch.einsum("bhqk,bhke->bqhe", probs, values(cw.layers[block], x))
     return z.reshape(z.shape[0], z.shape[1], -1)
 
 
@@ -249,7 +250,7 @@ def other_positions(n: int, seed: int) -> Tensor:
 
 @dataclass
 class RKResult:
-    """R_k per layer and parameter group: ``overlap[group][l]`` and its baseline
+    """R_k per block and parameter group: ``overlap[group][l]`` and its baseline
     ``shuffled[group][l]``. ``definition='paper'``: fractions in [0, 1] for 'ffn_key',
     'ffn_value', 'W_V', 'W_O'; ``'tgeom'``: shared-token counts (0..k) for 'ffn_value'."""
 
@@ -294,7 +295,7 @@ def r_k(
     seed: int = 0,
     exclude_ids: Sequence[int] | None = None,
 ) -> RKResult:
-    """R_k of every layer on windows ``token_ids [N, T]`` with its baseline ([DAR] 4).
+    """R_k of every block on windows ``token_ids [N, T]`` with its baseline ([DAR] 4).
 
     ``definition``: 'paper' (the official code; module docstring) or 'tgeom'.
     ``max_positions``: the first this many positions (row-major; ``None`` = all).
@@ -336,29 +337,29 @@ def _r_k_paper(
     L = len(cw.layers)
     n_subheads = cw.layers[0].W_O.shape[0] * cw.layers[0].W_O.shape[1]
     if n > n_subheads:
-        raise TgeomError(f"n-neurons = {n} is out of range: a layer has {n_subheads} subheads.")
+        raise TgeomError(f"n-neurons = {n} is out of range: a block has {n_subheads} subheads.")
     chosen: dict[str, list[list[Tensor]]] = {"ffn": [[] for _ in range(L)]}
     chosen["attn"] = [[] for _ in range(L)]
     lens: list[list[Tensor]] = [[] for _ in range(L)]
     for hidden, bias, keep in batches:
         d = hidden.shape[-1]
-        for layer in range(L):
-            h = hidden[layer]
-            pre = pre_activations(cw, layer, mlp_input(cw, layer, h, bias))
-            z = subhead_activations(cw, layer, h, bias)
-            chosen["ffn"][layer].append(_largest(pre.reshape(-1, pre.shape[-1])[:keep], n))
-            chosen["attn"][layer].append(_largest(z.reshape(-1, z.shape[-1])[:keep], n))
-            out = hidden[layer + 1].reshape(-1, d)[:keep]
+        for block in range(L):
+            h = hidden[block]
+            pre = pre_activations(cw, block, mlp_input(cw, block, h, bias))
+            z = subhead_activations(cw, block, h, bias)
+            chosen["ffn"][block].append(_largest(pre.reshape(-1, pre.shape[-1])[:keep], n))
+            chosen["attn"][block].append(_largest(z.reshape(-1, z.shape[-1])[:keep], n))
+            out = hidden[block + 1].reshape(-1, d)[:keep]
             normed = cw.final_norm(out) if cw.final_norm is not None else out
-            lens[layer].append(topk_tokens(normed, E, k, exclude_ids=exclude_ids)[0])
+            lens[block].append(topk_tokens(normed, E, k, exclude_ids=exclude_ids)[0])
     n_positions = sum(int(t.shape[0]) for t in lens[0])
     other = other_positions(n_positions, seed).to(E.device)
     overlap: dict[str, list[float]] = {g: [] for g in RK_GROUPS}
     shuffled: dict[str, list[float]] = {g: [] for g in RK_GROUPS}
-    for layer, lw in enumerate(cw.layers):
-        B_ids = torch.cat(lens[layer])  # [P, k]
+    for block, lw in enumerate(cw.layers):
+        B_ids = torch.cat(lens[block])  # [P, k]
         for group in RK_GROUPS:
-            sel = torch.cat(chosen["ffn" if group.startswith("ffn") else "attn"][layer])
+            sel = torch.cat(chosen["ffn" if group.startswith("ffn") else "attn"][block])
             tokens = _vector_tokens(group_vectors(lw, group), sel, E, k, exclude_ids)
             overlap[group].append(float(_recall(tokens, B_ids, k).mean()))
             shuffled[group].append(float(_recall(tokens[other], B_ids, k).mean()))
@@ -443,29 +444,29 @@ def _r_k_tgeom(
     n_positions = 0
     for hidden, bias, keep in batches:
         n_positions += keep
-        for layer in range(L):
-            acts = mlp_activations(cw, layer, mlp_input(cw, layer, hidden[layer], bias))
+        for block in range(L):
+            acts = mlp_activations(cw, block, mlp_input(cw, block, hidden[block], bias))
             acts = acts.reshape(-1, d_mlp)[:keep]
-            lens = logits(cw, hidden[layer + 1].reshape(-1, hidden.shape[-1])[:keep])
+            lens = logits(cw, hidden[block + 1].reshape(-1, hidden.shape[-1])[:keep])
             if exclude_ids:
                 lens[:, list(exclude_ids)] = -torch.inf
             in_lens = torch.zeros_like(lens, dtype=torch.bool)
             in_lens.scatter_(1, lens.topk(k, dim=-1).indices, True)
             if rank_by == "contribution":
-                size = acts.abs() * cw.layers[layer].W_out.norm(dim=-1)
+                size = acts.abs() * cw.layers[block].W_out.norm(dim=-1)
                 neurons = size.topk(n_neurons, dim=-1).indices  # [P, n]
                 negative = acts.gather(1, neurons) < 0
             else:
                 neurons = acts.topk(n_neurons, dim=-1).indices
                 negative = torch.zeros_like(neurons, dtype=torch.bool)
-            for row, chosen in enumerate((neurons, perms[layer][neurons])):
-                ids = cache[layer].get(chosen, negative).reshape(keep, -1)
-                totals[row, layer] += float(in_lens.gather(1, ids).double().sum()) / n_neurons
+            for row, chosen in enumerate((neurons, perms[block][neurons])):
+                ids = cache[block].get(chosen, negative).reshape(keep, -1)
+                totals[row, block] += float(in_lens.gather(1, ids).double().sum()) / n_neurons
     mean = (totals / max(1, n_positions)).tolist()
     options = {
         "formula": RK_FORMULA["tgeom"],
         "rank_by": rank_by,
-        "baseline": "neuron ids through a fixed random permutation per layer",
+        "baseline": "neuron ids through a fixed random permutation per block",
         "seed": seed,
         "hidden": "logit lens of hidden[l+1] (final norm, W_U, b_U)",
         "parameters": "rows of W_out projected raw on W_U",
