@@ -121,8 +121,10 @@ def test_geometry_rows_are_hidden_states(runs: dict[str, Any]) -> None:
 def test_geometry_qk_is_by_block(runs: dict[str, Any]) -> None:
     L = runs["n_blocks"]
     doc = runs["results"]["geometry qk"]
-    assert (doc["block"], doc["input_hidden"], doc["n_blocks"]) == (L - 1, L - 1, L)
-    assert doc["heads"] and all(row["block"] == L - 1 for row in doc["heads"])
+    assert (doc["n_blocks"], doc["blocks"]) == (L, [L - 1])
+    (entry,) = doc["by_block"]
+    assert (entry["block"], entry["input_hidden"]) == (L - 1, L - 1)
+    assert entry["heads"] and all(row["block"] == L - 1 for row in entry["heads"])
 
 
 def test_weights_are_by_block(runs: dict[str, Any]) -> None:
