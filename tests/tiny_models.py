@@ -118,6 +118,7 @@ TINY_CONFIGS = {
             num_attention_heads=4,
             ffn_dim=48,
             max_position_embeddings=64,
+            init_std=0.2,  # attention far from uniform, so position and layout errors show
             do_layer_norm_before=True,
             pad_token_id=0,
             bos_token_id=1,
@@ -134,8 +135,40 @@ TINY_CONFIGS = {
             num_attention_heads=4,
             ffn_dim=48,
             max_position_embeddings=64,
+            init_std=0.2,  # attention far from uniform, so position and layout errors show
             do_layer_norm_before=False,
             pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "gptj": (  # rotary on 4 of each head's 8 coordinates, interleaved pairs
+        "GPTJForCausalLM",
+        transformers.GPTJConfig(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_inner=48,
+            n_positions=64,
+            rotary_dim=4,
+            initializer_range=0.2,  # scores large enough that a wrong rotary pairing shows
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "phi": (  # partial rotary (half of each head), grouped KV heads, biases everywhere
+        "PhiForCausalLM",
+        transformers.PhiConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            partial_rotary_factor=0.5,
+            initializer_range=0.2,  # scores large enough that a wrong rotary layout shows
             bos_token_id=1,
             eos_token_id=2,
         ),
@@ -183,7 +216,8 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0, hostile: bool = Fa
     # Non-trivial norm parameters and biases so that adapters that forget them are caught.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
+            is_norm = "norm" in name.lower() or ".ln_" in f".{name}"  # GPT-2/J/Neo: ln_1, ln_f
+            if is_norm and name.endswith("weight"):
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.05 * torch.randn_like(param))

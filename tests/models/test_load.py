@@ -59,6 +59,17 @@ def test_unsupported_architecture_names_it_and_lists_supported(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_phi_with_qk_layernorm_is_refused_in_one_line(tmp_path):
+    """Phi's ``qk_layernorm`` is a QK-norm, which the canonical form does not carry: refused at
+    load time, in one line, from the CLI too."""
+    folder = save_tiny_model("phi", tmp_path / "phi-qk")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "qk_layernorm": True}))
+    with pytest.raises(TgeomError, match=r"qk_layernorm=True"):
+        load_model(str(folder), device="cpu")
+    assert_one_line_error(run_cli("info", str(folder)), "qk_layernorm=True", "not supported")
+
+
 def test_nan_weights_are_named(tmp_path):
     folder = save_tiny_model("gpt2", tmp_path / "nan")
     from safetensors.torch import load_file
@@ -94,7 +105,19 @@ def test_cli_info_missing_model_exit_code_2():
 
 @pytest.mark.parametrize(
     "family",
-    ["gpt2", "bert", "roberta", "distilbert", "llama", "qwen2", "neox", "opt", "opt_post_ln"],
+    [
+        "gpt2",
+        "bert",
+        "roberta",
+        "distilbert",
+        "llama",
+        "qwen2",
+        "neox",
+        "opt",
+        "opt_post_ln",
+        "gptj",
+        "phi",
+    ],
 )
 def test_summary_of_tiny_models_matches_their_config(tiny_model, family):
     lm = tiny_model(family)
@@ -103,7 +126,7 @@ def test_summary_of_tiny_models_matches_their_config(tiny_model, family):
     assert s.n_heads == 4 and s.d_head == 8
     cw = lm.weights()
     assert cw.layers[0].W_K.shape == (4, 32, 8)  # KV heads expanded to query heads
-    expected_kv = {"llama": 2, "qwen2": 1}.get(family, 4)
+    expected_kv = {"llama": 2, "qwen2": 1, "phi": 2}.get(family, 4)
     assert s.n_kv_heads == expected_kv
 
 

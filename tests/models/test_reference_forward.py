@@ -7,10 +7,15 @@ import torch
 
 from tgeom.capture import capture
 from tgeom.models import LoadedModel
-from tgeom.models.reference import block_attention, reference_forward
-from tiny_models import FAMILIES
+from tgeom.models.reference import block_attention, logits, reference_forward
+from tiny_models import FAMILIES, TINY_CONFIGS
 
 TOLERANCE = 1e-4
+CAUSAL_LM_FAMILIES = [
+    family
+    for family, (class_name, _) in TINY_CONFIGS.items()
+    if class_name.endswith(("ForCausalLM", "LMHeadModel"))
+]
 
 
 def max_layer_diffs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor | None) -> list[float]:
@@ -68,6 +73,17 @@ def test_reference_attention_matches_hf_attentions(tiny_model, family):
         x = lw.ln_attn(x) if cw.summary.norm_placement == "pre" else x
         probs = block_attention(cw, layer, x, bias)
         assert (probs - captured.attentions[layer]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", CAUSAL_LM_FAMILIES)
+def test_canonical_unembedding_reproduces_the_lm_heads_logits(tiny_model, family):
+    """``final_norm(hidden[L]) @ W_U.T + b_U`` is the model's own next-token logits: W_U, b_U and
+    the final norm are right (OPT-350m's layout folds ``project_out`` into W_U)."""
+    lm = tiny_model(family)
+    ids = torch.randint(4, 96, (2, 9), generator=torch.Generator().manual_seed(6))
+    expected = lm.hf(input_ids=ids).logits
+    got = logits(lm.weights(), capture(lm, ids).hidden[-1])
+    assert float((got - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
 
 
 def test_hidden_last_is_before_final_norm(tiny_model):

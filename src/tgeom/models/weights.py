@@ -86,9 +86,15 @@ class Rotary:
     interleaved: bool = False
 
     @classmethod
-    def default(cls, rotary_dim: int, base: float = 10000.0, interleaved: bool = False) -> Rotary:
+    def default(
+        cls,
+        rotary_dim: int,
+        base: float = 10000.0,
+        interleaved: bool = False,
+        device: torch.device | None = None,
+    ) -> Rotary:
         """The original RoPE frequencies ``base^(-2i / rotary_dim)``, ``i < rotary_dim / 2``."""
-        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim
         return cls(1.0 / (base**exponents), 1.0, interleaved)
 
     @property

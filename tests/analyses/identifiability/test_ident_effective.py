@@ -19,7 +19,9 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "opt", "opt_post_ln", "distilbert"])
+@pytest.mark.parametrize(
+    "family", ["bert", "llama", "gpt2", "opt", "opt_post_ln", "distilbert", "gptj", "phi"]
+)
 def test_effective_attention_preserves_head_output(tiny_model, family):
     lm = tiny_model(family)
     ids = torch.randint(4, 96, (2, 20), generator=torch.Generator().manual_seed(0))

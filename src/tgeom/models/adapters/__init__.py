@@ -11,9 +11,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from tgeom.errors import TgeomError
-from tgeom.models.adapters import bert, gpt2, llama, neox, opt
+from tgeom.models.adapters import bert, gpt2, gptj, llama, neox, opt, phi
 
-ADAPTERS: tuple[ModuleType, ...] = (gpt2, bert, llama, neox, opt)
+ADAPTERS: tuple[ModuleType, ...] = (gpt2, bert, llama, neox, opt, gptj, phi)
 
 
 def supported_model_types() -> list[str]:

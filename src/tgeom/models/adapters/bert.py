@@ -24,6 +24,7 @@ from tgeom.models.adapters.common import (
     layer_norm,
     output_bias,
     unembedding,
+    value_heads,
 )
 from tgeom.models.weights import (
     ArchitectureSummary,
@@ -164,9 +165,8 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
 def value_projection(block: Any, summary: ArchitectureSummary) -> tuple[Any, ValueHeads]:
     """The module whose output holds the block's value vectors, and the map from that output
     ``[B, T, H dh]`` to ``V [B, H, T, dh]``."""
-    H, dh = summary.n_heads, summary.d_head
     value = _module(block, PATHS[summary.model_type]["W_V"])
-    return value, lambda out: out.unflatten(-1, (H, dh)).transpose(1, 2)
+    return value, value_heads(summary.n_heads, summary.d_head)
 
 
 def attention_module(block: Any) -> Any:

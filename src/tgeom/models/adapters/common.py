@@ -47,6 +47,18 @@ def detached(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach()
 
 
+def value_heads(n_heads: int, d_head: int) -> ValueHeads:
+    """The map from a value projection's output ``[B, T, K d_head]`` (``K`` KV heads, ``K`` divides
+    ``n_heads``) to ``V [B, n_heads, T, d_head]``: query head h reads KV head ``h // (n_heads / K)``
+    (Hugging Face's ``repeat_kv``)."""
+
+    def heads(out: Tensor) -> Tensor:
+        v = out.unflatten(-1, (-1, d_head)).transpose(1, 2)  # [B, K, T, d_head]
+        return v.repeat_interleave(n_heads // v.shape[1], dim=1) if v.shape[1] != n_heads else v
+
+    return heads
+
+
 def layer_norm(module: Any, like: Tensor) -> Norm:
     """A ``torch.nn.LayerNorm`` as a canonical :class:`Norm` (gain 1 and no bias when the module
     has no affine parameters, e.g. OPT's ``layer_norm_elementwise_affine=False``; the gain is

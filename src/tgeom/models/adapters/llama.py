@@ -13,6 +13,7 @@ from tgeom.models.adapters.common import (
     detached,
     is_tied,
     unembedding,
+    value_heads,
 )
 from tgeom.models.weights import (
     ArchitectureSummary,
@@ -128,13 +129,7 @@ def value_projection(block: Any, summary: ArchitectureSummary) -> tuple[Any, Val
     """The module whose output holds the block's value vectors (``v_proj``, KV heads), and the
     map from that output ``[B, T, K dh]`` to ``V [B, H, T, dh]`` (query head h reads KV head
     ``h // (H / K)``)."""
-    H, dh = summary.n_heads, summary.d_head
-
-    def heads(out: Tensor) -> Tensor:
-        v = out.unflatten(-1, (-1, dh)).transpose(1, 2)  # [B, K, T, dh]
-        return v.repeat_interleave(H // v.shape[1], dim=1) if v.shape[1] != H else v
-
-    return block.self_attn.v_proj, heads
+    return block.self_attn.v_proj, value_heads(summary.n_heads, summary.d_head)
 
 
 def attention_module(block: Any) -> Any:

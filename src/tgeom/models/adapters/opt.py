@@ -27,6 +27,7 @@ from tgeom.models.adapters.common import (
     layer_norm,
     output_bias,
     unembedding,
+    value_heads,
 )
 from tgeom.models.weights import (
     ArchitectureSummary,
@@ -132,8 +133,7 @@ def _fold(vocab: Tensor, projection: Any, into_residual: bool) -> Tensor:
 def value_projection(block: Any, summary: ArchitectureSummary) -> tuple[Any, ValueHeads]:
     """The module whose output holds the block's value vectors (``v_proj``), and the map from
     that output ``[B, T, H dh]`` to ``V [B, H, T, dh]``."""
-    H, dh = summary.n_heads, summary.d_head
-    return block.self_attn.v_proj, lambda out: out.unflatten(-1, (H, dh)).transpose(1, 2)
+    return block.self_attn.v_proj, value_heads(summary.n_heads, summary.d_head)
 
 
 def attention_module(block: Any) -> Any:
