@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tgeom.errors import TgeomError
 from tgeom.models import load_model, offline_model_path
 from tgeom.models.gguf import cached_folder
-from tiny_models import save_tiny_model
+from tiny_models import FAMILIES, save_tiny_model
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -128,6 +128,19 @@ def test_summary_of_tiny_models_matches_their_config(tiny_model, family):
     assert cw.layers[0].W_K.shape == (4, 32, 8)  # KV heads expanded to query heads
     expected_kv = {"llama": 2, "qwen2": 1, "phi": 2}.get(family, 4)
     assert s.n_kv_heads == expected_kv
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_summary_mechanism_flags_match_the_canonical_weights(tiny_model, family):
+    """What ``tgeom info`` says about positions is what the canonical weights carry."""
+    lm = tiny_model(family)
+    s, cw = lm.summary, lm.weights()
+    assert (s.position_scheme == "rotary") == (cw.rotary is not None)
+    assert (s.position_scheme == "learned") == (cw.W_pos is not None)
+    assert s.rotary_dim == (cw.rotary.rotary_dim if cw.rotary is not None else 0)
+    assert s.rotary_interleaved == (cw.rotary is not None and cw.rotary.interleaved)
+    assert s.positions_skip_padding == (s.model_type in ("roberta", "xlm-roberta", "opt"))
+    assert s.parallel_residual == (family in ("neox", "gptj", "phi"))
 
 
 def test_cli_info_json(tiny_model_dir):

@@ -58,6 +58,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
         is_causal=True,
         activation=c.hidden_act,
         has_lm_head=has_head,
+        rotary_dim=2 * base_model(hf).rotary_emb.inv_freq.shape[0],
     )
 
 
