@@ -177,6 +177,25 @@ TINY_CONFIGS = {
 
 FAMILIES = tuple(TINY_CONFIGS)
 
+PENDING_CONFIGS = {  # adapters proved by the reference forward but refused by load_model
+    "gpt_neo": (  # layer 0 global, layer 1 local over a window of 4 keys; no 1/sqrt(dh) scale
+        "GPTNeoForCausalLM",
+        transformers.GPTNeoConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            attention_types=[[["global", "local"], 1]],
+            window_size=4,
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+}
+
 
 XSS_TOKENS = ("<script>alert(1)</script>", '"><img src=x onerror="window.__xss=1">')
 
@@ -210,7 +229,7 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0, hostile: bool = Fa
 
     ``hostile``: the two injection tokens get large embeddings, so they top the QK/OV atlas.
     """
-    class_name, config = TINY_CONFIGS[family]
+    class_name, config = {**TINY_CONFIGS, **PENDING_CONFIGS}[family]
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config)
     # Non-trivial norm parameters and biases so that adapters that forget them are caught.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tgeom.models.weights import CanonicalWeights, LayerWeights
+from tgeom.models.weights import CanonicalWeights, LayerWeights, attention_window
 
 
 def positions_for(cw: CanonicalWeights, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -46,12 +46,19 @@ def embed(
     return h
 
 
-def attention_bias(cw: CanonicalWeights, attention_mask: Tensor | None, B: int, T: int) -> Tensor:
-    """Additive mask ``[B, 1, T, T]``: 0 where a query may attend a key, a large negative else."""
+def attention_bias(
+    cw: CanonicalWeights, attention_mask: Tensor | None, B: int, T: int, window: int = 0
+) -> Tensor:
+    """Additive mask ``[B, 1, T, T]``: 0 where a query may attend a key, a large negative else.
+
+    ``window > 0`` (a sliding-window layer, :func:`attention_window`): query i sees only the keys
+    ``i - window < j <= i``."""
     device = cw.W_E.device
     allowed = torch.ones(B, 1, T, T, dtype=torch.bool, device=device)
     if cw.summary.is_causal:
         allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if window > 0:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).triu(1 - window)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]
     zero = torch.zeros((), dtype=cw.W_E.dtype, device=device)
@@ -135,11 +142,14 @@ def run_blocks(
     Returns ``[hidden[start], ..., hidden[stop]]``, before the final norm.
     """
     B, T, _ = hidden0.shape
-    bias = attention_bias(cw, attention_mask, B, T).to(hidden0.dtype)
+    biases: dict[int, Tensor] = {}  # one mask per distinct window (0: none)
     stop = len(cw.layers) if stop is None else stop
     hidden = [hidden0]
     for layer in range(start, stop):
-        hidden.append(run_block(cw, layer, hidden[-1], bias))
+        window = attention_window(cw.summary, layer)
+        if window not in biases:
+            biases[window] = attention_bias(cw, attention_mask, B, T, window).to(hidden0.dtype)
+        hidden.append(run_block(cw, layer, hidden[-1], biases[window]))
     return hidden
 
 

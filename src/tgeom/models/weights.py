@@ -49,6 +49,8 @@ class ArchitectureSummary:
     rotary_interleaved: bool = False  # rotary pairs (2i, 2i+1) (GPT-J), not (i, i + dim/2)
     positions_skip_padding: bool = False  # learned positions count real tokens (RoBERTa, OPT)
     embedding_projection: bool = False  # W_E / W_U fold a projection d_embed <-> d (OPT)
+    # Per layer, the number of keys a query sees, itself included (0: all); () for no windows.
+    attention_windows: tuple[int, ...] = ()
 
 
 @dataclass
@@ -199,6 +201,11 @@ def _norm_tensors(prefix: str, norm: Norm) -> Iterator[tuple[str, Tensor]]:
     yield f"{prefix}.weight", norm.weight
     if norm.bias is not None:
         yield f"{prefix}.bias", norm.bias
+
+
+def attention_window(summary: ArchitectureSummary, layer: int) -> int:
+    """Layer ``layer``'s sliding window: query i sees keys ``i - w < j <= i`` (0: no window)."""
+    return summary.attention_windows[layer] if summary.attention_windows else 0
 
 
 def learned_positions(table: Tensor, offset: int) -> Tensor:
