@@ -30,6 +30,10 @@ MLP_MODULES = {
     "llama": ("mlp", "mlp.down_proj"),
     "bert": ("intermediate", "output.dense"),
     "neox": ("mlp", "mlp.dense_4h_to_h"),
+    "distilbert": ("ffn", "ffn.lin2"),
+    "opt_post_ln": ("fc1", "fc2"),
+    "gptj": ("mlp", "mlp.fc_out"),
+    "phi": ("mlp", "mlp.fc2"),
 }
 
 
@@ -132,7 +136,11 @@ def test_mlp_input_equals_the_hf_mlp_input(tiny_model, family: str) -> None:  # 
     bias = attention_bias(cw, None, 2, 9)
     for layer in range(len(cw.layers)):
         torch.testing.assert_close(
-            mlp_input(cw, layer, hidden[layer], bias), seen[layer], atol=1e-5, rtol=1e-4
+            # OPT's block flattens [B, T, d] to [B T, d] before its MLP
+            mlp_input(cw, layer, hidden[layer], bias).reshape(seen[layer].shape),
+            seen[layer],
+            atol=1e-5,
+            rtol=1e-4,
         )
 
 
