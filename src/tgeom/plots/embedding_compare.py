@@ -62,6 +62,7 @@ def plot_stitching(result: StitchingResult) -> Figure:
         ax.axhline(run.own_accuracy, color=line.get_color(), ls=":", lw=1)
     ax.axhline(result.chance, color="gray", ls="--", label="chance (majority class)")
     ax.set_xlabel("split hidden state h (A's first h blocks, then B's)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(
@@ -90,6 +91,7 @@ def plot_validation(rk: RKResult | None, simk: SimKResult | None) -> Figure:
             fontsize=9,
         )
         ax.set_xlabel(BLOCK_AXIS)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("|A ∩ B| / k" if rk.definition == "paper" else "shared tokens per neuron")
         ax.legend(fontsize=8)
         index += 1
@@ -105,6 +107,7 @@ def plot_validation(rk: RKResult | None, simk: SimKResult | None) -> Figure:
             fontsize=9,
         )
         ax.set_xlabel(BLOCK_AXIS)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("Jaccard overlap")
         ax.legend(fontsize=8)
     return fig
@@ -117,6 +120,7 @@ def plot_finetuning_diff(diff: FinetuningDiff) -> Figure:
     for group, norms in diff.group_norms.items():
         ax.plot(range(len(norms)), norms, marker="o", label=group)
     ax.set_xlabel(BLOCK_AXIS)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("||theta_ft - theta_pt|| (Frobenius)")
     ax.set_title("How much fine-tuning moved each parameter group (weights only)")
     ax.legend(fontsize=8)
