@@ -38,7 +38,7 @@ def hostile_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seq_len=32,
         windows_per_topic=8,
         atlas_k=8,
-        lens_text=f"hello {XSS_TOKENS[0]} {XSS_TOKENS[1]}",
+        lens_text=f"{XSS_TOKENS[0]} {XSS_TOKENS[1]}",  # 64 characters: the tiny context
         identify_sequences=20,
         attribution_tokens=12,
     )
