@@ -33,6 +33,15 @@ def texts(fig: Figure) -> str:
     return " | ".join(parts)
 
 
+def assert_legend_beside(fig: Figure, ax) -> None:  # type: ignore[no-untyped-def]
+    """The legend of ``ax`` lies right of every axes (never over data) and inside the image."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert all(legend.x0 >= other.get_window_extent(renderer).x1 for other in fig.axes)
+    assert legend.x1 <= fig.bbox.x1 and legend.y0 >= fig.bbox.y0
+
+
 def geometry(n_topics: int, per_topic: int = 3, T: int = 12, d: int = 24):  # type: ignore[no-untyped-def]
     """A measured GeometryResult of random hidden states [2, C, T, d] with T < d."""
     gen = torch.Generator().manual_seed(0)
@@ -66,12 +75,7 @@ def test_context_map_colours_every_topic_apart_with_the_legend_outside(n_topics:
     ax = fig.axes[0]
     colours = [tuple(c.get_facecolor()[0][:3]) for c in ax.collections]
     assert len(colours) == n_topics and min_distance(colours) >= 0.26
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
-    legend = ax.get_legend().get_window_extent(renderer)
-    axes_box = ax.get_window_extent(renderer)
-    assert legend.x0 >= axes_box.x1  # beside the data, never over it
-    assert legend.x1 <= fig.bbox.x1 and legend.y0 >= fig.bbox.y0  # and inside the saved image
+    assert_legend_beside(fig, ax)
     assert f"{3 * n_topics} windows × 12 positions, {n_topics} topics" in texts(fig)
 
 
@@ -91,8 +95,9 @@ def test_spectra_axis_spans_the_informative_values_not_the_structural_zero() -> 
 
 def test_every_geometry_figure_names_its_sample() -> None:
     result = geometry(3)
+    shares = G.plot_variance_shares(result)
     for fig in (
-        G.plot_variance_shares(result),
+        shares,
         G.plot_spiral_2d(result, 1),
         G.plot_spectra(result),
         G.plot_gram_dct(result, 1),
@@ -100,6 +105,7 @@ def test_every_geometry_figure_names_its_sample() -> None:
         G.plot_pos_ctx_cosines(result, 1),
     ):
         assert "9 windows × 12 positions" in texts(fig)
+    assert_legend_beside(shares, shares.axes[0])
     assert "9 windows × 12 positions" in G.plot_spiral_3d(result, 1).layout.title.text
 
 
@@ -139,7 +145,9 @@ def test_corpus_and_text_figures_name_their_sample(tiny_model):  # type: ignore[
     ids = torch.randint(4, 90, (3, 10), generator=torch.Generator().manual_seed(1))
     result = effective_attention(lm, ids)
     assert "3 sequences, 30 tokens" in texts(P.plot_pearson_vs_length(result))
-    assert "3 sequences, 30 tokens" in texts(P.plot_token_types(result))
+    types = P.plot_token_types(result)
+    assert "3 sequences, 30 tokens" in texts(types)
+    assert_legend_beside(types, types.axes[-1])
     attribution = token_attribution(lm, ids[:1, :5])
     assert "1 sequence of 5 tokens" in texts(P.plot_attribution(attribution, 1))
     assert "1 sequence of 5 tokens" in texts(P.plot_own_contribution(attribution))

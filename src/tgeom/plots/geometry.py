@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tgeom.plots import HIDDEN_AXIS
 from tgeom.plots.colors import distinct_colors
@@ -46,6 +47,7 @@ def plot_variance_shares(result: Any) -> Figure:
         bottom += values
     ax.set(xlabel=HIDDEN_AXIS, ylabel="share of variance", ylim=(0, 1))
     ax.set_title(f"Variance shares ({sample_size(result)})", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
     fig.tight_layout()
     return fig
@@ -116,7 +118,9 @@ def plot_spectra(result: Any) -> Figure:
     ax.set(xlabel="index i", ylabel="s_i / s_1")
     ax.set_title(f"Singular values of pos by hidden state ({sample_size(result)})", fontsize=10)
     norm = Normalize(0, max(n - 1, 1))
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="hidden state")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="hidden state")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
     fig.text(
         0.01,
         0.01,

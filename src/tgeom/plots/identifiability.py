@@ -31,9 +31,9 @@ def sequences_and_tokens(lengths: list[int]) -> str:
 def plot_effective_attention(result: Any, layer: int, head: int, sequence: int = 0) -> Figure:
     """Raw (left) and effective (right) attention of one head for one sequence.
 
-    When the head's null space is trivial (``null_dim`` 0: d_s <= rank of ``T = V W_O``, always
-    so for d_s <= d_head), effective attention equals raw attention by construction; a note
-    under the panels says so, so two identical panels do not read as a fault."""
+    When the head's null space is trivial (``null_dim`` 0: ``T = V W_O`` has full rank d_s,
+    which needs d_s <= d_head), effective attention equals raw attention by construction; a
+    note under the panels says so, so two identical panels do not read as a fault."""
     seq = result.sequences[sequence]
     raw, eff = seq.raw[layer, head].numpy(), seq.effective[layer, head].numpy()
     null_dim = int(seq.null_dim[layer, head])
@@ -57,12 +57,11 @@ def plot_effective_attention(result: Any, layer: int, head: int, sequence: int =
         fontsize=9,
     )
     if null_dim == 0:
-        why = f"{n} tokens <= d_head {result.d_head}" if n <= result.d_head else "full rank"
         fig.text(
             0.5,
             0.005,
-            f"The panels are identical by construction: this head's null space is trivial "
-            f"({why}), so effective attention = raw attention.",
+            f"The panels are identical by construction: {n} tokens <= d_head {result.d_head} and "
+            f"V W_O has full rank {n}, so the null space is trivial: effective = raw attention.",
             ha="center",
             fontsize=8,
             color="#8a3b12",
@@ -113,7 +112,7 @@ def plot_token_types(result: Any) -> Figure:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("layer")
     axes[0].set_ylabel("mean attention (signed)")
-    axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(
         "Attention to each token type, mean over heads and queries "
         f"({sequences_and_tokens(list(result.lengths))})",
