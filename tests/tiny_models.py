@@ -83,6 +83,40 @@ TINY_CONFIGS = {
             max_position_embeddings=64,
         ),
     ),
+    "qwen3": (  # QK-norm per head (random gains), d_head 16 != hidden / heads, grouped KV
+        "Qwen3ForCausalLM",
+        transformers.Qwen3Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            initializer_range=0.2,
+            use_sliding_window=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "olmo2": (  # QK-norm over all heads at once (random gains), norms on sublayer outputs
+        "Olmo2ForCausalLM",
+        transformers.Olmo2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            initializer_range=0.2,
+            attention_bias=True,  # QK-norm acts on the projection plus its bias
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
     "neox": (
         "GPTNeoXForCausalLM",
         transformers.GPTNeoXConfig(

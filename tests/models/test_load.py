@@ -143,6 +143,30 @@ def test_summary_mechanism_flags_match_the_canonical_weights(tiny_model, family)
     assert s.parallel_residual == (family in ("neox", "gptj", "phi"))
 
 
+@pytest.mark.parametrize(
+    ("family", "d_head", "placement", "qk_norm"),
+    [("qwen3", 16, "pre", "head"), ("olmo2", 8, "post_sublayer", "all")],
+)
+def test_summary_of_qk_norm_models(tiny_model, family, d_head, placement, qk_norm):
+    """Qwen3's head_dim (16) differs from hidden / heads (8); OLMo 2 normalises sublayer outputs."""
+    lm = tiny_model(family)
+    s = lm.summary
+    assert (s.n_heads, s.n_kv_heads, s.d_head, s.d_model) == (4, 2, d_head, 32)
+    assert (s.norm_placement, s.qk_norm) == (placement, qk_norm)
+    lw = lm.weights().layers[0]
+    assert lw.W_Q.shape == lw.W_K.shape == (4, 32, d_head)
+    assert lw.q_norm.weight.shape == lw.k_norm.weight.shape == (4, d_head)
+
+
+def test_windowed_qwen3_is_refused_in_one_line(tmp_path):
+    folder = save_tiny_model("qwen3", tmp_path / "windowed")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    config["layer_types"] = ["full_attention", "sliding_attention"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("info", str(folder)), "sliding-window", "use_sliding_window")
+
+
 def test_cli_info_json(tiny_model_dir):
     result = run_cli("info", str(tiny_model_dir("llama")), "--json")
     assert result.returncode == 0, result.stderr

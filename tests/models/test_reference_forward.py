@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -84,6 +86,36 @@ def test_canonical_unembedding_reproduces_the_lm_heads_logits(tiny_model, family
     expected = lm.hf(input_ids=ids).logits
     got = logits(lm.weights(), capture(lm, ids).hidden[-1])
     assert float((got - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
+
+
+def _qk_norm_broken(lw, mistake: str):
+    """``lw`` with its QK-norm dropped, its gains set to 1 or its scope swapped."""
+    if mistake == "dropped":
+        return dataclasses.replace(lw, q_norm=None, k_norm=None)
+
+    def broken(norm):
+        if mistake == "unit gains":
+            return dataclasses.replace(norm, weight=torch.ones_like(norm.weight))
+        return dataclasses.replace(norm, scope="all" if norm.scope == "head" else "head")
+
+    return dataclasses.replace(lw, q_norm=broken(lw.q_norm), k_norm=broken(lw.k_norm))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("mistake", ["dropped", "unit gains", "scope swapped"])
+def test_qk_norm_acts_in_the_tiny_models(tiny_model, family, mistake):
+    """The proof catches every QK-norm mistake: the tiny models' random gains and projections
+    make a forward without QK-norm, with unit gains or with the other scope (per head vs all
+    heads) miss the model's hidden states by far more than the tolerance."""
+    lm = tiny_model(family)
+    cw = lm.weights()
+    assert lm.summary.qk_norm == {"qwen3": "head", "olmo2": "all"}[family]
+    assert all(lw.q_norm is not None and lw.k_norm is not None for lw in cw.layers)
+    ids = torch.randint(4, 96, (2, 16), generator=torch.Generator().manual_seed(7))
+    captured = capture(lm, ids).hidden
+    broken = dataclasses.replace(cw, layers=[_qk_norm_broken(lw, mistake) for lw in cw.layers])
+    reference = reference_forward(broken, ids)
+    assert float((captured[-1] - reference[-1]).abs().max()) > 1000 * TOLERANCE
 
 
 def test_hidden_last_is_before_final_norm(tiny_model):

@@ -78,6 +78,10 @@ def block_attention(cw: CanonicalWeights, layer: int, x: Tensor, bias: Tensor) -
 def _queries_keys(cw: CanonicalWeights, lw: LayerWeights, x: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.einsum("btd,hde->bhte", x, lw.W_Q) + lw.b_Q[None, :, None, :]
     k = torch.einsum("btd,hde->bhte", x, lw.W_K) + lw.b_K[None, :, None, :]
+    if lw.q_norm is not None:  # QK-norm comes before rotary
+        q = lw.q_norm(q)
+    if lw.k_norm is not None:
+        k = lw.k_norm(k)
     if cw.rotary is not None:
         positions = torch.arange(x.shape[1], device=x.device)
         q, k = cw.rotary.apply(q, positions), cw.rotary.apply(k, positions)
@@ -119,6 +123,9 @@ def run_block(cw: CanonicalWeights, layer: int, h: Tensor, bias: Tensor) -> Tens
     if s.norm_placement == "post":
         h = lw.ln_attn(h + attention_output(cw, layer, h, bias))
         return lw.ln_mlp(h + mlp_output(cw, layer, h))
+    if s.norm_placement == "post_sublayer":
+        h = h + lw.ln_attn(attention_output(cw, layer, h, bias))
+        return h + lw.ln_mlp(mlp_output(cw, layer, h))
     if s.parallel_residual:
         return (
             h

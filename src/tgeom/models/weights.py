@@ -38,7 +38,7 @@ class ArchitectureSummary:
     position_scheme: str  # 'learned' | 'rotary'
     tied_embeddings: bool
     norm: NormKind
-    norm_placement: str  # 'pre' | 'post'
+    norm_placement: str  # 'pre' | 'post' | 'post_sublayer' (LayerWeights says where each sits)
     gated_mlp: bool
     parallel_residual: bool
     is_causal: bool
@@ -51,6 +51,7 @@ class ArchitectureSummary:
     embedding_projection: bool = False  # W_E / W_U fold a projection d_embed <-> d (OPT)
     # Per layer, the number of keys a query sees, itself included (0: all); () for no windows.
     attention_windows: tuple[int, ...] = ()
+    qk_norm: str = "none"  # 'none' | 'head' | 'all': QKNorm's scope (Qwen 3 | OLMo 2)
 
 
 @dataclass
@@ -128,11 +129,42 @@ class Rotary:
 
 
 @dataclass
+class QKNorm:
+    """QK-norm: an RMSNorm on every query (or key) after its projection and bias, before rotary
+    (Qwen 3, OLMo 2, Gemma 3), gain folded in: ``n(x) = weight * x / sqrt(mean(x^2) + eps)``.
+
+    ``scope="head"``: the mean square is over each head's ``d_head`` coordinates (Qwen 3);
+    ``"all"``: over the whole projection, all heads at once (OLMo 2). Grouped keys are expanded
+    per query head, each KV head repeated equally often, so the mean over the expanded heads is
+    the mean over the KV heads the model normalises. Inputs are ``[..., H, n, d_head]``.
+    """
+
+    weight: Tensor  # [H, dh] effective gain (KV heads expanded)
+    eps: float
+    scope: Literal["head", "all"]
+
+    def inverse_scale(self, x: Tensor) -> Tensor:
+        """The per-token factor ``1 / sqrt(mean(x^2) + eps)`` of ``x [..., H, n, dh]``:
+        ``[..., H, n, 1]`` (scope ``"head"``) or ``[..., 1, n, 1]`` (``"all"``), computed in
+        float32 or better."""
+        wide = x if x.dtype == torch.float64 else x.float()
+        dims = (-1,) if self.scope == "head" else (-3, -1)
+        return torch.rsqrt(wide.pow(2).mean(dims, keepdim=True) + self.eps)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``n(x)``, ``[..., H, n, dh]``, in ``x``'s dtype."""
+        wide = x if x.dtype == torch.float64 else x.float()
+        return (self.weight[:, None, :] * (wide * self.inverse_scale(x))).to(x.dtype)
+
+
+@dataclass
 class LayerWeights:
     """One block's parameters in canonical form.
 
-    ``ln_attn`` / ``ln_mlp`` are the norms before attention / MLP for pre-LN models, and the
-    norms after the attention / MLP residual additions for post-LN models (BERT).
+    ``ln_attn`` / ``ln_mlp`` are the norms before attention / MLP for pre-LN models
+    (``norm_placement="pre"``), the norms after the attention / MLP residual additions for
+    post-LN models (``"post"``: BERT), and the norms on the attention / MLP outputs before their
+    residual additions (``"post_sublayer"``: OLMo 2). ``q_norm`` / ``k_norm``: QK-norm, or None.
     """
 
     W_Q: Tensor  # [H, d, dh]
@@ -150,6 +182,8 @@ class LayerWeights:
     b_out: Tensor | None  # [d]
     ln_attn: Norm
     ln_mlp: Norm
+    q_norm: QKNorm | None = None
+    k_norm: QKNorm | None = None
 
 
 @dataclass
@@ -184,6 +218,8 @@ class CanonicalWeights:
                 value = getattr(layer, f.name)
                 if isinstance(value, Norm):
                     yield from _norm_tensors(f"layers.{index}.{f.name}", value)
+                elif isinstance(value, QKNorm):
+                    yield f"layers.{index}.{f.name}.weight", value.weight
                 elif value is not None:
                     yield f"layers.{index}.{f.name}", value
 

@@ -99,6 +99,21 @@ def test_diff_of_an_unmodified_copy_is_all_zeros(tiny_model) -> None:  # type: i
     assert all(v == 0.0 for norms in diff.group_norms.values() for v in norms)
 
 
+def test_map_weights_reaches_the_qk_norm_gains(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """QK-norm gains are named tensors like any other: mapped, and the forward sees the change."""
+    from tgeom.models.reference import reference_forward
+
+    cw = tiny_model("qwen3").weights()
+    names = dict(cw.named_tensors())
+    assert torch.equal(names["layers.1.k_norm.weight"], cw.layers[1].k_norm.weight)
+    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    same = map_weights(cw, lambda _n, t: t.clone())
+    assert torch.equal(reference_forward(same, ids)[-1], reference_forward(cw, ids)[-1])
+    doubled = map_weights(cw, lambda n, t: 2 * t if n.endswith("q_norm.weight") else t)
+    assert torch.equal(doubled.layers[0].q_norm.weight, 2 * cw.layers[0].q_norm.weight)
+    assert not torch.allclose(reference_forward(doubled, ids)[-1], reference_forward(cw, ids)[-1])
+
+
 def self_dominant_token(E: torch.Tensor) -> int:
     """A token t whose embedding scores highest on itself (checked with numpy)."""
     scores = E.double().numpy() @ E.double().numpy().T

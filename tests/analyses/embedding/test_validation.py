@@ -28,6 +28,7 @@ CPU = Runtime(torch.device("cpu"), batch_size=3)
 MLP_MODULES = {
     "gpt2": ("mlp", "mlp.c_proj"),
     "llama": ("mlp", "mlp.down_proj"),
+    "olmo2": ("mlp", "mlp.down_proj"),  # norms on sublayer outputs: the MLP reads h + norm(attn)
     "bert": ("intermediate", "output.dense"),
     "neox": ("mlp", "mlp.dense_4h_to_h"),
     "distilbert": ("ffn", "ffn.lin2"),

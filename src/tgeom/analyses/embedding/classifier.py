@@ -27,7 +27,7 @@ from torch import Tensor
 from tgeom.errors import TgeomError
 from tgeom.models.load import LoadedModel, load_model
 from tgeom.models.reference import embed, run_blocks
-from tgeom.models.weights import CanonicalWeights, LayerWeights, Norm
+from tgeom.models.weights import CanonicalWeights, LayerWeights, Norm, QKNorm
 from tgeom.results import atomic_write_text, prepare_out_dir
 
 CONFIG_FILE = "classifier.json"
@@ -127,7 +127,14 @@ def map_weights(cw: CanonicalWeights, fn: Callable[[str, Tensor], Tensor]) -> Ca
         for f in dataclasses.fields(lw):
             value = getattr(lw, f.name)
             name = f"layers.{index}.{f.name}"
-            changes[f.name] = norm(name, value) if isinstance(value, Norm) else one(name, value)
+            if isinstance(value, Norm):
+                changes[f.name] = norm(name, value)
+            elif isinstance(value, QKNorm):
+                changes[f.name] = dataclasses.replace(
+                    value, weight=one(f"{name}.weight", value.weight)
+                )
+            else:
+                changes[f.name] = one(name, value)
         return LayerWeights(**changes)
 
     top: dict[str, Any] = {

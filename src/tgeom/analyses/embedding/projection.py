@@ -116,9 +116,12 @@ def preceding_norm(cw: CanonicalWeights, block: int, site: Literal["attn", "mlp"
 
     Pre-LN: the block's own ``ln_attn`` / ``ln_mlp``. Post-LN (BERT): the MLP reads the output
     of ``ln_attn`` of the same block; the attention reads ``ln_mlp`` of the previous block (the
-    embedding norm for block 0).
+    embedding norm for block 0). Norms on the sublayer outputs (OLMo 2): none, both read the
+    residual stream itself.
     """
     lw = cw.layers[block]
+    if cw.summary.norm_placement == "post_sublayer":
+        return None
     if cw.summary.norm_placement == "pre":
         return lw.ln_attn if site == "attn" else lw.ln_mlp
     if site == "mlp":

@@ -203,21 +203,24 @@ def mlp_input(cw: CanonicalWeights, block: int, h: Tensor, bias: Tensor) -> Tens
     (hidden state ``block``).
 
     Pre-LN: ``ln_mlp(h + attn(ln_attn(h)))``; parallel residual: ``ln_mlp(h)``; post-LN (BERT):
-    ``ln_attn(h + attn(h))``, as in :func:`tgeom.models.reference.run_block`.
+    ``ln_attn(h + attn(h))``; norms on the sublayer outputs (OLMo 2): ``h + ln_attn(attn(h))``,
+    as in :func:`tgeom.models.reference.run_block`.
     """
     lw = cw.layers[block]
     s = cw.summary
     if s.norm_placement == "post":
         return lw.ln_attn(h + attention_output(cw, block, h, bias))
+    if s.norm_placement == "post_sublayer":
+        return h + lw.ln_attn(attention_output(cw, block, h, bias))
     if s.parallel_residual:
         return lw.ln_mlp(h)
     return lw.ln_mlp(h + attention_output(cw, block, lw.ln_attn(h), bias))
 
 
 def attention_input(cw: CanonicalWeights, block: int, h: Tensor) -> Tensor:
-    """The attention's input ``[B, T, d]`` in block ``block``: ``ln_attn(h)``, or ``h`` itself
-    for post-LN models, as in :func:`tgeom.models.reference.run_block`."""
-    return h if cw.summary.norm_placement == "post" else cw.layers[block].ln_attn(h)
+    """The attention's input ``[B, T, d]`` in block ``block``: ``ln_attn(h)`` for pre-LN models,
+    ``h`` itself otherwise, as in :func:`tgeom.models.reference.run_block`."""
+    return cw.layers[block].ln_attn(h) if cw.summary.norm_placement == "pre" else h
 
 
 def pre_activations(cw: CanonicalWeights, block: int, x: Tensor) -> Tensor:

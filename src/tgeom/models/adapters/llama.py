@@ -1,11 +1,14 @@
-"""Llama family (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, gated SiLU MLP, grouped KV heads."""
+"""Llama family (Llama, Mistral, Qwen2, Qwen3, OLMo 2, SmolLM): RMSNorm, RoPE, gated SiLU MLP,
+grouped KV heads. Qwen 3 adds QK-norm per head; OLMo 2 QK-norm over all heads at once and its
+norms on each sublayer's output (:data:`LAYOUTS`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from tgeom.errors import TgeomError
 from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
@@ -20,6 +23,7 @@ from tgeom.models.weights import (
     CanonicalWeights,
     LayerWeights,
     Norm,
+    QKNorm,
     Rotary,
     expand_kv,
     split_heads_in,
@@ -28,7 +32,18 @@ from tgeom.models.weights import (
 )
 
 FAMILY = "llama"
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+
+# Per model type, what differs from Llama: norm placement, the modules holding the block's two
+# norms (ln_attn, ln_mlp) and the scope of QK-norm (used where the attention has q_norm/k_norm).
+LAYOUTS: dict[str, tuple[str, tuple[str, str], Literal["head", "all"]]] = {
+    "olmo2": ("post_sublayer", ("post_attention_layernorm", "post_feedforward_layernorm"), "all"),
+}
+LLAMA_LAYOUT: tuple[str, tuple[str, str], Literal["head", "all"]] = (
+    "pre",
+    ("input_layernorm", "post_attention_layernorm"),
+    "head",
+)
 
 
 def blocks(hf: Any) -> nn.ModuleList:
@@ -37,9 +52,15 @@ def blocks(hf: Any) -> nn.ModuleList:
 
 def summarize(hf: Any) -> ArchitectureSummary:
     c = hf.config
+    if c.model_type == "qwen3" and "sliding_attention" in (getattr(c, "layer_types", None) or ()):
+        raise TgeomError(
+            "this Qwen3 config uses sliding-window layers (use_sliding_window), which tgeom's "
+            "analyses do not honour yet: load a checkpoint with use_sliding_window=false."
+        )
     W_E = base_model(hf).embed_tokens.weight
     W_U, _, has_head = unembedding(hf, W_E)
     n_heads = c.num_attention_heads
+    placement, _, scope = LAYOUTS.get(c.model_type, LLAMA_LAYOUT)
     return ArchitectureSummary(
         family=FAMILY,
         model_type=c.model_type,
@@ -54,19 +75,29 @@ def summarize(hf: Any) -> ArchitectureSummary:
         position_scheme="rotary",
         tied_embeddings=is_tied(W_E, W_U),
         norm="rmsnorm",
-        norm_placement="pre",
+        norm_placement=placement,
         gated_mlp=True,
         parallel_residual=False,
         is_causal=True,
         activation=c.hidden_act,
         has_lm_head=has_head,
         rotary_dim=2 * base_model(hf).rotary_emb.inv_freq.shape[0],
+        qk_norm=scope if hasattr(blocks(hf)[0].self_attn, "q_norm") else "none",
     )
 
 
 def _rmsnorm(module: Any) -> Norm:
     eps = getattr(module, "variance_epsilon", None) or module.eps
     return Norm("rmsnorm", module.weight.detach(), None, float(eps))
+
+
+def _qk_norm(module: Any, n_heads: int, d_head: int, scope: Literal["head", "all"]) -> QKNorm:
+    """A q_norm / k_norm module as a :class:`QKNorm` with its gain ``[n_heads, d_head]``: one
+    gain of ``d_head`` shared by every head (Qwen 3) or one per head of the projection (OLMo 2),
+    repeated per query head like the KV heads."""
+    gain = expand_kv(module.weight.detach().reshape(-1, d_head), n_heads)
+    eps = getattr(module, "variance_epsilon", None) or module.eps
+    return QKNorm(gain, float(eps), scope)
 
 
 def _head_bias(linear: Any, n_heads: int, d_head: int) -> Tensor:
@@ -78,11 +109,11 @@ def _head_bias(linear: Any, n_heads: int, d_head: int) -> Tensor:
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
     H, K, dh = summary.n_heads, summary.n_kv_heads, summary.d_head
+    _, (attn_norm, mlp_norm), scope = LAYOUTS.get(summary.model_type, LLAMA_LAYOUT)
     layers = []
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if hasattr(attn, "q_norm"):
-            raise NotImplementedError("per-head q/k norms (Qwen3) are not in canonical form yet")
+        qk_norm = hasattr(attn, "q_norm")
         o_bias = attn.o_proj.bias
         layers.append(
             LayerWeights(
@@ -103,8 +134,10 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
                 W_gate=mlp.gate_proj.weight.detach().T,
                 W_out=mlp.down_proj.weight.detach().T,
                 b_out=detached(mlp.down_proj.bias),
-                ln_attn=_rmsnorm(layer.input_layernorm),
-                ln_mlp=_rmsnorm(layer.post_attention_layernorm),
+                ln_attn=_rmsnorm(getattr(layer, attn_norm)),
+                ln_mlp=_rmsnorm(getattr(layer, mlp_norm)),
+                q_norm=_qk_norm(attn.q_norm, H, dh, scope) if qk_norm else None,
+                k_norm=_qk_norm(attn.k_norm, H, dh, scope) if qk_norm else None,
             )
         )
     W_E = base.embed_tokens.weight.detach()
