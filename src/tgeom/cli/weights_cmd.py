@@ -299,8 +299,9 @@ def topk(
         ],
     )
     _print_vocabulary(vocabulary)
-    if result.rope_note:
-        Console(stderr=True).print(f"note: {result.rope_note}")
+    for note in (result.rope_note, result.qk_norm_note):
+        if note:
+            Console(stderr=True).print(f"note: {note}")
 
 
 @weights_app.command("atlas")

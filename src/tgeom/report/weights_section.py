@@ -54,8 +54,9 @@ def weights_section(ctx: ReportContext) -> Section:
         f'<p class="note">{H.esc(ATLAS_NOTE)} Special tokens dropped; {H.esc(subset)}; '
         f"E = {H.esc(atlas.embedding)}.</p>",
     ]
-    if atlas.rope_note:
-        parts.append(f'<p class="note">Note: {H.esc(atlas.rope_note)}</p>')
+    for note in (atlas.rope_note, atlas.qk_norm_note):
+        if note:
+            parts.append(f'<p class="note">Note: {H.esc(note)}</p>')
     parts.append(
         H.table(
             rows,

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from tgeom.analyses.embedding.filters import token_mask
-from tgeom.analyses.embedding.interaction import head_top_pairs, ov_top_pairs, qk_top_pairs
+from tgeom.analyses.embedding.interaction import (
+    head_top_pairs,
+    ov_top_pairs,
+    qk_factor,
+    qk_top_pairs,
+)
 from tgeom.errors import TgeomError
 
 
@@ -41,6 +46,56 @@ def test_qk_and_ov_pairs_equal_the_dense_matrices(tiny_model, family, largest):
         assert got == dense_top(dense, 15, largest, mask, mask)
         want_values = torch.tensor([float(dense[i, j]) for i, j in got], dtype=torch.float64)
         torch.testing.assert_close(result.values.double(), want_values, rtol=1e-5, atol=1e-8)
+
+
+def hf_qk_norm_factors(lm, block, head, E):
+    """``F_Q, F_K [V, d_head]`` built with the Hugging Face model's own modules: each token's
+    projection (no bias) through its q_norm / k_norm: per head (Qwen3, ``[V, H, d_head]``) or
+    over the whole projection of all heads (OLMo 2, ``[V, H d_head]``); key head ``h`` reads KV
+    head ``h // (H / K)``."""
+    attn = lm.blocks()[block].self_attn
+    H, K, dh = lm.summary.n_heads, lm.summary.n_kv_heads, lm.summary.d_head
+    with torch.no_grad():
+        q, k = E @ attn.q_proj.weight.T, E @ attn.k_proj.weight.T
+        if lm.summary.model_type == "qwen3":
+            q, k = attn.q_norm(q.view(-1, H, dh)), attn.k_norm(k.view(-1, K, dh))
+        else:
+            q, k = attn.q_norm(q).view(-1, H, dh), attn.k_norm(k).view(-1, K, dh)
+    return q[:, head].double(), k[:, head // (H // K)].double()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("largest", [True, False])
+def test_qk_norm_pairs_equal_the_dense_normalised_matrix(tiny_model, family, largest):
+    """QK-norm heads: the top pairs of ``n_q(E W_Q) n_k(E W_K)^T`` (SPEC section 1), the dense
+    float64 matrix built from the model's own norm modules; the raw ``E W_Q W_K^T E^T`` gives
+    other pairs, so a reading that ignored QK-norm fails. OV is unaffected by QK-norm."""
+    lm = tiny_model(family)
+    cw = lm.weights()
+    E = cw.W_U
+    mask = token_mask(lm)
+    for block, head in ((0, 3), (1, 2)):
+        F_Q, F_K = hf_qk_norm_factors(lm, block, head, E)
+        QK = F_Q @ F_K.T
+        result = qk_top_pairs(cw, block, head, 15, largest=largest, row_mask=mask, col_mask=mask)
+        got = list(zip(result.rows.tolist(), result.cols.tolist(), strict=True))
+        assert got == dense_top(QK, 15, largest, mask, mask)
+        want = torch.tensor([float(QK[i, j]) for i, j in got], dtype=torch.float64)
+        torch.testing.assert_close(result.values.double(), want, rtol=1e-5, atol=1e-8)
+        lw = cw.layers[block]
+        raw = E.double() @ lw.W_Q[head].double() @ lw.W_K[head].double().T @ E.double().T
+        assert got != dense_top(raw, 15, largest, mask, mask)
+        note = result.to_json()["qk_norm_note"]
+        assert "QK-norm" in note and {"qwen3": "per head", "olmo2": "all heads"}[family] in note
+        ov = ov_top_pairs(cw, block, head, 15, largest=largest, row_mask=mask, col_mask=mask)
+        OV = E.double() @ lw.W_V[head].double() @ lw.W_O[head].double() @ E.double().T
+        assert list(zip(ov.rows.tolist(), ov.cols.tolist(), strict=True)) == dense_top(
+            OV, 15, largest, mask, mask
+        )
+        assert ov.qk_norm_note is None
+        chunked = qk_factor(E, lw.W_Q, lw.q_norm, head, chunk_rows=7)  # 96 tokens, 14 chunks
+        torch.testing.assert_close(chunked.double(), F_Q, rtol=1e-5, atol=1e-6)
+    assert qk_top_pairs(tiny_model("llama").weights(), 0, 0, 2).qk_norm_note is None
 
 
 @pytest.mark.parametrize("largest", [True, False])

@@ -23,6 +23,7 @@ from tgeom.analyses.embedding.interaction import (
     describe_sides,
     embedding_convention,
     head_top_pairs,
+    qk_norm_note,
 )
 from tgeom.errors import TgeomError, check_index
 from tgeom.models.weights import CanonicalWeights
@@ -65,6 +66,7 @@ class HeadAtlas:
     circuits: list[str]
     rope_note: str | None
     options: dict[str, Any] = field(default_factory=dict)
+    qk_norm_note: str | None = None
     heads: list[int] = field(default_factory=list)
     convention: str = "dar"
     sides: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class HeadAtlas:
             "heads": self.heads,
             "circuits": self.circuits,
             "rope_note": self.rope_note,
+            "qk_norm_note": self.qk_norm_note,
             "columns": list(COLUMNS),
             "n_rows": len(self.rows),
             **self.options,
@@ -184,6 +187,7 @@ def head_atlas(
         heads=chosen_heads,
         convention=embedding_convention(E),
         sides=sides,
+        qk_norm_note=qk_norm_note(cw) if "qk" in circuits else None,
     )
 
 

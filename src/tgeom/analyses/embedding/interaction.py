@@ -7,6 +7,11 @@ in the output) are ``[V, V]``; each is the product of two ``[V, d_head]`` factor
 Raw parameters, no biases, no attention scale. For rotary models the token-only QK ignores the
 position-dependent rotation; results carry a ``rope_note`` saying so.
 
+QK-norm heads (Qwen 3, OLMo 2; SPEC section 1) read the normalised factors
+``F_Q[v] = n_q(E[v] W_Q)[h]`` and ``F_K[v] = n_k(E[v] W_K)[h]``: each token's projection divided
+by its own RMS (over the head's ``d_head`` coordinates, or over all heads' projection for OLMo 2),
+times the gain (:func:`qk_factor`); results carry a ``qk_norm_note`` saying so.
+
 Which vocabulary matrix sits on each side (SPEC sections 0 and 3; ``E`` argument, CLI
 ``--embedding``):
 
@@ -27,16 +32,18 @@ and the conventions agree.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import Tensor
 
 from tgeom.analyses.embedding.projection import Embedding, embedding_name, vocab_matrix
 from tgeom.errors import TgeomError, check_index
 from tgeom.linalg.topk import factored_topk
-from tgeom.models.weights import CanonicalWeights
+from tgeom.models.weights import CanonicalWeights, QKNorm
 from tgeom.results import results_frame
 
 if TYPE_CHECKING:
@@ -47,6 +54,12 @@ ROPE_NOTE = (
     "this model uses rotary position embeddings: the token-only QK matrix ignores the rotation, "
     "so real attention scores also depend on the relative position of query and key."
 )
+QK_NORM_NOTE = (
+    "this model normalises queries and keys (QK-norm, {scope}): the QK pairs use the normalised "
+    "factors n_q(E[v] W_Q) and n_k(E[v] W_K), each token's projection divided by its own RMS "
+    "and times the gain (no bias)."
+)
+QK_NORM_SCOPES = {"head": "per head", "all": "over all heads at once"}
 EMBEDDINGS = ("out", "in", "tl")  # the named choices of ``E`` (besides a tensor)
 ORIENTATION = {
     "qk": ("query token", "key token"),
@@ -69,6 +82,7 @@ class InteractionPairs:
     col_embedding: str  # the matrix embedding the column tokens
     convention: str  # "dar" (one matrix on both sides) | "tl" (W_E in, W_U out)
     rope_note: str | None
+    qk_norm_note: str | None = None
 
     @property
     def embedding(self) -> str:
@@ -103,6 +117,7 @@ class InteractionPairs:
             "row_is": row_means,
             "col_is": col_means,
             "rope_note": self.rope_note,
+            "qk_norm_note": self.qk_norm_note,
             "pairs": self.pairs(vocab),
         }
 
@@ -148,6 +163,28 @@ def circuit_embeddings(
     return side, side
 
 
+def qk_norm_note(cw: CanonicalWeights) -> str | None:
+    """What QK pairs of ``cw`` read under QK-norm (:data:`QK_NORM_NOTE`), or None without it."""
+    norm = cw.layers[0].q_norm if cw.layers else None
+    return None if norm is None else QK_NORM_NOTE.format(scope=QK_NORM_SCOPES[norm.scope])
+
+
+def qk_factor(
+    E: Tensor, W: Tensor, norm: QKNorm | None, head: int, chunk_rows: int = 4096
+) -> Tensor:
+    """``[V, d_head]``: head ``head``'s token factor ``E W[head]`` (``E [V, d]``, ``W [H, d,
+    d_head]``), or with QK-norm ``n(E W)[head]``: each token's projection normalised as the model
+    normalises it (scope ``"all"``: by the RMS of its projection on every head, computed
+    ``chunk_rows`` tokens at a time so at most ``chunk_rows x H d_head`` numbers are held)."""
+    if norm is None:
+        return E @ W[head]
+    if norm.scope == "head":  # only this head's coordinates enter its scale
+        one = slice(head, head + 1)
+        W, norm, head = W[one], dataclasses.replace(norm, weight=norm.weight[one]), 0
+    rows = [norm(torch.einsum("vd,hde->hve", chunk, W))[head] for chunk in E.split(chunk_rows)]
+    return torch.cat(rows)
+
+
 def circuit_factors(
     cw: CanonicalWeights,
     block: int,
@@ -156,14 +193,15 @@ def circuit_factors(
     E: Tensor,
     E_cols: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The two ``[V, d_head]`` factors of ``QK_h`` (``E W_Q, E_cols W_K``) or ``OV_h``
-    (``E W_V, E_cols W_O^T``); ``E_cols`` (default ``E``) embeds the column tokens."""
+    """The two ``[V, d_head]`` factors of ``QK_h`` (``E W_Q, E_cols W_K``; normalised under
+    QK-norm, :func:`qk_factor`) or ``OV_h`` (``E W_V, E_cols W_O^T``); ``E_cols`` (default
+    ``E``) embeds the column tokens."""
     check_index("block", block, len(cw.layers))
     lw = cw.layers[block]
     check_index("head", head, lw.W_Q.shape[0])
     cols = E if E_cols is None else E_cols
     if circuit == "qk":
-        return E @ lw.W_Q[head], cols @ lw.W_K[head]
+        return qk_factor(E, lw.W_Q, lw.q_norm, head), qk_factor(cols, lw.W_K, lw.k_norm, head)
     if circuit == "ov":
         return E @ lw.W_V[head], cols @ lw.W_O[head].T
     raise TgeomError(f"circuit must be qk or ov, got {circuit!r}.")
@@ -209,6 +247,7 @@ def head_top_pairs(
         col_name,
         embedding_convention(E),
         rope,
+        qk_norm_note(cw) if circuit == "qk" else None,
     )
 
 
