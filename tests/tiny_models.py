@@ -81,6 +81,23 @@ TINY_CONFIGS = {
             num_key_value_heads=1,
             intermediate_size=48,
             max_position_embeddings=64,
+            use_sliding_window=True,  # layers >= max_window_layers see their last 3 keys
+            sliding_window=3,
+            max_window_layers=1,
+        ),
+    ),
+    "mistral": (  # every layer windowed over 4 keys; d_head 16 > 4: no window has a null space
+        "MistralForCausalLM",
+        transformers.MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            sliding_window=4,
         ),
     ),
     "qwen3": (  # QK-norm per head (random gains), d_head 16 != hidden / heads, grouped KV

@@ -75,12 +75,41 @@ def test_local_layer_attends_only_to_its_window(neo):
     ids = torch.randint(4, 96, (1, T), generator=torch.Generator().manual_seed(1))
     captured = capture(neo, ids, attentions=True)
     cw = neo.weights()
-    for layer, window in enumerate(cw.summary.attention_windows):
+    for layer in range(cw.summary.n_layers):
         x = cw.layers[layer].ln_attn(captured.hidden[layer])
-        probs = block_attention(cw, layer, x, attention_bias(cw, None, 1, T, window))
+        probs = block_attention(cw, layer, x, attention_bias(cw, None, 1, T))
         assert (probs - captured.attentions[layer]).abs().max() < 1e-5
     local = captured.attentions[1][0]  # [H, T, T]
     i, j = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
     outside = (j > i) | (i - j >= WINDOW)
     assert float(local[:, outside].abs().max()) == 0.0
     assert float(local[:, ~outside].min()) > 0.0
+
+
+@pytest.mark.parametrize(
+    ("family", "windows"),
+    [("mistral", (4, 4)), ("qwen2", (0, 3))],  # Qwen2: layers >= max_window_layers = 1
+)
+def test_mistral_and_qwen2_windows_come_from_the_config_and_act(tiny_model, family, windows):
+    """Mistral windows every layer; Qwen2 the layers its config marks ``sliding_attention``.
+    The model's own (eager) attention is zero outside each window and equals the reference's;
+    without the windows the reference forward is far off the model's hidden states."""
+    lm = tiny_model(family)
+    cw = lm.weights()
+    assert lm.summary.attention_windows == windows
+    T = 11
+    ids = torch.randint(4, 96, (2, T), generator=torch.Generator().manual_seed(7))
+    captured = capture(lm, ids, attentions=True)
+    i, j = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    for layer, window in enumerate(windows):
+        x = cw.layers[layer].ln_attn(captured.hidden[layer])
+        probs = block_attention(cw, layer, x, attention_bias(cw, None, 2, T))
+        assert (probs - captured.attentions[layer]).abs().max() < 1e-5
+        outside = (j > i) | (i - j >= (window or T))
+        assert float(captured.attentions[layer][:, :, outside].abs().max()) == 0.0
+        assert float(captured.attentions[layer][:, :, ~outside].min()) > 0.0
+    unwindowed = dataclasses.replace(
+        cw, summary=dataclasses.replace(cw.summary, attention_windows=())
+    )
+    off = reference_forward(unwindowed, ids)[-1]
+    assert float((captured.hidden[-1] - off).abs().max()) > 1e-2

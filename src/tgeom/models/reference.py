@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tgeom.models.weights import CanonicalWeights, LayerWeights, attention_window
+from tgeom.models.weights import CanonicalWeights, LayerWeights, attention_window, window_keys
 
 
 def positions_for(cw: CanonicalWeights, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -46,19 +46,13 @@ def embed(
     return h
 
 
-def attention_bias(
-    cw: CanonicalWeights, attention_mask: Tensor | None, B: int, T: int, window: int = 0
-) -> Tensor:
-    """Additive mask ``[B, 1, T, T]``: 0 where a query may attend a key, a large negative else.
-
-    ``window > 0`` (a sliding-window layer, :func:`attention_window`): query i sees only the keys
-    ``i - window < j <= i``."""
+def attention_bias(cw: CanonicalWeights, attention_mask: Tensor | None, B: int, T: int) -> Tensor:
+    """Additive mask ``[B, 1, T, T]``: 0 where a query may attend a key, a large negative else
+    (padding and causality; a layer's sliding window is added by :func:`block_attention`)."""
     device = cw.W_E.device
     allowed = torch.ones(B, 1, T, T, dtype=torch.bool, device=device)
     if cw.summary.is_causal:
         allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    if window > 0:
-        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).triu(1 - window)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]
     zero = torch.zeros((), dtype=cw.W_E.dtype, device=device)
@@ -68,8 +62,13 @@ def attention_bias(
 def block_attention(cw: CanonicalWeights, layer: int, x: Tensor, bias: Tensor) -> Tensor:
     """Attention probabilities ``[B, H, T, T]`` of block ``layer`` given its attention input
     ``x [B, T, d]`` (already normalised for pre-LN models) and ``bias`` from
-    :func:`attention_bias`."""
+    :func:`attention_bias`. A sliding-window layer (:func:`attention_window`) masks, here and
+    only here, every key outside its query's window."""
     lw = cw.layers[layer]
+    window = attention_window(cw.summary, layer)
+    if window:
+        outside = ~window_keys(x.shape[1], window, x.device)
+        bias = bias.masked_fill(outside, torch.finfo(bias.dtype).min)
     q, k = _queries_keys(cw, lw, x)
     scores = torch.einsum("bhqe,bhke->bhqk", q, k) * cw.attn_scale + bias
     return torch.softmax(scores, dim=-1)
@@ -149,14 +148,11 @@ def run_blocks(
     Returns ``[hidden[start], ..., hidden[stop]]``, before the final norm.
     """
     B, T, _ = hidden0.shape
-    biases: dict[int, Tensor] = {}  # one mask per distinct window (0: none)
+    bias = attention_bias(cw, attention_mask, B, T).to(hidden0.dtype)
     stop = len(cw.layers) if stop is None else stop
     hidden = [hidden0]
     for layer in range(start, stop):
-        window = attention_window(cw.summary, layer)
-        if window not in biases:
-            biases[window] = attention_bias(cw, attention_mask, B, T, window).to(hidden0.dtype)
-        hidden.append(run_block(cw, layer, hidden[-1], biases[window]))
+        hidden.append(run_block(cw, layer, hidden[-1], bias))
     return hidden
 
 

@@ -244,6 +244,14 @@ def attention_window(summary: ArchitectureSummary, layer: int) -> int:
     return summary.attention_windows[layer] if summary.attention_windows else 0
 
 
+def window_keys(n: int, window: int, device: torch.device | str | None = None) -> Tensor:
+    """``[n, n]`` bool: key ``j`` lies in query ``i``'s window, ``i - window < j <= i`` (every
+    family with sliding windows is a decoder: the window is causal)."""
+    rows = torch.arange(n, device=device)
+    offset = rows[:, None] - rows[None, :]  # i - j
+    return (offset >= 0) & (offset < window)
+
+
 def learned_positions(table: Tensor, offset: int) -> Tensor:
     """Canonical ``W_pos [n_ctx, d]`` (row t = position t) from a position table whose row
     ``offset + t`` holds position t (RoBERTa: ``padding_idx + 1``; OPT: 2)."""

@@ -1,6 +1,7 @@
 """Llama family (Llama, Mistral, Qwen2, Qwen3, OLMo 2, SmolLM): RMSNorm, RoPE, gated SiLU MLP,
 grouped KV heads. Qwen 3 adds QK-norm per head; OLMo 2 QK-norm over all heads at once and its
-norms on each sublayer's output (:data:`LAYOUTS`)."""
+norms on each sublayer's output (:data:`LAYOUTS`). Mistral's and Qwen2's sliding windows
+(:func:`attention_windows`)."""
 
 from __future__ import annotations
 
@@ -83,7 +84,26 @@ def summarize(hf: Any) -> ArchitectureSummary:
         has_lm_head=has_head,
         rotary_dim=2 * base_model(hf).rotary_emb.inv_freq.shape[0],
         qk_norm=scope if hasattr(blocks(hf)[0].self_attn, "q_norm") else "none",
+        attention_windows=attention_windows(c),
     )
+
+
+def attention_windows(c: Any) -> tuple[int, ...]:
+    """Per layer, the keys a query sees (itself included; 0: all), or ``()`` without windows.
+
+    Mistral windows every layer over ``sliding_window`` keys when that is set. Qwen2 windows the
+    layers its config's ``layer_types`` marks ``sliding_attention`` (the config folds
+    ``use_sliding_window`` and ``max_window_layers`` into them: layers ``>= max_window_layers``,
+    and ``sliding_window`` is None unless ``use_sliding_window``). Hugging Face's mask lets query
+    ``i`` see key ``j`` when ``i - window < j <= i``."""
+    window = getattr(c, "sliding_window", None) or 0
+    if not window:
+        return ()
+    types = None if c.model_type == "mistral" else getattr(c, "layer_types", None)
+    if types is None:
+        return (window,) * c.num_hidden_layers
+    windows = tuple(window if kind == "sliding_attention" else 0 for kind in types)
+    return windows if any(windows) else ()
 
 
 def _rmsnorm(module: Any) -> Norm:
