@@ -275,12 +275,39 @@ def build_tiny_tokenizer(folder: Path, hostile: bool = False) -> None:
     fast.save_pretrained(folder)
 
 
-def save_tiny_model(family: str, folder: Path, seed: int = 0, hostile: bool = False) -> Path:
+def windowed_mistral(window: int, head_dim: int) -> tuple[str, transformers.PretrainedConfig]:
+    """A tiny Mistral (``save_tiny_model(..., spec=)``) windowing both layers over ``window`` keys,
+    with ``head_dim`` per head (small: windows longer than ``head_dim`` have null spaces)."""
+    return (
+        "MistralForCausalLM",
+        transformers.MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=head_dim,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            sliding_window=window,
+        ),
+    )
+
+
+def save_tiny_model(
+    family: str,
+    folder: Path,
+    seed: int = 0,
+    hostile: bool = False,
+    spec: tuple[str, transformers.PretrainedConfig] | None = None,
+) -> Path:
     """Build the tiny ``family`` model with random weights (seeded) and save it to ``folder``.
 
     ``hostile``: the two injection tokens get large embeddings, so they top the QK/OV atlas.
+    ``spec``: ``(class name, config)`` to build instead of the family's (e.g.
+    :func:`windowed_mistral`).
     """
-    class_name, config = {**TINY_CONFIGS, **PENDING_CONFIGS}[family]
+    class_name, config = spec or {**TINY_CONFIGS, **PENDING_CONFIGS}[family]
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config)
     # Non-trivial norm parameters and biases so that adapters that forget them are caught.

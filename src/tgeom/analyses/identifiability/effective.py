@@ -25,6 +25,13 @@ Causal (decoder) heads: query ``i`` sees only ``T[:i+1]``, so its null space is 
 (:mod:`tgeom.analyses.identifiability.causal`): effective attention stays causal and a query's
 row does not change when text is appended. ``null_dim`` is always that of the whole sequence.
 
+Sliding-window layers (Mistral, Qwen2, GPT-Neo's local layers): query ``i`` sees only the keys of
+its window, so its null space and effective row are those of the window's rows of ``T``
+(:mod:`tgeom.analyses.identifiability.windows`, one float64 SVD per query window); its row is
+zero outside the window. Sequences no longer than the window take the causal path above (the
+window is then the prefix). ``null_dim`` of a windowed head is the largest over its queries'
+windows (generic heads: ``max(0, min(n, w) - d_head)``; ``n - rank(T)`` for every other head).
+
 Effective attention can be negative and need not sum to 1: the token-type summaries report both
 the signed mean and the mean of absolute values (figures use the signed one and say so).
 """
@@ -47,8 +54,14 @@ from torch import Tensor
 
 from tgeom.analyses.identifiability.causal import prefix_effective_attention
 from tgeom.analyses.identifiability.projection import HeadProjectors, sequence_rank
+from tgeom.analyses.identifiability.windows import (
+    window_effective_attention,
+    window_null_dims,
+    window_ranks,
+)
 from tgeom.capture import stream_hidden
 from tgeom.linalg.nullspace import default_rtol
+from tgeom.models.weights import attention_window
 from tgeom.results import results_frame
 from tgeom.runtime import Runtime
 
@@ -173,6 +186,9 @@ def effective_attention_batch(
                 raw[b] = torch.empty(n_layers, n_heads, n, n, device=device)
                 eff[b] = torch.empty(n_layers, n_heads, n, n, dtype=torch.float64, device=device)
     ranks = torch.empty(len(lengths), n_layers, n_heads, dtype=torch.long)
+    # windowed layers on sequences longer than the window: null dims of their own (-1: n - rank)
+    nulls = torch.full_like(ranks, -1)
+    windows = [attention_window(lm.summary, layer) for layer in range(n_layers)]
     values: list[Tensor | None] = [None] * n_layers  # [B, H, T, dh], as the model computed them
 
     def by_length(V: Tensor) -> Iterator[tuple[int, list[int], Tensor | slice, float, Tensor]]:
@@ -204,8 +220,14 @@ def effective_attention_batch(
         if need_attention:
             values[layer] = V
             return
-        for _, members, _, tol, Vn in by_length(V):  # the ranks need the values only
+        for n, members, _, tol, Vn in by_length(V):  # the ranks need the values only
             M = torch.einsum("bhtd,hde->bhte", Vn, factors.right[layer])
+            window = windows[layer]
+            if window and n > window:
+                rtol_for = partial(_prefix_rtol, d=d, dtype=V.dtype, rtol=rtol)
+                null, rank = window_null_dims(window_ranks(M, rtol_for, window), window)
+                ranks[members, layer], nulls[members, layer] = rank.cpu(), null.cpu()
+                continue
             ranks[members, layer] = sequence_rank(M, tol).cpu()
 
     def process(layer: int, attention: Tensor) -> None:  # attention [B, H, T, T]
@@ -238,6 +260,14 @@ def effective_attention_batch(
         tolerance's)."""
         A = blocks[n][1][layer].copy_(raw_block)
         rtol_for = partial(_prefix_rtol, d=d, dtype=dtype, rtol=rtol)
+        window = windows[layer]
+        if window and n > window:  # each query's window of T, not its prefix
+            _, window_rank = window_effective_attention(
+                A, Vn, rtol_for, window, right=factors.right[layer], out=A
+            )
+            null, rank = window_null_dims(window_rank, window)
+            ranks[members, layer], nulls[members, layer] = rank.cpu(), null.cpu()
+            return
         rank = prefix_effective_attention(
             A,
             Vn,
@@ -266,7 +296,7 @@ def effective_attention_batch(
             ids[b][:n],
             raw[b].cpu() if need_attention else empty,
             eff[b].cpu() if need_attention else empty,
-            n - ranks[b],
+            torch.where(nulls[b] >= 0, nulls[b], n - ranks[b]),
             ranks[b],
         )
         for b, n in enumerate(lengths)
