@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tgeom.analyses.identifiability.effective import TOKEN_TYPES
 
@@ -111,6 +112,7 @@ def plot_token_types(result: Any) -> Figure:
         ax.bar(x + 0.2, eff[:, k], 0.4, label="effective")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("mean attention (signed)")
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(
@@ -133,6 +135,7 @@ def plot_identifiability(result: Any) -> Figure:
         ax.plot(xs, ys, "o-" if kind == "cosine" else "s--", ms=3, label=f"{g}, {kind}")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("share of tokens identified")
     ax.legend(fontsize=7)
     counts = result.options.get("n_sequences", {})
@@ -183,6 +186,7 @@ def plot_own_contribution(result: Any) -> Figure:
     )
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.set_title(
         f"Own-token contribution by layer ({result.mode}; "
