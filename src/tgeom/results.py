@@ -76,10 +76,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def write_results(out: str | Path, command: str, payload: dict[str, Any]) -> Path:
-    """Write ``out/results.json``: ``payload`` plus the command and the tgeom version."""
+def write_results(
+    out: str | Path, command: str, payload: dict[str, Any], warnings: Sequence[str] = ()
+) -> Path:
+    """Write ``out/results.json``: ``payload`` plus the command, the tgeom version and
+    ``warnings`` (always present, ``[]`` when none): one line per way the result cannot mean
+    what its name says (an analysis result's ``warnings``, e.g. no null space is possible)."""
     out_dir = prepare_out_dir(out)
-    document = {"tgeom_version": tgeom_version(), "command": command, **to_jsonable(payload)}
+    document = {
+        "tgeom_version": tgeom_version(),
+        "command": command,
+        "warnings": list(warnings),
+        **to_jsonable(payload),
+    }
     target = out_dir / "results.json"
     atomic_write_text(target, json.dumps(document, indent=1, allow_nan=False) + "\n")
     return target

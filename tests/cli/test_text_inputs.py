@@ -58,7 +58,7 @@ def test_encode_text_refuses_what_gives_no_real_token(minilm):
 def test_encode_text_refuses_too_few_and_too_many_tokens(tiny_model):
     lm = tiny_model("gpt2")  # character-level tokenizer, no special tokens added
     assert lm.encode_text("ab").tolist() == [[ord("a") - 28, ord("b") - 28]]
-    with pytest.raises(TgeomError, match="fewer than the 2 needed"):
+    with pytest.raises(TgeomError, match="fewer than 2 tokens"):
         lm.encode_text("a", min_tokens=2)
     with pytest.raises(TgeomError, match="more than the model context"):
         lm.encode_text("x" * (lm.summary.n_ctx + 1))

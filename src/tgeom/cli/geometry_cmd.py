@@ -16,6 +16,7 @@ from rich.table import Table
 
 from tgeom.cli import app
 from tgeom.cli.options import BLOCK_MEANING, HIDDEN_MEANING, renamed_layer
+from tgeom.cli.output import print_warnings
 
 geometry_app = typer.Typer(
     help="Hidden-state geometry: positional and context parts.", no_args_is_help=True
@@ -155,7 +156,8 @@ def _measure(
         screenot_k=screenot_k,
     )
     chosen = result.n_hidden - 1 if hidden is None else result.check_hidden(hidden)
-    write_results(out_dir, "geometry measure", result.to_json(gram_hidden=chosen))
+    payload = result.to_json(gram_hidden=chosen)
+    write_results(out_dir, "geometry measure", payload, warnings=result.warnings)
     for name, fig in (
         ("variance_shares.png", figs.plot_variance_shares(result)),
         ("spectra.png", figs.plot_spectra(result)),
@@ -170,6 +172,7 @@ def _measure(
         str(out_dir / f"spiral_3d_hidden{chosen}.html"), include_plotlyjs=True
     )
     _print_summary(result)
+    print_warnings(result.warnings)
 
 
 # Short column titles of the quantities that have two definitions (see HEADLINES in measure).

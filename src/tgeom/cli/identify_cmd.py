@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from tgeom.cli import app
+from tgeom.cli.output import print_warnings
 
 attention_app = typer.Typer(
     help="Attention null spaces and effective attention.", no_args_is_help=True
@@ -70,9 +71,8 @@ def effective_cmd(
     check_index("head", head, lm.summary.n_heads)
     result = effective_attention(lm, _text_ids(lm, text))
     out_dir = prepare_out_dir(out)
-    write_results(
-        out_dir, "attention effective", {"model": lm.source, "text": text, **result.to_json()}
-    )
+    payload = {"model": lm.source, "text": text, **result.to_json()}
+    write_results(out_dir, "attention effective", payload, warnings=result.warnings)
     _save(P.plot_effective_attention(result, layer, head), out_dir / "effective_attention.png")
     seq = result.sequences[0]
     Console().print(
@@ -81,6 +81,7 @@ def effective_cmd(
         f"Pearson(raw, effective) mean {float(result.pearson.nanmean()):.3f} -> {out_dir}",
         markup=False,
     )
+    print_warnings(result.warnings)
 
 
 @attention_app.command("nullspace")
@@ -128,12 +129,14 @@ def nullspace_cmd(
             "null_space": nulls.to_json(),
             "effective": effective.to_json(),
         },
+        warnings=nulls.warnings,
     )
     _save(P.plot_pearson_vs_length(effective), out_dir / "pearson_vs_length.png")
     _save(P.plot_token_types(effective), out_dir / "token_types.png")
     Console().print(
         f"{len(nulls.lengths)} sequences, lengths {min(lengths)}..{max(lengths)} -> {out_dir}"
     )
+    print_warnings(nulls.warnings)
 
 
 @identify_app.command("tokens")
@@ -142,7 +145,9 @@ def tokens_cmd(
     out: Path = OUT_OPT,
     corpus: str = CORPUS_OPT,
     seq_len: int = SEQ_OPT,
-    max_windows_per_topic: int = MAXW_OPT,
+    max_windows_per_topic: int = typer.Option(
+        6, "--max-windows-per-topic", help="Windows per topic (built-in: 72, 10 to test)."
+    ),
     candidates: str = typer.Option("sequence", "--candidates", help="sequence or vocabulary."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split and the MLP."),
     trust_remote_code: bool = REMOTE_OPT,
@@ -157,15 +162,13 @@ def tokens_cmd(
     docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
     result = token_identifiability(lm, windows.token_ids, candidates=candidates, seed=seed)
     out_dir = prepare_out_dir(out)
-    write_results(
-        out_dir, "identify tokens", {"model": lm.source, "corpus": docs.source, **result.to_json()}
-    )
+    payload = {"model": lm.source, "corpus": docs.source, **result.to_json()}
+    write_results(out_dir, "identify tokens", payload, warnings=result.warnings)
     _save(P.plot_identifiability(result), out_dir / "identifiability.png")
     last = [r for r in result.rows if r["layer"] == lm.summary.n_layers]
     summary = ", ".join(f"{r['g']}/{r['distance']} {r['rate']:.2f}" for r in last)
     Console().print(f"last layer: {summary} -> {out_dir}", markup=False)
-    if "warning" in result.options:
-        Console(stderr=True).print(f"warning: {result.options['warning']}", markup=False)
+    print_warnings(result.warnings)
 
 
 @identify_app.command("attribution")

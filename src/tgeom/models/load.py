@@ -96,7 +96,7 @@ class LoadedModel:
         n_tokens = int(ids.shape[1])
         if n_tokens < min_tokens:
             raise TgeomError(
-                f"the text gives {n_tokens} token(s), fewer than the {min_tokens} needed; "
+                f"the text gives {n_tokens} token(s): fewer than {min_tokens} tokens; "
                 "pass a longer --text."
             )
         if n_tokens > self.summary.n_ctx:

@@ -187,3 +187,17 @@ def test_unknown_map_or_rank_method_is_a_one_line_error() -> None:
         measure(_stats(), ctx_map="umap")
     with pytest.raises(TgeomError, match="--rank-threshold"):
         measure(_stats(), rank_method="quartic")
+
+
+def test_design_warnings_name_too_few_windows_per_topic_and_per_position() -> None:
+    """2 windows per topic: k-means on 6 points finds the planted topics, ARI 1.0, which says
+    nothing at that size; 6 windows for 16 positions: the positional means carry the windows.
+    Each warning appears there and not with 12 windows per topic (36 windows)."""
+    few = measure(_stats(c_per_topic=2, t=16))
+    assert few.by_hidden[0]["ctx_ari"] == 1.0
+    clustering, positional = few.warnings
+    assert clustering.startswith("ctx_ari") and "smallest topic has 2 window(s)" in clustering
+    assert positional.startswith("pos_rank") and "6 windows for 16 positions" in positional
+    assert measure(_stats(c_per_topic=12, t=16)).warnings == []
+    only_positions = measure(_stats(c_per_topic=5, t=32)).warnings  # 15 windows, 32 positions
+    assert len(only_positions) == 1 and "15 windows for 32 positions" in only_positions[0]

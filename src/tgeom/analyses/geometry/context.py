@@ -42,6 +42,27 @@ def check_context_design(n_windows: int, topic_ids: Tensor) -> int:
     return n_topics
 
 
+MIN_WINDOWS_PER_TOPIC = 5
+"""Fewer windows in a topic than this and ARI/silhouette come with a warning: k-means on a few
+points per topic matches the labels by chance (2 topics x 2 windows: 1 of the 3 ways to split 4
+points in two pairs is perfect; one window per topic is always perfect)."""
+
+
+def clustering_warnings(topic_ids: Tensor) -> list[str]:
+    """``[one line]`` when the smallest topic has fewer than :data:`MIN_WINDOWS_PER_TOPIC`
+    windows (the clustering scores cannot mean what they say), else ``[]``."""
+    counts = torch.unique(topic_ids, return_counts=True)[1]
+    fewest = int(counts.min()) if counts.numel() else 0
+    if fewest >= MIN_WINDOWS_PER_TOPIC:
+        return []
+    return [
+        f"ctx_ari, ctx_silhouette: the smallest topic has {fewest} window(s), fewer than "
+        f"{MIN_WINDOWS_PER_TOPIC}: k-means on so few points matches the topics by chance "
+        f"(ARI 1.0 from a handful of windows); pass at least {MIN_WINDOWS_PER_TOPIC} windows "
+        "per topic"
+    ]
+
+
 MAP_METHODS = ("pca", "tsne")
 
 

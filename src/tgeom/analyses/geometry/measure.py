@@ -42,6 +42,7 @@ import torch
 from tgeom.analyses.geometry.context import (
     MAP_METHODS,
     check_context_design,
+    clustering_warnings,
     context_metrics,
     incoherence,
     unit_rows,
@@ -89,7 +90,8 @@ class GeometryResult:
 
     Arrays per hidden state ``l``: ``pos_singular_values[l] [min(T', d)]``, ``pos_coords[l]
     [T', 3]`` (top-3 principal coordinates over t), ``ctx_map[l] [C, 2]`` (PCA of ctx),
-    ``pos_ctx_cos[l] [T', C]``, ``gram[l]`` and ``gram_dct[l] [T', T']``.
+    ``pos_ctx_cos[l] [T', C]``, ``gram[l]`` and ``gram_dct[l] [T', T']``. ``warnings``: one
+    line per measurement the corpus' design cannot support (:func:`design_warnings`).
     """
 
     by_hidden: list[dict[str, Any]]
@@ -105,6 +107,7 @@ class GeometryResult:
     pos_ctx_cos: list[np.ndarray] = field(repr=False)
     gram: list[np.ndarray] = field(repr=False)
     gram_dct: list[np.ndarray] = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def n_hidden(self) -> int:
@@ -155,6 +158,25 @@ class GeometryResult:
         """``by_hidden`` (one row per hidden state 0..L: every measurement, arrays as list cells)
         or ``massive_channels`` (one row per hidden state) as a DataFrame."""
         return results_frame(self.to_json(), table, ("by_hidden", "massive_channels"))
+
+
+def design_warnings(n_windows: int, n_positions: int, topic_ids: torch.Tensor) -> list[str]:
+    """What a corpus of ``n_windows`` windows of ``n_positions`` measured positions cannot
+    support: the context clustering with too few windows per topic
+    (:func:`~tgeom.analyses.geometry.context.clustering_warnings`), and the positional part with
+    fewer windows than positions: each ``pos_t`` averages ``C`` windows, so with ``C < T'`` the
+    ``T'`` positional means still carry the windows' own tokens, and the estimated rank, stable
+    rank and spiral read them (minilm, T' = 15: stable rank 5.5-7.4 from 4 windows against
+    2.0-3.5 from 360)."""
+    warnings = clustering_warnings(topic_ids)
+    if n_windows < n_positions:
+        warnings.append(
+            f"pos_rank, pos_stable_rank: {n_windows} windows for {n_positions} positions: each "
+            "positional mean averages fewer windows than there are positions, so the positional "
+            "part still carries the windows' own tokens and its rank counts them; collect at "
+            f"least {n_positions} windows"
+        )
+    return warnings
 
 
 def check_measure_options(ctx_map: str, rank_method: str, conventions: str = "tgeom") -> None:
@@ -230,6 +252,7 @@ def measure(
         pos_ctx_cos=[],
         gram=[],
         gram_dct=[],
+        warnings=design_warnings(stats.n_windows, stats.n_positions, topic_ids),
     )
     dct = dct_matrix(stats.n_positions)
     for hidden in range(stats.n_hidden):

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from tgeom.analyses.identifiability.causal import prefix_effective_attention
 from tgeom.analyses.identifiability.projection import HeadProjectors, sequence_rank
+from tgeom.analyses.identifiability.sequences import null_space_warnings
 from tgeom.analyses.identifiability.windows import (
     window_effective_attention,
     window_null_dims,
@@ -513,6 +514,12 @@ class EffectiveAttentionResult:
     @property
     def lengths(self) -> list[int]:
         return [len(s.token_ids) for s in self.sequences]
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line when no sequence is longer than ``d_head`` (no null space is possible:
+        :func:`~tgeom.analyses.identifiability.sequences.null_space_warnings`), else ``[]``."""
+        return null_space_warnings(self.lengths, self.d_head)
 
     @cached_property
     def summary(self) -> EffectiveSummary:

@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 @dataclass
 class IdentifiabilityResult:
     """``rows``: one ``{layer, g, distance, rate, n_tokens}`` per layer, g and distance (rates on
-    the test sequences); ``options``: candidates, seed, split and sequence counts."""
+    the test sequences); ``options``: candidates, seed, split and sequence counts;
+    ``warnings``: one line per way the rates cannot mean what they say (a test split of fewer
+    than :data:`MIN_TEST_SEQUENCES` sequences; an underdetermined linear g)."""
 
     rows: list[dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def layers(self) -> list[dict[str, Any]]:
@@ -53,16 +56,22 @@ class IdentifiabilityResult:
         return results_frame(self.to_json(), "layers", ("layers",))
 
 
+MIN_TEST_SEQUENCES = 10
+"""Fewer test sequences than this and the rates come with a warning: they are tokens of a few
+passages (the tokens of one sequence are not independent), so one odd passage moves them."""
+
+
 def split_sizes(n: int, split: tuple[float, float, float]) -> tuple[int, int, int]:
     """Train/validation/test counts for ``n`` sequences (floors; the rest goes to test)."""
     n_train, n_val = int(split[0] * n + 1e-9), int(split[1] * n + 1e-9)
     return n_train, n_val, n - n_train - n_val
 
 
-def min_sequences(split: tuple[float, float, float]) -> int:
-    """Smallest number of sequences giving every part of the split at least one sequence."""
+def min_sequences(split: tuple[float, float, float], test: int = 1) -> int:
+    """Smallest number of sequences giving every part of the split at least one sequence and
+    the test part at least ``test``."""
     n = 3
-    while min(split_sizes(n, split)) < 1:
+    while min(split_sizes(n, split)) < 1 or split_sizes(n, split)[2] < test:
         n += 1
     return n
 
@@ -234,13 +243,20 @@ def token_identifiability(
         "n_train_tokens": n_train_tokens,
         "ties": "a tie with the own input counts as identified",
     }
+    warnings = []
+    if len(test) < MIN_TEST_SEQUENCES:
+        warnings.append(
+            f"the rates are measured on a test split of {len(test)} sequences (fewer than "
+            f"{MIN_TEST_SEQUENCES}): they read a handful of passages, not the model; pass "
+            f"at least {min_sequences(split, MIN_TEST_SEQUENCES)} sequences (more windows)"
+        )
     if "linear" in g and n_train_tokens < hidden.shape[-1] + 1:
-        options["warning"] = (
+        warnings.append(
             f"linear g is underdetermined: {n_train_tokens} training tokens for "
             f"{hidden.shape[-1] + 1} coefficients per input coordinate (minimum-norm fit); "
             "use more sequences"
         )
-    return IdentifiabilityResult(rows, options)
+    return IdentifiabilityResult(rows, options, warnings)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from tgeom.analyses.identifiability.effective import effective_attention_batch
+from tgeom.analyses.identifiability.sequences import null_space_warnings
 from tgeom.results import results_frame
 from tgeom.runtime import Runtime
 
@@ -36,6 +37,11 @@ class NullSpaceResult:
             [len(s.token_ids) for s in sequences],
             d_head,
         )
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line when no sequence is longer than ``d_head`` (no null space possible)."""
+        return null_space_warnings(self.lengths, self.d_head)
 
     def by_length(self) -> list[dict[str, Any]]:
         """Per distinct length: mean null dimension ``[L][H]`` over its sequences."""

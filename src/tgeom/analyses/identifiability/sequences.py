@@ -30,3 +30,21 @@ def varied_length_batch(lm: Any, windows: Tensor) -> tuple[Tensor, Tensor]:
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+def null_space_warnings(lengths: list[int], d_head: int) -> list[str]:
+    """``[one line]`` when no sequence has more tokens than ``d_head``, else ``[]``.
+
+    A head's left null space is ``d_s - rank(V W_O[h])`` with ``rank <= min(d_s, d_head)``: it
+    is non-trivial whenever ``d_s > d_head`` and, for ``d_s <= d_head``, only when value vectors
+    coincide (SPEC 5). With every sequence that short, effective attention is raw attention
+    and Pearson(raw, effective) is 1 by construction, not by finding."""
+    if not lengths or max(lengths) > d_head:
+        return []
+    what = f"the sequence has {lengths[0]}" if len(lengths) == 1 else "every sequence has at most"
+    longest = "" if len(lengths) == 1 else f" {max(lengths)}"
+    return [
+        f"{what}{longest} tokens, not more than d_head = {d_head}: no null space is possible "
+        "(beyond repeated value vectors), so effective attention is raw attention and "
+        f"Pearson(raw, effective) is 1; pass more than {d_head} tokens"
+    ]
