@@ -197,7 +197,7 @@ def test_design_warnings_name_too_few_windows_per_topic_and_per_position() -> No
     assert few.by_hidden[0]["ctx_ari"] == 1.0
     clustering, positional = few.warnings
     assert clustering.startswith("ctx_ari") and "smallest topic has 2 window(s)" in clustering
-    assert positional.startswith("pos_rank") and "6 windows for 16 positions" in positional
+    assert positional.startswith("pos_rank_*") and "6 windows for 16 positions" in positional
     assert measure(_stats(c_per_topic=12, t=16)).warnings == []
     only_positions = measure(_stats(c_per_topic=5, t=32)).warnings  # 15 windows, 32 positions
     assert len(only_positions) == 1 and "15 windows for 32 positions" in only_positions[0]

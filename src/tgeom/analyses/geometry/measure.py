@@ -171,7 +171,7 @@ def design_warnings(n_windows: int, n_positions: int, topic_ids: torch.Tensor) -
     warnings = clustering_warnings(topic_ids)
     if n_windows < n_positions:
         warnings.append(
-            f"pos_rank, pos_stable_rank: {n_windows} windows for {n_positions} positions: each "
+            f"pos_rank_*, pos_stable_rank: {n_windows} windows for {n_positions} positions: each "
             "positional mean averages fewer windows than there are positions, so the positional "
             "part still carries the windows' own tokens and its rank counts them; collect at "
             f"least {n_positions} windows"
