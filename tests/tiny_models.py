@@ -224,12 +224,7 @@ TINY_CONFIGS = {
             eos_token_id=2,
         ),
     ),
-}
-
-FAMILIES = tuple(TINY_CONFIGS)
-
-PENDING_CONFIGS = {  # adapters proved by the reference forward but refused by load_model
-    "gpt_neo": (  # layer 0 global, layer 1 local over a window of 4 keys; no 1/sqrt(dh) scale
+    "gpt_neo": (  # layer 0 global, layer 1 local over 10 keys (> d_head 8); no 1/sqrt(dh)
         "GPTNeoForCausalLM",
         transformers.GPTNeoConfig(
             vocab_size=VOCAB,
@@ -239,7 +234,7 @@ PENDING_CONFIGS = {  # adapters proved by the reference forward but refused by l
             intermediate_size=48,
             max_position_embeddings=64,
             attention_types=[[["global", "local"], 1]],
-            window_size=4,
+            window_size=10,
             initializer_range=0.2,
             bos_token_id=1,
             eos_token_id=2,
@@ -247,6 +242,7 @@ PENDING_CONFIGS = {  # adapters proved by the reference forward but refused by l
     ),
 }
 
+FAMILIES = tuple(TINY_CONFIGS)
 
 XSS_TOKENS = ("<script>alert(1)</script>", '"><img src=x onerror="window.__xss=1">')
 
@@ -307,7 +303,7 @@ def save_tiny_model(
     ``spec``: ``(class name, config)`` to build instead of the family's (e.g.
     :func:`windowed_mistral`).
     """
-    class_name, config = spec or {**TINY_CONFIGS, **PENDING_CONFIGS}[family]
+    class_name, config = spec or TINY_CONFIGS[family]
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config)
     # Non-trivial norm parameters and biases so that adapters that forget them are caught.

@@ -117,6 +117,7 @@ def test_cli_info_missing_model_exit_code_2():
         "opt_post_ln",
         "gptj",
         "phi",
+        "gpt_neo",
     ],
 )
 def test_summary_of_tiny_models_matches_their_config(tiny_model, family):

@@ -28,7 +28,9 @@ def dense_top(matrix, k, largest=True, row_mask=None, col_mask=None):
     return [(i, j) for _, i, j in sorted(entries)[:k]]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "opt_post_ln", "distilbert", "gptj", "phi"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "llama", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo"]
+)
 @pytest.mark.parametrize("largest", [True, False])
 def test_qk_and_ov_pairs_equal_the_dense_matrices(tiny_model, family, largest):
     lm = tiny_model(family)

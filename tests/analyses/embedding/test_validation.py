@@ -35,6 +35,8 @@ MLP_MODULES = {
     "opt_post_ln": ("fc1", "fc2"),
     "gptj": ("mlp", "mlp.fc_out"),
     "phi": ("mlp", "mlp.fc2"),
+    "mistral": ("mlp", "mlp.down_proj"),  # windows of 4 keys act on the 9 tokens below
+    "gpt_neo": ("mlp", "mlp.c_proj"),
 }
 
 

@@ -27,7 +27,8 @@ def planted_stats(lm, n_windows=6, n_positions=9, seed=0) -> GeometryStats:
 
 
 @pytest.mark.parametrize(
-    "family", ["gpt2", "llama", "bert", "neox", "opt_post_ln", "distilbert", "gptj", "phi"]
+    "family",
+    ["gpt2", "llama", "bert", "neox", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo"],
 )
 def test_parts_sum_to_the_logits_of_the_reconstructed_input(tiny_model, family):
     """pos-pos + pos-ctx + ctx-pos + ctx-ctx = the scaled QK logits of x = P(t) + C(c), computed

@@ -64,7 +64,9 @@ def _assert_matches_dense(stats: GeometryStats, dense: list[dict[str, Any]]) -> 
         assert sum(dec.shares()) == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "opt_post_ln", "distilbert", "gptj", "phi"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "llama", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo"]
+)
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_streaming_equals_dense_decomposition(
     tiny_model: Any, topic_corpus: Path, family: str, batch_size: int

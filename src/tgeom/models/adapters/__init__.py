@@ -4,8 +4,7 @@ An adapter module defines ``FAMILY``, ``MODEL_TYPES`` (the transformers ``model_
 handles), ``summarize(hf) -> ArchitectureSummary``, ``extract(hf, summary) -> CanonicalWeights``
 and ``blocks(hf) -> nn.ModuleList`` (the residual blocks, whose outputs are ``hidden[1..L]``).
 Adding an architecture means adding one module here and listing it in :data:`ADAPTERS`
-(``docs/adapters.md``). An adapter whose reference forward is proved but which an analysis does
-not honour yet stays in :data:`PENDING`, refused in one line that says why.
+(``docs/adapters.md``).
 """
 
 from __future__ import annotations
@@ -15,16 +14,7 @@ from types import ModuleType
 from tgeom.errors import TgeomError
 from tgeom.models.adapters import bert, gpt2, gpt_neo, gptj, llama, neox, opt, phi
 
-ADAPTERS: tuple[ModuleType, ...] = (gpt2, bert, llama, neox, opt, gptj, phi)
-
-PENDING: dict[str, tuple[ModuleType, str]] = {
-    "gpt_neo": (
-        gpt_neo,
-        "its local attention layers use a sliding window, which effective attention and null "
-        "spaces do not honour yet",
-    ),
-}
-"""``model_type -> (adapter, why it is refused)``: proved by the reference forward, not usable."""
+ADAPTERS: tuple[ModuleType, ...] = (gpt2, bert, llama, neox, opt, gptj, phi, gpt_neo)
 
 
 def supported_model_types() -> list[str]:
@@ -36,11 +26,6 @@ def adapter_for(model_type: str) -> ModuleType:
     for adapter in ADAPTERS:
         if model_type in adapter.MODEL_TYPES:
             return adapter
-    if model_type in PENDING:
-        raise TgeomError(
-            f"architecture '{model_type}' is not supported yet: {PENDING[model_type][1]}; "
-            f"tgeom supports {', '.join(supported_model_types())}."
-        )
     raise TgeomError(
         f"unsupported architecture '{model_type}': tgeom supports "
         f"{', '.join(supported_model_types())}; add an adapter in tgeom/models/adapters."

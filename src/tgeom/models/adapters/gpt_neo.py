@@ -1,11 +1,8 @@
 """GPT-Neo: GPT-2's block with separate bias-free q/k/v (``attn.attention.{q,k,v}_proj``),
 learned positions, no ``1/sqrt(d_head)`` scaling of the scores, and layers alternating between
 global attention and local attention over a sliding window of ``window_size`` keys
-(``attention_layers``), carried as ``summary.attention_windows``.
-
-Not listed in :data:`tgeom.models.adapters.ADAPTERS` yet: the reference forward honours windows,
-but effective attention and null spaces [BRU] do not (SPEC section 1, "Sliding windows"), so
-loading a GPT-Neo model is refused in one line (:data:`tgeom.models.adapters.PENDING`).
+(``attention_layers``), carried as ``summary.attention_windows`` (the reference forward, effective
+attention and null spaces use each query's window: SPEC section 1, "Sliding windows").
 """
 
 from __future__ import annotations
