@@ -158,3 +158,38 @@ def test_global_layers_beside_windowed_ones_keep_their_results(tiny_model):
             assert float((seq.effective[layer, head] - expected).abs().max()) <= 1e-9
             assert int(seq.null_dim[layer, head]) == null_dim == (12 if layer == 0 else 0)
     assert torch.equal(seq.effective[1], seq.raw[1].double())
+
+
+def test_null_space_tables_and_pearson_of_windowed_layers(windowed):
+    """results.json of a windowed model: the windows, the generic null dimension per layer
+    (max(0, min(d_s, w) - d_head)), every random head generic; Pearson(raw, effective) over the
+    windows' entries only (the zeros outside a window are not data); the batch-by-batch survey
+    gives the same tables."""
+    from tgeom.analyses.identifiability import effective_attention
+    from tgeom.analyses.identifiability.effective import pearson
+    from tgeom.analyses.identifiability.survey import attention_survey
+    from tgeom.capture.distributed import Shard
+    from tgeom.models.weights import window_keys
+    from tgeom.runtime import Runtime
+
+    lm = windowed(5)
+    ids = distinct_tokens(3, 14)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # 4 tokens: shorter than the window, no null space (4 - 2 = 2 generic)
+    data = null_space_dims(lm, ids, mask).to_json()
+    assert data["attention_windows"] == [5, 5]
+    assert [row["expected_generic"] for row in data["by_length"]] == [[2, 2], [3, 3]]
+    assert all(head["share_generic"] == 1.0 for head in data["heads"])
+    whole = effective_attention(lm, ids, mask, Runtime(torch.device("cpu"), batch_size=3))
+    seq = whole.sequences[0]
+    inside = window_keys(14, 5)
+    for layer, head in ((0, 0), (1, 3)):
+        expected = pearson(seq.raw[layer, head][inside], seq.effective[layer, head][inside])
+        assert abs(float(whole.pearson[0, layer, head]) - expected) <= 1e-12
+    assert whole.to_json()["attention_windows"] == [5, 5]
+    nulls, summary = attention_survey(
+        lm, ids, mask, Runtime(torch.device("cpu"), batch_size=2), Shard()
+    )
+    assert torch.equal(nulls.null_dim, torch.stack([s.null_dim for s in whole.sequences]))
+    assert nulls.to_json()["by_length"] == data["by_length"]
+    torch.testing.assert_close(summary.pearson.values, whole.pearson.values, rtol=0, atol=1e-12)

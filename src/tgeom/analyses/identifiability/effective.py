@@ -62,7 +62,7 @@ from tgeom.analyses.identifiability.windows import (
 )
 from tgeom.capture import stream_hidden
 from tgeom.linalg.nullspace import default_rtol
-from tgeom.models.weights import attention_window
+from tgeom.models.weights import attention_window, window_keys
 from tgeom.results import results_frame
 from tgeom.runtime import Runtime
 
@@ -410,7 +410,8 @@ def pearson(x: Tensor, y: Tensor) -> float:
 @dataclass
 class PearsonTable:
     """Pearson(raw, effective) ``values [S, L, H]`` over each sequence's allowed (causal: lower
-    triangle) entries, with the sequence ``lengths [S]``. Indexing reads ``values``."""
+    triangle; sliding-window layers: each query's window) entries, with the sequence ``lengths
+    [S]``. Indexing reads ``values``."""
 
     values: Tensor
     lengths: list[int]
@@ -448,6 +449,7 @@ class EffectiveSummary:
     n_queries: int
     d_head: int
     causal: bool
+    windows: tuple[int, ...] = ()  # per layer, keys a query sees (0: global; (): no windows)
 
     @property
     def lengths(self) -> list[int]:
@@ -466,6 +468,7 @@ class EffectiveSummary:
         return {
             "d_head": self.d_head,
             "lengths": self.lengths,
+            "attention_windows": list(self.windows or (0,) * L),
             "token_types": list(TOKEN_TYPES),
             "pearson": [
                 {"layer": layer, "head": h, "by_sequence": r[:, layer, h]}
@@ -510,6 +513,7 @@ class EffectiveAttentionResult:
     types: list[list[str]]
     d_head: int
     causal: bool
+    windows: tuple[int, ...] = ()  # per layer, keys a query sees (0: global; (): no windows)
 
     @property
     def lengths(self) -> list[int]:
@@ -524,18 +528,26 @@ class EffectiveAttentionResult:
     @cached_property
     def summary(self) -> EffectiveSummary:
         """Pearson per sequence (over each sequence's allowed entries: the lower triangle for
-        causal heads) and the token-type attention sums."""
+        causal heads, each query's window in sliding-window layers) and the token-type attention
+        sums."""
         pearson, count = [], 0
         L, H = self.sequences[0].raw.shape[:2]
+        windows = self.windows or (0,) * L
         sums = {k: torch.zeros(L, H, len(TOKEN_TYPES), dtype=torch.float64) for k in TYPE_SUMS}
         for seq, types in zip(self.sequences, self.types, strict=True):
             n = seq.raw.shape[-1]
-            allowed = torch.ones(n, n, dtype=torch.bool)
-            if self.causal:
-                allowed = allowed.tril()
             raw = seq.raw.double()
-            pair = raw[..., allowed], seq.effective[..., allowed]  # [L, H, m]
-            pearson.append(torch.vmap(torch.vmap(pearson_t))(*pair))
+            r = torch.empty(L, H, dtype=torch.float64)
+            for window in set(windows):
+                layers = [layer for layer in range(L) if windows[layer] == window]
+                allowed = torch.ones(n, n, dtype=torch.bool)
+                if window:
+                    allowed = window_keys(n, window)
+                elif self.causal:
+                    allowed = allowed.tril()
+                pair = raw[layers][..., allowed], seq.effective[layers][..., allowed]  # [l, H, m]
+                r[layers] = torch.vmap(torch.vmap(pearson_t))(*pair)
+            pearson.append(r)
             onehot = torch.tensor(
                 [[t == k for k in TOKEN_TYPES] for t in types], dtype=torch.float64
             )
@@ -544,7 +556,7 @@ class EffectiveAttentionResult:
                 sums[f"{name}_abs"] += (matrix.abs() @ onehot).sum(-2)
             count += len(types)
         table = PearsonTable(torch.stack(pearson), self.lengths)
-        return EffectiveSummary(table, sums, count, self.d_head, self.causal)
+        return EffectiveSummary(table, sums, count, self.d_head, self.causal, self.windows)
 
     @property
     def pearson(self) -> PearsonTable:
@@ -608,5 +620,10 @@ def effective_attention(
         for toks, s in zip(tokens, sequences, strict=True)
     ]
     return EffectiveAttentionResult(
-        sequences, tokens, types, lm.summary.d_head, bool(lm.summary.is_causal)
+        sequences,
+        tokens,
+        types,
+        lm.summary.d_head,
+        bool(lm.summary.is_causal),
+        lm.summary.attention_windows,
     )

@@ -1,6 +1,13 @@
 """Left null-space dimension of every attention head per sequence [BRU] (SPEC section 5):
 ``dim = d_s - rank(V W_O[h])`` over the real tokens (value bias included), float64, relative
-tolerance; generic heads give ``max(0, d_s - d_head)``."""
+tolerance; generic heads give ``max(0, d_s - d_head)``.
+
+Sliding-window layers (SPEC section 1): query ``i`` sees only the ``m_i = min(i + 1, w)`` keys of
+its window, so it has a null dimension of its own, ``m_i - rank(T[i-m_i+1:i+1])``. A windowed
+head's ``null_dim`` on a sequence is the largest over its queries (``rank``: the rank of the last
+query window attaining it), so generic heads give ``max(0, min(d_s, w) - d_head)``; for every
+other head the same rule gives ``d_s - rank(T)`` (a prefix's null dimension never falls as keys
+are added). ``expected_generic`` is therefore per layer."""
 
 from __future__ import annotations
 
@@ -21,27 +28,42 @@ if TYPE_CHECKING:
 
 @dataclass
 class NullSpaceResult:
-    """``null_dim, rank [S, L, H]`` (int64) and the sequence lengths ``d_s`` ``[S]``."""
+    """``null_dim, rank [S, L, H]`` (int64), the sequence lengths ``d_s`` ``[S]`` and the
+    layers' sliding windows (``summary.attention_windows``: keys per query, 0 = global; ``()``:
+    none)."""
 
     null_dim: Tensor
     rank: Tensor
     lengths: list[int]
     d_head: int
+    windows: tuple[int, ...] = ()
 
     @classmethod
-    def from_sequences(cls, sequences: list[Any], d_head: int) -> NullSpaceResult:
+    def from_sequences(
+        cls, sequences: list[Any], d_head: int, windows: tuple[int, ...] = ()
+    ) -> NullSpaceResult:
         """From :class:`~tgeom.analyses.identifiability.effective.SequenceAttention` objects."""
         return cls(
             torch.stack([s.null_dim for s in sequences]),
             torch.stack([s.rank for s in sequences]),
             [len(s.token_ids) for s in sequences],
             d_head,
+            windows,
         )
 
     @property
     def warnings(self) -> list[str]:
         """One line when no sequence is longer than ``d_head`` (no null space possible)."""
         return null_space_warnings(self.lengths, self.d_head)
+
+    def expected_generic(self, lengths: Tensor) -> Tensor:
+        """``[len(lengths), L]``: a generic head's null dimension, ``max(0, min(d_s, w) -
+        d_head)`` (``w = d_s`` for global layers)."""
+        L = self.null_dim.shape[1]
+        windows = torch.tensor(self.windows or (0,) * L)
+        seen = lengths[:, None].clone().expand(-1, L)
+        seen = torch.where(windows > 0, torch.minimum(seen, windows), seen)
+        return (seen - self.d_head).clamp_min(0)
 
     def by_length(self) -> list[dict[str, Any]]:
         """Per distinct length: mean null dimension ``[L][H]`` over its sequences."""
@@ -53,7 +75,7 @@ class NullSpaceResult:
                 {
                     "length": n,
                     "n_sequences": len(idx),
-                    "expected_generic": max(0, n - self.d_head),
+                    "expected_generic": self.expected_generic(torch.tensor([n]))[0].tolist(),
                     "mean_null_dim": mean.tolist(),
                 }
             )
@@ -61,10 +83,11 @@ class NullSpaceResult:
 
     def to_json(self) -> dict[str, Any]:
         _, L, H = self.null_dim.shape
-        lengths = torch.tensor(self.lengths)
+        generic = self.expected_generic(torch.tensor(self.lengths))  # [S, L]
         return {
             "d_head": self.d_head,
             "lengths": self.lengths,
+            "attention_windows": list(self.windows or (0,) * L),
             "heads": [
                 {
                     "layer": layer,
@@ -72,16 +95,18 @@ class NullSpaceResult:
                     "null_dim": self.null_dim[:, layer, h].tolist(),
                     "mean_null_dim": float(self.null_dim[:, layer, h].double().mean()),
                     "share_generic": float(
-                        (self.null_dim[:, layer, h] == (lengths - self.d_head).clamp_min(0))
-                        .double()
-                        .mean()
+                        (self.null_dim[:, layer, h] == generic[:, layer]).double().mean()
                     ),
                 }
                 for layer in range(L)
                 for h in range(H)
             ],
             "by_length": self.by_length(),
-            "expected_generic": "max(0, length - d_head)",
+            "expected_generic": "max(0, min(length, window) - d_head) per layer (window = "
+            "length for global layers)",
+            "null_dim_definition": "length - rank(V W_O[h]); sliding-window layers: the largest "
+            "over queries of (keys in the query's window - rank of T on those keys), with the "
+            "rank of the last query attaining it",
         }
 
     def to_frame(self, table: str = "heads") -> pd.DataFrame:
@@ -106,4 +131,6 @@ def null_space_dims(
         sequences += effective_attention_batch(
             lm, token_ids[start:stop], mask, need_attention=False
         )
-    return NullSpaceResult.from_sequences(sequences, lm.summary.d_head)
+    return NullSpaceResult.from_sequences(
+        sequences, lm.summary.d_head, lm.summary.attention_windows
+    )

@@ -62,7 +62,9 @@ def attention_survey(
         rows = slice(index * batch, min(S, (index + 1) * batch))
         part = effective_attention(lm, token_ids[rows], mask[rows], runtime)
         summary = part.summary
-        part_nulls = NullSpaceResult.from_sequences(part.sequences, int(lm.summary.d_head))
+        part_nulls = NullSpaceResult.from_sequences(
+            part.sequences, int(lm.summary.d_head), lm.summary.attention_windows
+        )
         tables["pearson"][rows] = summary.pearson.values
         tables["null_dim"][rows] = part_nulls.null_dim.double()
         tables["rank"][rows] = part_nulls.rank.double()
@@ -75,7 +77,11 @@ def attention_survey(
     if not bool((counts["covered"] == 1).all()):  # every sequence exactly once, or no result
         raise TgeomError("the sharded survey did not cover every sequence exactly once.")
     nulls = NullSpaceResult(
-        tables["null_dim"].long(), tables["rank"].long(), lengths, int(lm.summary.d_head)
+        tables["null_dim"].long(),
+        tables["rank"].long(),
+        lengths,
+        int(lm.summary.d_head),
+        lm.summary.attention_windows,
     )
     summary = EffectiveSummary(
         PearsonTable(tables["pearson"], lengths),
@@ -83,5 +89,6 @@ def attention_survey(
         int(counts["n_queries"].item()),
         int(lm.summary.d_head),
         bool(lm.summary.is_causal),
+        lm.summary.attention_windows,
     )
     return nulls, summary
