@@ -6,8 +6,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
-from collections.abc import Sequence
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,17 +66,52 @@ def prepare_out_dir(out: str | Path) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+@contextmanager
+def atomic_replace(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
+    """A new temporary file (or, with ``folder``, folder) beside ``path`` to write into, renamed
+    onto ``path`` when the block ends and removed if it raises: ``path`` is never half-written.
+
+    What lands at ``path`` has the user's normal permissions, those a plain ``open`` or
+    ``mkdir`` gives (0666 or 0777 less the umask): the temporary is created so, and the files
+    written into it are given that mode before the rename. ``tempfile``'s private 0600/0700
+    would survive the rename (``results.json`` was 0600 beside 0644 figures), and so would the
+    0600 of the files ``safetensors`` writes (it replaces the file it is given by its own)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _new_beside(path, folder)
+    normal = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # 0666 less the umask
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield tmp
+        for written in tmp.rglob("*") if folder else [tmp]:
+            if written.is_file() and not written.is_symlink():
+                written.chmod(normal)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_beside(path: Path, folder: bool) -> Path:
+    """An empty hidden file or folder of a fresh random name in ``path``'s folder, made as
+    ``open``/``mkdir`` make them (0666/0777 less the umask)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            if folder:
+                tmp.mkdir(mode=0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    with atomic_replace(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_results(

@@ -28,7 +28,7 @@ from tgeom.errors import TgeomError
 from tgeom.models.load import LoadedModel, load_model
 from tgeom.models.reference import embed, run_blocks
 from tgeom.models.weights import CanonicalWeights, LayerWeights, Norm, QKNorm
-from tgeom.results import atomic_write_text, prepare_out_dir
+from tgeom.results import atomic_replace, atomic_write_text, prepare_out_dir
 
 CONFIG_FILE = "classifier.json"
 TENSOR_FILE = "classifier.safetensors"
@@ -187,7 +187,8 @@ def save_classifier(clf: SequenceClassifier, base: CanonicalWeights, out: str | 
     if clf.eval_ids is not None and clf.eval_labels is not None:
         tensors["eval.token_ids"] = clf.eval_ids.cpu().contiguous()
         tensors["eval.labels"] = clf.eval_labels.cpu().contiguous()
-    save_file(tensors, str(folder / TENSOR_FILE))
+    with atomic_replace(folder / TENSOR_FILE) as tmp:
+        save_file(tensors, str(tmp))
     config = dataclasses.asdict(clf.config)
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=1) + "\n")
     return folder

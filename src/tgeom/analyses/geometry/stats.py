@@ -28,8 +28,6 @@ a checkpoint is either the old or the new one, and ``n_done`` says how many wind
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ import torch
 from torch import Tensor
 
 from tgeom.errors import TgeomError
-from tgeom.results import atomic_write_text
+from tgeom.results import atomic_replace, atomic_write_text
 
 STATS_FILE = "geometry_stats.safetensors"
 FORMAT = "tgeom.geometry_stats/1"
@@ -200,18 +198,12 @@ class GeometryStats:
         }
         if self.second_moment is not None:
             tensors["second_moment"] = self.second_moment
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_replace(target) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()},
-                tmp,
+                str(tmp),
                 metadata={"tgeom": json.dumps(header)},
             )
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         atomic_write_text(target.with_suffix(".json"), json.dumps(header, indent=1) + "\n")
         return target
 
