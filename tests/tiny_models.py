@@ -319,3 +319,82 @@ def save_tiny_model(
     model.save_pretrained(folder, safe_serialization=True)
     build_tiny_tokenizer(folder, hostile=hostile)
     return folder
+
+
+# llama.cpp's names for the tiny llama's tensors (its converter's table, one layer's worth)
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def _rotary_halves_to_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's order of a Q or K projection's rows: per head, the rotary halves
+    interleaved into pairs (transformers undoes it when it reads a GGUF)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, -1).transpose(1, 2).reshape_as(weight)
+
+
+def save_tiny_gguf(folder: Path, seed: int = 0) -> Path:
+    """The tiny llama (:func:`save_tiny_model`, saved to ``folder / "hf"``) written as a float32
+    GGUF file ``folder / "tiny-llama.gguf"``, as llama.cpp's converter lays it out: metadata,
+    tokenizer (the character vocabulary, no merges) and tensors. Converting it back must give
+    the Hugging Face model again."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    hf = save_tiny_model("llama", folder / "hf", seed=seed)
+    config = TINY_CONFIGS["llama"][1]
+    vocab = json.loads((hf / "tokenizer.json").read_text())["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    writer = gguf.GGUFWriter(str(folder / "tiny-llama.gguf"), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(VOCAB)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    control, normal = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL
+    writer.add_token_types([control if i < 4 else normal for i in range(len(tokens))])
+    writer.add_token_merges([])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    for layer in range(config.num_hidden_layers):
+        for ours, theirs in _GGUF_LAYER_NAMES.items():
+            names[f"model.layers.{layer}.{ours}.weight"] = f"blk.{layer}.{theirs}.weight"
+    weights = load_file(str(hf / "model.safetensors"))
+    for ours, theirs in names.items():
+        weight = weights[ours]
+        if theirs.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_attention_heads if "attn_q" in theirs else config.num_key_value_heads
+            weight = _rotary_halves_to_pairs(weight, heads)
+        writer.add_tensor(theirs, weight.float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return folder / "tiny-llama.gguf"

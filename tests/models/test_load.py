@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -199,16 +198,16 @@ def test_real_model_summaries_match_spec(minilm, smollm2):
 
 
 @pytest.mark.slow
-def test_cached_gguf_loads_fast(smollm2):
-    """The first load converted the GGUF (~14 s); later loads read cached safetensors."""
+def test_smollm2_loads_again_from_its_cached_folder(smollm2):
+    """The first load converted the GGUF; a later one reads the cached safetensors and rewrites
+    nothing (how long each takes: bench/bench_load.py; the cache read itself, with the GGUF
+    blanked: tests/models/test_gguf.py)."""
     folder = cached_folder(offline_model_path("smollm2"))
-    assert (folder / "model.safetensors").is_file()
-    timings = []
-    for _ in range(3):  # the best of three: a load may pay for a cold page cache or a busy CPU
-        start = time.perf_counter()
-        again = load_model("smollm2", device="cpu")
-        timings.append(time.perf_counter() - start)
-    assert min(timings) < 2.0, timings
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    assert folder / "model.safetensors" in files
+    written = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
+    again = load_model("smollm2", device="cpu")
+    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files} == written
     assert torch.equal(again.weights().W_E, smollm2.weights().W_E)
 
 
