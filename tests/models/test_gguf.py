@@ -67,6 +67,8 @@ def test_tiny_gguf_converts_back_to_the_model_it_was_written_from(tmp_path, cach
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # not tempfile's 0700
+    for written in folder.iterdir():  # model.safetensors: not safetensors' 0600
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written.name
 
 
 def test_second_load_reads_the_cache_not_the_gguf(tmp_path, cache):
