@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 STATS = "geometry_stats.safetensors"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+TIMEOUT_S = 1200  # a whole job, on a machine whose cores are busy with other work
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +44,34 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_tgeom(args: list[str], ranks: int = 1, port: int = 29517) -> None:
-    """``python -m tgeom ARGS``, under ``torchrun`` with ``ranks`` gloo workers when > 1;
-    asserts success."""
+def torchrun(ranks: int, log_dir: Path) -> list[str]:
+    """``torchrun`` for ``ranks`` gloo workers on this machine: the rendezvous store on a port the
+    OS hands out (``--standalone``; two jobs at once never share one), and each rank's stdout and
+    stderr in its own file under ``log_dir`` (see :func:`rank_logs`)."""
+    return [
+        *(TORCHRUN, "--standalone", "--nproc-per-node", str(ranks)),
+        *("--log-dir", str(log_dir), "--redirects", "3"),
+    ]
+
+
+def rank_logs(log_dir: Path) -> str:
+    """Every rank's own stderr, whole and labelled: a failing job shows why each rank stopped."""
+    logs = sorted(log_dir.rglob("stderr.log"))
+    return "\n".join(f"--- {p.relative_to(log_dir)} ---\n{p.read_text()}" for p in logs)
+
+
+def run_tgeom(args: list[str], ranks: int = 1, log_dir: Path | None = None) -> None:
+    """``python -m tgeom ARGS``, under ``torchrun`` with ``ranks`` gloo workers when > 1 (their
+    logs in ``log_dir``); asserts success, showing torchrun's stderr and each rank's own."""
     launcher = [sys.executable]
     if ranks > 1:
-        launcher = [TORCHRUN, "--nproc-per-node", str(ranks), "--master-port", str(port)]
+        assert log_dir is not None
+        launcher = torchrun(ranks, log_dir)
     done = subprocess.run(
-        [*launcher, *args], capture_output=True, text=True, timeout=300, env=env()
+        [*launcher, *args], capture_output=True, text=True, timeout=TIMEOUT_S, env=env()
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    ranks_said = rank_logs(log_dir) if log_dir is not None else ""
+    assert done.returncode == 0, f"{done.stderr}\n{ranks_said}"
 
 
 def single_process(model: Path, corpus: Path, out: Path) -> dict:
@@ -70,13 +89,13 @@ def assert_same_stats(a: dict, b: dict, atol: float) -> None:
 def test_two_gloo_ranks_equal_one_process(tiny_model_dir, corpus, tmp_path):
     model = tiny_model_dir("gpt2")
     reference = single_process(model, corpus, tmp_path / "single")
-    run_tgeom(collect_args(model, corpus, tmp_path / "sharded"), ranks=2, port=29517)
+    run_tgeom(collect_args(model, corpus, tmp_path / "sharded"), 2, tmp_path / "logs")
     sharded = load_file(str(tmp_path / "sharded" / STATS))
     assert_same_stats(sharded, reference, atol=1e-9)
     assert (tmp_path / "sharded" / "results.json").is_file()
 
 
-def wait_for(path: Path, timeout: float = 120.0) -> None:
+def wait_for(path: Path, timeout: float = TIMEOUT_S) -> None:
     start = time.time()
     while not path.exists():
         assert time.time() - start < timeout, f"{path} never appeared"
@@ -92,7 +111,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, corpus, tmp_pa
     proc = subprocess.Popen([sys.executable, *args], env=env(), stderr=subprocess.DEVNULL)
     wait_for(out / STATS)  # the first checkpoint is on disk: kill mid-collection
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait(timeout=TIMEOUT_S)
     from tgeom.analyses.geometry import GeometryStats
 
     partial = GeometryStats.load(out)  # a complete, loadable checkpoint (atomic writes)
@@ -104,11 +123,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, corpus, tmp_pa
 def test_a_dead_rank_stops_the_job_without_a_result(tiny_model_dir, corpus, tmp_path):
     model = tiny_model_dir("neox")
     out = tmp_path / "dead-rank"
-    launcher = [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29518"]
+    logs = tmp_path / "logs"
     args = collect_args(model, corpus, out, "--checkpoint-every", "1")
     args[args.index("--batch-size") + 1] = "1"
     proc = subprocess.Popen(
-        [*launcher, *args],
+        [*torchrun(2, logs), *args],
         env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -121,8 +140,8 @@ def test_a_dead_rank_stops_the_job_without_a_result(tiny_model_dir, corpus, tmp_
     ).stdout.split()
     assert len(workers) == 2
     os.kill(int(max(workers, key=int)), signal.SIGKILL)  # the later-started worker
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode != 0, rank_logs(logs)
     assert not (out / STATS).exists()  # no silent partial result
     assert not (out / "results.json").exists()
     assert "FAILED" in stderr or "failed" in stderr.lower()
@@ -143,7 +162,7 @@ def test_two_gloo_ranks_survey_null_spaces_like_one_process(tiny_model_dir, corp
 
     model = tiny_model_dir("llama")  # causal: per-prefix null spaces
     run_tgeom(nullspace_args(model, corpus, tmp_path / "single"))
-    run_tgeom(nullspace_args(model, corpus, tmp_path / "sharded"), ranks=2, port=29519)
+    run_tgeom(nullspace_args(model, corpus, tmp_path / "sharded"), 2, tmp_path / "logs")
     a = json.loads((tmp_path / "single" / "results.json").read_text())
     b = json.loads((tmp_path / "sharded" / "results.json").read_text())
     assert (a["world_size"], b["world_size"]) == (1, 2)

@@ -4,6 +4,9 @@ The corpus statistics are sums over windows, so a job splits the windows determi
 across ranks, each rank accumulates its share, and one all-reduce (float64) gives every rank the
 totals of the whole corpus; rank 0 writes the result. A rank that dies makes the collective
 fail on the others (gloo/nccl raise, and torchrun stops the job): no partial result is written.
+A process that joined the group leaves it at exit (:func:`leave_process_group`): one that exits
+still in it may abort as its interpreter shuts down (a non-main rank, exiting while rank 0 still
+writes: ``terminate called without an active exception``, exit -6).
 
 Multi-node: ``torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT
 --nproc-per-node P -m tgeom geometry collect ...``.
@@ -11,6 +14,7 @@ Multi-node: ``torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpo
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -78,4 +82,19 @@ def shard_from_env(timeout_s: float = 1800.0) -> Shard:
             ) from None
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        atexit.register(leave_process_group)
     return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def leave_process_group() -> None:
+    """Destroy this process' default group, if it has one, while its interpreter is still whole.
+
+    Registered at exit by :func:`shard_from_env`. Left to the interpreter's shutdown, the gloo
+    group is torn down with its threads still running, and the process may abort: under
+    ``torchrun`` on a busy machine, rank 1 of a 2-rank gloo job died so (SIGABRT, ``terminate
+    called without an active exception``) in 20 of 35 runs of a script that all-reduces and
+    exits, and in 0 of 15 runs, alternated with those, once it destroyed its group first. Every
+    collective is done by then (rank 0 only writes after the last), so no rank waits on a peer
+    that has left."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
