@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tgeom.analyses.embedding.classifier import map_weights
 from tgeom.analyses.geometry import GeometryStats
 from tgeom.analyses.geometry.attention import (
     PARTS,
@@ -13,7 +14,7 @@ from tgeom.analyses.geometry.attention import (
     qk_logit_parts,
     split_inputs,
 )
-from tgeom.models.reference import attention_bias
+from tgeom.models.reference import attention_bias, block_attention
 
 
 def planted_stats(lm, n_windows=6, n_positions=9, seed=0) -> GeometryStats:
@@ -26,9 +27,29 @@ def planted_stats(lm, n_windows=6, n_positions=9, seed=0) -> GeometryStats:
     )
 
 
+def qk_norm_by_hand(x, norm):
+    """QK-norm of ``x [C, H, T, dh]`` written out: gain times x over the RMS of each head's
+    coordinates (scope 'head') or of all heads' coordinates of the token (scope 'all')."""
+    dims = (-1,) if norm.scope == "head" else (1, 3)
+    rms = (x.pow(2).mean(dims, keepdim=True) + norm.eps).sqrt()
+    return norm.weight.double()[None, :, None, :] * x / rms
+
+
 @pytest.mark.parametrize(
     "family",
-    ["gpt2", "llama", "bert", "neox", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo"],
+    [
+        "gpt2",
+        "llama",
+        "bert",
+        "neox",
+        "opt_post_ln",
+        "distilbert",
+        "gptj",
+        "phi",
+        "gpt_neo",
+        "qwen3",
+        "olmo2",
+    ],
 )
 def test_parts_sum_to_the_logits_of_the_reconstructed_input(tiny_model, family):
     """pos-pos + pos-ctx + ctx-pos + ctx-ctx = the scaled QK logits of x = P(t) + C(c), computed
@@ -42,13 +63,37 @@ def test_parts_sum_to_the_logits_of_the_reconstructed_input(tiny_model, family):
     x = P[None] + C[:, None]  # [C, T, d]
     q = torch.einsum("ctd,hde->chte", x, lw.W_Q.double()) + lw.b_Q.double()[None, :, None]
     k = torch.einsum("ctd,hde->chte", x, lw.W_K.double()) + lw.b_K.double()[None, :, None]
+    if lw.q_norm is not None:  # QK-norm before rotary, as the model does
+        q, k = qk_norm_by_hand(q, lw.q_norm), qk_norm_by_hand(k, lw.k_norm)
     if cw.rotary is not None:
         q, k = cw.rotary.apply(q, positions), cw.rotary.apply(k, positions)
     logits = torch.einsum("chte,chse->chts", q, k) * cw.attn_scale  # [C, H, T, T]
     parts = logit_parts(stats, cw, layer)
     assert torch.allclose(sum(parts.values()), logits, atol=1e-10)
-    # pos-pos does not depend on the context; ctx parts vanish when ctx is zero.
-    assert torch.equal(parts["pos-pos"][0], parts["pos-pos"][-1])
+    # pos-pos does not depend on the context, unless QK-norm divides it by the token's scale.
+    same = torch.equal(parts["pos-pos"][0], parts["pos-pos"][-1])
+    assert same == (lw.q_norm is None)
+
+
+def test_qk_norm_parts_sum_to_the_models_own_attention_logits(tiny_model):
+    """OLMo 2 attends to the residual stream itself (no norm before attention), so on hidden
+    states with no residual (``h = mu + pos_t + ctx_c`` exactly) the split's input is the true
+    attention input: the parts, each divided by its token's own QK-norm scale, sum to the
+    model's logits and give its attention (the reference forward in float64)."""
+    lm = tiny_model("olmo2")
+    cw64 = map_weights(lm.weights(), lambda _n, t: t.double())
+    g = torch.Generator().manual_seed(4)
+    L1, C, T, d = lm.summary.n_layers + 1, 5, 7, lm.summary.d_model
+    pos = torch.randn(L1, 1, T, d, generator=g, dtype=torch.float64)
+    ctx = torch.randn(L1, C, 1, d, generator=g, dtype=torch.float64)
+    mu = torch.randn(L1, 1, 1, d, generator=g, dtype=torch.float64)
+    hidden = mu + (pos - pos.mean(2, keepdim=True)) + (ctx - ctx.mean(1, keepdim=True))
+    stats = GeometryStats.from_hidden(hidden, torch.arange(C) % 2, ["a", "b"])
+    for block in range(lm.summary.n_layers):
+        logits = sum(logit_parts(stats, cw64, block).values())  # [C, H, T, T]
+        bias = attention_bias(cw64, None, C, T)
+        want = block_attention(cw64, block, hidden[block], bias)
+        assert torch.allclose(torch.softmax(logits + bias, dim=-1), want, atol=1e-12)
 
 
 def test_summary_shares_and_rms(tiny_model):

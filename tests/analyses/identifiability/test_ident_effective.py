@@ -20,7 +20,8 @@ def one_thread():
 
 
 @pytest.mark.parametrize(
-    "family", ["bert", "llama", "gpt2", "opt", "opt_post_ln", "distilbert", "gptj", "phi"]
+    "family",
+    ["bert", "llama", "gpt2", "opt", "opt_post_ln", "distilbert", "gptj", "phi", "qwen3", "olmo2"],
 )
 def test_effective_attention_preserves_head_output(tiny_model, family):
     lm = tiny_model(family)

@@ -82,7 +82,9 @@ def test_same_seed_same_rates_with_mlp_and_distances_option(tiny_model):
     assert {(r["g"], r["distance"]) for r in a.rows} == {("mlp", "cosine")}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo", "qwen3", "olmo2"]
+)
 def test_vocabulary_candidates_identify_layer_zero(tiny_model, family):
     lm = tiny_model(family)
     ids = torch.randint(4, 96, (7, 6), generator=torch.Generator().manual_seed(10))

@@ -9,7 +9,10 @@ beta`` (global mean and position) and ``C(c) = lin(ctx_c)``; then for query (c, 
 
 with ``q = (P(t) + C(c)) W_Q + b_Q`` (bias on the positional side), likewise ``k``, rotary
 embeddings applied at t and s (rotation is linear, so the split stays exact). The residual is
-left out (it averages to zero over contexts and positions).
+left out (it averages to zero over contexts and positions). QK-norm (Qwen 3, OLMo 2) is made
+linear per token as SPEC section 4 says: each part of the query ``(c, t)`` is divided by that
+token's own QK-norm scale (the RMS of its whole projection ``x W_Q + b_Q``, per head or over all
+heads) and multiplied by the gain, likewise for keys, so the parts still sum to the logit.
 
 The norm is not linear; we use its corpus-level linearisation: ``lin(h) = gamma * center(h) / s``
 with ``s`` the root-mean-square norm of hidden state ``b``'s vectors over the whole corpus
@@ -27,9 +30,14 @@ from torch import Tensor
 
 from tgeom.analyses.geometry.stats import GeometryStats
 from tgeom.errors import check_index
-from tgeom.models.weights import CanonicalWeights, Norm
+from tgeom.models.weights import CanonicalWeights, Norm, QKNorm
 
 PARTS = ("pos-pos", "pos-ctx", "ctx-pos", "ctx-ctx")
+QK_NORM_SPLIT = (
+    "QK-norm (scope: {scope}): every part of a query (key) is divided by that token's own "
+    "QK-norm scale and multiplied by the gain, so the parts sum to the logits exactly; "
+    "wqk_positional_share folds the gains into W_Q and W_K"
+)
 
 
 def linearised_norm(norm: Norm | None, scale: float) -> Any:
@@ -64,36 +72,46 @@ def split_inputs(
     return P, C, positions
 
 
-def _project(
-    x: Tensor, W: Tensor, b: Tensor | None, cw: CanonicalWeights, positions: Tensor | None
-) -> Tensor:
-    """``x [..., n, d] -> [..., H, n, dh]`` (bias added when given, rotary at ``positions``)."""
-    out = torch.einsum("...nd,hde->...hne", x, W.double())
-    if b is not None:
-        out = out + b.double()[:, None, :]
-    if cw.rotary is not None and positions is not None:
-        out = cw.rotary.apply(out, positions)
-    return out
+def _sides(
+    P: Tensor,
+    C: Tensor,
+    W: Tensor,
+    b: Tensor,
+    norm: QKNorm | None,
+    cw: CanonicalWeights,
+    positions: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The positional and context parts, each ``[C, H, T', dh]``, of the queries (or keys) of
+    ``x = P(t) + C(c)``: ``P W + b`` and ``C W``. Under QK-norm both are divided by the token's
+    own QK-norm scale (the RMS of its whole ``x W + b``, per head or over all heads) and
+    multiplied by the gain, so they still sum to ``n(x W + b)``; then rotary at ``positions``
+    (rotation is linear)."""
+    T, n_ctx = P.shape[0], C.shape[0]
+    pos = torch.einsum("td,hde->hte", P, W.double()) + b.double()[:, None, :]
+    pos = pos[None].expand(n_ctx, -1, -1, -1)
+    ctx = torch.einsum("cd,hde->che", C, W.double())[:, :, None, :].expand(-1, -1, T, -1)
+    if norm is not None:
+        factor = norm.weight.double()[:, None, :] * norm.inverse_scale(pos + ctx)
+        pos, ctx = factor * pos, factor * ctx
+    if cw.rotary is not None:
+        pos, ctx = cw.rotary.apply(pos, positions), cw.rotary.apply(ctx, positions)
+    return pos, ctx
 
 
 def logit_parts(stats: GeometryStats, cw: CanonicalWeights, block: int) -> dict[str, Tensor]:
     """The four parts of every head's scaled QK logits, each ``[C, H, T', T']`` float64
-    (query position t, key position s); their sum is the logit of ``x = P(t) + C(c)``."""
+    (query position t, key position s); their sum is the logit of ``x = P(t) + C(c)``. Without
+    QK-norm pos-pos is the same for every context; with it, every part carries the query's and
+    the key's own QK-norm scale."""
     P, C, positions = split_inputs(stats, cw, block)
     lw = cw.layers[block]
-    T = P.shape[0]
-    q_pos = _project(P, lw.W_Q, lw.b_Q, cw, positions)  # [H, T, dh]
-    k_pos = _project(P, lw.W_K, lw.b_K, cw, positions)
-    # Context parts carry no bias; rotary makes them position dependent: [C, H, T, dh].
-    expanded = C[:, None, :].expand(C.shape[0], T, C.shape[1])
-    q_ctx = _project(expanded, lw.W_Q, None, cw, positions)
-    k_ctx = _project(expanded, lw.W_K, None, cw, positions)
+    q_pos, q_ctx = _sides(P, C, lw.W_Q, lw.b_Q, lw.q_norm, cw, positions)
+    k_pos, k_ctx = _sides(P, C, lw.W_K, lw.b_K, lw.k_norm, cw, positions)
     scale = cw.attn_scale
     return {
-        "pos-pos": scale
-        * torch.einsum("hte,hse->hts", q_pos, k_pos)[None].expand(len(C), -1, -1, -1),
-        "pos-ctx": scale * torch.einsum("hte,chse->chts", q_pos, k_ctx),
-        "ctx-pos": scale * torch.einsum("chte,hse->chts", q_ctx, k_pos),
+        "pos-pos": scale * torch.einsum("chte,chse->chts", q_pos, k_pos),
+        "pos-ctx": scale * torch.einsum("chte,chse->chts", q_pos, k_ctx),
+        "ctx-pos": scale * torch.einsum("chte,chse->chts", q_ctx, k_pos),
         "ctx-ctx": scale * torch.einsum("chte,chse->chts", q_ctx, k_ctx),
     }
 
@@ -126,7 +144,9 @@ def qk_logit_parts(
                 "head": h,
                 **{f"rms_{name}": squares[name] ** 0.5 for name in PARTS},
                 **{f"share_{name}": squares[name] / total for name in PARTS},
-                "wqk_positional_share": positional_share(lw.W_Q[h], lw.W_K[h], P),
+                "wqk_positional_share": positional_share(
+                    _gained(lw.W_Q[h], lw.q_norm, h), _gained(lw.W_K[h], lw.k_norm, h), P
+                ),
             }
         )
     return {
@@ -135,8 +155,15 @@ def qk_logit_parts(
         "n_blocks": len(cw.layers),
         "norm_linearisation": "gamma * center(h) / corpus RMS of h (bias with position)",
         "rotary_applied": cw.rotary is not None,
+        "qk_norm": None if lw.q_norm is None else QK_NORM_SPLIT.format(scope=lw.q_norm.scope),
         "heads": heads_out,
     }
+
+
+def _gained(W: Tensor, norm: QKNorm | None, head: int) -> Tensor:
+    """``W [d, dh]`` with its head's QK-norm gain folded into the columns (``W`` itself
+    without QK-norm): the bilinear form up to the per-token scales."""
+    return W if norm is None else W * norm.weight[head]
 
 
 def positional_share(W_Q: Tensor, W_K: Tensor, P: Tensor, k: int = 3) -> float:
