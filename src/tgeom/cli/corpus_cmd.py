@@ -6,10 +6,9 @@ import json
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from tgeom.cli import app
+from tgeom.cli.output import print_table
 
 SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30 as model_max_length
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
@@ -67,16 +66,13 @@ def corpus(
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
-    table = Table(title=f"tgeom corpus: {source} ({model}, T = {seq_len})")
-    table.add_column("topic")
-    table.add_column("documents", justify="right")
-    table.add_column("windows", justify="right")
-    for row in rows:
-        table.add_row(row["topic"], str(row["documents"]), str(row["windows"]))
-    table.add_row("total", str(len(documents)), str(len(windows)), style="bold")
-    console = Console()
-    console.print(table)
-    console.print(f"{windows.n_skipped_docs} documents shorter than {seq_len} tokens skipped.")
+    print_table(
+        f"tgeom corpus: {source} ({model}, T = {seq_len})",
+        ["topic", "documents", "windows"],
+        [[r["topic"], r["documents"], r["windows"]] for r in rows]
+        + [["total", len(documents), len(windows)]],
+    )
+    typer.echo(f"{windows.n_skipped_docs} documents shorter than {seq_len} tokens skipped.")
 
 
 def model_context(model: str, tokenizer: Any, *, trust_remote_code: bool = False) -> int | None:

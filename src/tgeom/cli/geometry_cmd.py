@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from tgeom.cli import app
 from tgeom.cli.options import BLOCK_MEANING, HIDDEN_MEANING, renamed_layer
-from tgeom.cli.output import print_warnings
+from tgeom.cli.output import print_table, print_warnings
 
 geometry_app = typer.Typer(
     help="Hidden-state geometry: positional and context parts.", no_args_is_help=True
@@ -118,7 +116,7 @@ def _collect(
             "second_moment": stats.second_moment is not None,
         },
     )
-    Console().print(
+    typer.echo(
         f"collected {stats.n_done} windows x {stats.n_positions} positions, "
         f"{stats.n_hidden} hidden states (embeddings + {stats.n_hidden - 1} blocks), "
         f"d={stats.d_model} -> {out_dir}"
@@ -190,9 +188,8 @@ SHORT_TITLES = {
 
 def _print_summary(result: Any) -> None:
     conventions = result.options.get("conventions", "tgeom")
-    table = Table(
-        title=f"Position/context geometry of {result.meta.get('model', '?')} "
-        f"({conventions} conventions)"
+    title = (
+        f"Position/context geometry of {result.meta.get('model', '?')} ({conventions} conventions)"
     )
     head = result.headline
     columns = [
@@ -215,11 +212,12 @@ def _print_summary(result: Any) -> None:
         ("|cos| pos·ctx", "incoherence_mean", "{:.3f}"),
         ("random", "random_baseline_mean", "{:.3f}"),
     ]
-    for title, _, _ in columns:
-        table.add_column(title, justify="right")
-    for row in result.by_hidden:
-        table.add_row(*[_fmt(fmt, row[key]) for _, key, fmt in columns])
-    Console().print(table)
+    print_table(
+        title,
+        [name for name, _, _ in columns],
+        [[_fmt(fmt, row[key]) for _, key, fmt in columns] for row in result.by_hidden],
+        right=[True] * len(columns),
+    )
 
 
 def _fmt(fmt: str, value: Any) -> str:
@@ -424,16 +422,22 @@ def _print_qk_summary(blocks: list[dict[str, Any]]) -> None:
     largest pos-pos share."""
     from tgeom.analyses.geometry.attention import PARTS
 
-    table = Table(title="QK logit parts: share of the summed squares, mean over heads")
-    for title in ("block", *PARTS, "most pos-pos head"):
-        table.add_column(title, justify="right")
+    rows = []
     for entry in blocks:
         heads = entry["heads"]
         means = [sum(h[f"share_{p}"] for h in heads) / len(heads) for p in PARTS]
         top = max(heads, key=lambda h: h["share_pos-pos"])
-        table.add_row(
-            str(entry["block"]),
-            *(f"{m:.2f}" for m in means),
-            f"{top['head']} ({top['share_pos-pos']:.2f})",
+        rows.append(
+            [
+                str(entry["block"]),
+                *(f"{m:.2f}" for m in means),
+                f"{top['head']} ({top['share_pos-pos']:.2f})",
+            ]
         )
-    Console().print(table)
+    columns = ["block", *PARTS, "most pos-pos head"]
+    print_table(
+        "QK logit parts: share of the summed squares, mean over heads",
+        columns,
+        rows,
+        right=[True] * len(columns),
+    )

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 
 from tgeom.cli import app
 from tgeom.cli.output import print_warnings
@@ -75,11 +74,10 @@ def effective_cmd(
     write_results(out_dir, "attention effective", payload, warnings=result.warnings)
     _save(P.plot_effective_attention(result, layer, head), out_dir / "effective_attention.png")
     seq = result.sequences[0]
-    Console().print(
+    typer.echo(
         f"{len(seq.token_ids)} tokens, d_head {lm.summary.d_head}: null-space dimension "
         f"{int(seq.null_dim.min())}..{int(seq.null_dim.max())} over heads; "
-        f"Pearson(raw, effective) mean {float(result.pearson.nanmean()):.3f} -> {out_dir}",
-        markup=False,
+        f"Pearson(raw, effective) mean {float(result.pearson.nanmean()):.3f} -> {out_dir}"
     )
     print_warnings(result.warnings)
 
@@ -133,7 +131,7 @@ def nullspace_cmd(
     )
     _save(P.plot_pearson_vs_length(effective), out_dir / "pearson_vs_length.png")
     _save(P.plot_token_types(effective), out_dir / "token_types.png")
-    Console().print(
+    typer.echo(
         f"{len(nulls.lengths)} sequences, lengths {min(lengths)}..{max(lengths)} -> {out_dir}"
     )
     print_warnings(nulls.warnings)
@@ -167,7 +165,7 @@ def tokens_cmd(
     _save(P.plot_identifiability(result), out_dir / "identifiability.png")
     last = [r for r in result.rows if r["layer"] == lm.summary.n_layers]
     summary = ", ".join(f"{r['g']}/{r['distance']} {r['rate']:.2f}" for r in last)
-    Console().print(f"last layer: {summary} -> {out_dir}", markup=False)
+    typer.echo(f"last layer: {summary} -> {out_dir}")
     print_warnings(result.warnings)
 
 
@@ -196,8 +194,7 @@ def attribution_cmd(
     _save(P.plot_attribution(result, lm.summary.n_layers), out_dir / "attribution.png")
     _save(P.plot_own_contribution(result), out_dir / "own_contribution.png")
     last = result.per_layer()[-1]
-    Console().print(
+    typer.echo(
         f"last layer: own contribution {last['own_contribution']:.3f}, top contributor not own "
-        f"{last['top_contributor_not_own']:.2f} -> {out_dir}",
-        markup=False,
+        f"{last['top_contributor_not_own']:.2f} -> {out_dir}"
     )

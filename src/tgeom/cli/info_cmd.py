@@ -6,10 +6,9 @@ import dataclasses
 import json
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from tgeom.cli import app
+from tgeom.cli.output import print_table
 
 
 @app.command("info")
@@ -30,7 +29,8 @@ def info(
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
-    table = Table(title=f"tgeom info: {lm.source}", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, str(value))
-    Console().print(table)
+    print_table(
+        f"tgeom info: {lm.source}",
+        ["field", "value"],
+        [[key, str(value)] for key, value in summary.items()],
+    )

@@ -12,11 +12,10 @@ from typing import Any, Literal
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from tgeom.cli import app
 from tgeom.cli.options import BLOCK_MEANING, renamed_layer
+from tgeom.cli.output import print_table
 from tgeom.errors import TgeomError
 
 weights_app = typer.Typer(
@@ -48,6 +47,7 @@ PAIR_EMBED_OPT = typer.Option(
     "OV rows), W_U for the tokens it promotes (OV columns), as TransformerLens.",
 )
 REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model author's code.")
+SUMMARY_ROWS = 20  # rows a terminal summary shows; a last line says where the rest are
 FREQUENT_OPT = typer.Option(
     None,
     "--frequent",
@@ -92,7 +92,7 @@ def _vocabulary(
 
 
 def _print_vocabulary(vocabulary: Any) -> None:
-    Console().print(Text(f"vocabulary: {vocabulary.description}"))
+    typer.echo(f"vocabulary: {vocabulary.description}")
 
 
 def _filters(keep_special: bool, ascii_only: bool, alpha_only: bool) -> dict[str, Any]:
@@ -150,15 +150,6 @@ def _pair(text: str, what: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*[Text(_cell(v)) for v in row])  # Text: token strings are not markup
-    Console().print(table)
-
-
 def _describe(parameter: dict[str, Any]) -> str:
     if parameter["kind"] == "neuron":
         return f"block {parameter['block']} neuron {parameter['neuron']} {parameter['side']}"
@@ -166,14 +157,6 @@ def _describe(parameter: dict[str, Any]) -> str:
         f"block {parameter['block']} head {parameter['head']} "
         f"{parameter['subhead']}[{parameter['index']}]"
     )
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, str):  # visible newlines, tabs and control characters
-        return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in value)
-    return str(value)
 
 
 @weights_app.command("project")
@@ -227,13 +210,15 @@ def project(
     }
     write_results(out, "weights project", {**payload, **result.to_json()})
     top, bottom = result.top.records(), result.bottom.records()
-    _print_table(
+    print_table(
         f"{lm.source}: {_describe(result.parameter)} read through {result.embedding}",
         ["rank", "top token", "score", "bottom token", "score"],
         [
             [a["rank"], a["token"], a["score"], b["token"], b["score"]]
             for a, b in zip(top, bottom, strict=False)
-        ][:15],
+        ],
+        limit=SUMMARY_ROWS,
+        rest_in=str(Path(out) / "results.json"),
     )
     _print_vocabulary(vocabulary)
 
@@ -289,14 +274,13 @@ def topk(
     }
     write_results(out, "weights topk", payload)
     save_figure(top_pairs_figure(result, vocab), prepare_out_dir(out) / "top_pairs.png")
-    _print_table(
+    print_table(
         f"{lm.source}: {circuit.upper()} block {block} head {head}"
         f" ({'most negative' if negative else 'largest'}; E = {result.embedding})",
         ["rank", "row token", "col token", "value"],
-        [
-            [i, p["row_token"], p["col_token"], p["value"]]
-            for i, p in enumerate(payload["pairs"][:15])
-        ],
+        [[i, p["row_token"], p["col_token"], p["value"]] for i, p in enumerate(payload["pairs"])],
+        limit=SUMMARY_ROWS,
+        rest_in=str(Path(out) / "results.json"),
     )
     _print_vocabulary(vocabulary)
     for note in (result.rope_note, result.qk_norm_note):
@@ -358,12 +342,14 @@ def atlas(
         **result.to_json(),
     }
     write_results(out, "weights atlas", payload)
-    best = [r for r in result.rows if r.rank == 0][:20]
-    _print_table(
+    best = [r for r in result.rows if r.rank == 0]
+    print_table(
         f"{lm.source}: head atlas (top pair per head, {len(result.rows)} rows in atlas.csv; "
         f"E = {result.embedding})",
         ["block", "head", "circuit", "row token", "col token", "value"],
         [[r.block, r.head, r.circuit, r.row_token, r.col_token, r.value] for r in best],
+        limit=SUMMARY_ROWS,
+        rest_in=f"{folder / 'atlas.csv'} (its rank-0 rows)",
     )
     _print_vocabulary(vocabulary)
 
@@ -404,7 +390,7 @@ def lens(
     write_results(out, "weights lens", payload)
     save_figure(logit_lens_figure(result), prepare_out_dir(out) / "logit_lens.png")
     last = len(result.tokens) - 1
-    _print_table(
+    print_table(
         f"{lm.source}: logit lens at the last position ({result.tokens[last]!r})",
         ["hidden", "top tokens"],
         [
