@@ -240,6 +240,25 @@ TINY_CONFIGS = {
             eos_token_id=2,
         ),
     ),
+    "phi3": (  # fused qkv/gate_up, partial rotary, grouped KV heads, every layer windowed (5)
+        "Phi3ForCausalLM",
+        transformers.Phi3Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            original_max_position_embeddings=64,
+            partial_rotary_factor=0.5,
+            sliding_window=5,
+            initializer_range=0.2,  # scores large enough that a wrong rotary layout shows
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
 }
 
 FAMILIES = tuple(TINY_CONFIGS)

@@ -1,5 +1,6 @@
 """GPT-Neo's alternating global and local (sliding-window) layers (SPEC section 1, "Sliding
-windows"), on a tiny GPT-Neo: layer 0 global, layer 1 local over 10 keys, d_head 8."""
+windows"), on a tiny GPT-Neo: layer 0 global, layer 1 local over 10 keys, d_head 8; and the
+windows of the tiny Mistral, Qwen2 and Phi-3."""
 
 from __future__ import annotations
 
@@ -86,3 +87,33 @@ def test_effective_attention_uses_each_querys_window(tiny_model):
             assert float((effective - expected).abs().max()) <= 1e-9
             assert (effective @ T - A @ T).norm() <= 1e-9 * (A @ T).norm()
             assert not torch.allclose(effective, A, atol=1e-6)  # windows of 10 > d_head 8
+
+
+@pytest.mark.parametrize(
+    ("family", "windows"),
+    [("mistral", (4, 4)), ("qwen2", (0, 3)), ("phi3", (5, 5))],  # Qwen2: layers >= 1
+)
+def test_mistral_qwen2_and_phi3_windows_come_from_the_config_and_act(tiny_model, family, windows):
+    """Mistral and Phi-3 window every layer; Qwen2 the layers its config marks
+    ``sliding_attention``.
+    The model's own (eager) attention is zero outside each window and equals the reference's;
+    without the windows the reference forward is far off the model's hidden states."""
+    lm = tiny_model(family)
+    cw = lm.weights()
+    assert lm.summary.attention_windows == windows
+    T = 11
+    ids = torch.randint(4, 96, (2, T), generator=torch.Generator().manual_seed(7))
+    captured = capture(lm, ids, attentions=True)
+    i, j = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    for layer, window in enumerate(windows):
+        x = cw.layers[layer].ln_attn(captured.hidden[layer])
+        probs = block_attention(cw, layer, x, attention_bias(cw, None, 2, T))
+        assert (probs - captured.attentions[layer]).abs().max() < 1e-5
+        outside = (j > i) | (i - j >= (window or T))
+        assert float(captured.attentions[layer][:, :, outside].abs().max()) == 0.0
+        assert float(captured.attentions[layer][:, :, ~outside].min()) > 0.0
+    unwindowed = dataclasses.replace(
+        cw, summary=dataclasses.replace(cw.summary, attention_windows=())
+    )
+    off = reference_forward(unwindowed, ids)[-1]
+    assert float((captured.hidden[-1] - off).abs().max()) > 1e-2

@@ -25,7 +25,7 @@ NormKind = Literal["layernorm", "rmsnorm"]
 class ArchitectureSummary:
     """What ``tgeom info`` prints: the facts an analysis needs about an architecture."""
 
-    family: str  # the adapter: 'gpt2' | 'bert' | 'llama' | 'gpt_neox' | 'opt' | 'gptj' | 'phi'
+    family: str  # the adapter's FAMILY, e.g. 'gpt2', 'bert', 'llama', 'gpt_neo', 'phi3'
     model_type: str  # the transformers model_type, e.g. 'roberta', 'qwen2'
     n_layers: int
     n_heads: int

@@ -29,7 +29,7 @@ def dense_top(matrix, k, largest=True, row_mask=None, col_mask=None):
 
 
 @pytest.mark.parametrize(
-    "family", ["gpt2", "llama", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo"]
+    "family", ["gpt2", "llama", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo", "phi3"]
 )
 @pytest.mark.parametrize("largest", [True, False])
 def test_qk_and_ov_pairs_equal_the_dense_matrices(tiny_model, family, largest):

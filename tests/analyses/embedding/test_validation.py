@@ -37,6 +37,7 @@ MLP_MODULES = {
     "phi": ("mlp", "mlp.fc2"),
     "mistral": ("mlp", "mlp.down_proj"),  # windows of 4 keys act on the 9 tokens below
     "gpt_neo": ("mlp", "mlp.c_proj"),
+    "phi3": ("mlp", "mlp.down_proj"),  # gate_up_proj fused: act(gate) * up enters down_proj
 }
 
 

@@ -49,6 +49,7 @@ def qk_norm_by_hand(x, norm):
         "gpt_neo",
         "qwen3",
         "olmo2",
+        "phi3",
     ],
 )
 def test_parts_sum_to_the_logits_of_the_reconstructed_input(tiny_model, family):

@@ -66,7 +66,18 @@ def _assert_matches_dense(stats: GeometryStats, dense: list[dict[str, Any]]) -> 
 
 @pytest.mark.parametrize(
     "family",
-    ["gpt2", "llama", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo", "qwen3", "olmo2"],
+    [
+        "gpt2",
+        "llama",
+        "opt_post_ln",
+        "distilbert",
+        "gptj",
+        "phi",
+        "gpt_neo",
+        "qwen3",
+        "olmo2",
+        "phi3",
+    ],
 )
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_streaming_equals_dense_decomposition(

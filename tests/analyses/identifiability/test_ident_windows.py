@@ -49,16 +49,18 @@ def per_query_svd_reference(lm: LoadedModel, ids: torch.Tensor, layer: int, head
     return expected, A, T, max(nulls)
 
 
-def test_windows_no_longer_than_d_head_leave_attention_unchanged(tiny_model):
-    """Tiny Mistral, window 4, d_head 16: no window has a null space, so effective attention is
-    the raw attention for every query (the whole sequence's 20 > 16 rows once leaked weight onto
-    keys the query cannot see: max |eff - raw| was 0.13)."""
-    lm = tiny_model("mistral")
-    assert lm.summary.attention_windows == (4, 4) and lm.summary.d_head == 16
+@pytest.mark.parametrize(("family", "window"), [("mistral", 4), ("phi3", 5)])
+def test_windows_no_longer_than_d_head_leave_attention_unchanged(tiny_model, family, window):
+    """Tiny Mistral (window 4, d_head 16) and Phi-3 (window 5, d_head 8): no window has a null
+    space, so effective attention is the raw attention for every query (the whole sequence's 20
+    rows once leaked weight onto keys the query cannot see: max |eff - raw| was 0.13 on the
+    Mistral)."""
+    lm = tiny_model(family)
+    assert set(lm.summary.attention_windows) == {window} and lm.summary.d_head > window
     ids = distinct_tokens(2, 20)
     for seq in effective_attention_batch(lm, ids):
         assert float((seq.effective - seq.raw.double()).abs().max()) <= 1e-12
-        assert (seq.null_dim == 0).all() and (seq.rank == 4).all()
+        assert (seq.null_dim == 0).all() and (seq.rank == window).all()
     assert (null_space_dims(lm, ids).null_dim == 0).all()
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from tgeom.errors import TgeomError
-from tgeom.models.adapters import bert, gpt2, gpt_neo, gptj, llama, neox, opt, phi
+from tgeom.models.adapters import bert, gpt2, gpt_neo, gptj, llama, neox, opt, phi, phi3
 
-ADAPTERS: tuple[ModuleType, ...] = (gpt2, bert, llama, neox, opt, gptj, phi, gpt_neo)
+ADAPTERS: tuple[ModuleType, ...] = (gpt2, bert, llama, neox, opt, gptj, phi, gpt_neo, phi3)
 
 
 def supported_model_types() -> list[str]:
