@@ -21,7 +21,9 @@ geometry_app = typer.Typer(
 )
 app.add_typer(geometry_app, name="geometry")
 
-MODEL_ARG = typer.Argument(..., help="Alias (minilm, smollm2), local folder, .gguf or hub id.")
+MODEL_ARG = typer.Argument(
+    ..., help="Alias (minilm, smollm2, gemma3), local folder, .gguf or hub id."
+)
 CORPUS_ARG = typer.Argument(..., help="Text file, folder (topic = sub-folder), .jsonl, builtin.")
 SEQ_OPT = typer.Option(..., "--seq-len", help="Tokens per window T.")
 OUT_OPT = typer.Option(..., "--out", help="Folder for the statistics, results.json, figures.")

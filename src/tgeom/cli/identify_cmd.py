@@ -19,7 +19,9 @@ identify_app = typer.Typer(
 app.add_typer(attention_app, name="attention")
 app.add_typer(identify_app, name="identify")
 
-MODEL_ARG = typer.Argument(..., help="Alias (minilm, smollm2), local folder, .gguf or hub id.")
+MODEL_ARG = typer.Argument(
+    ..., help="Alias (minilm, smollm2, gemma3), local folder, .gguf or hub id."
+)
 OUT_OPT = typer.Option(..., "--out", help="Folder for results.json and figures.")
 TEXT_OPT = typer.Option(..., "--text", help="The text to analyse (special tokens are added).")
 CORPUS_OPT = typer.Option("builtin", "--corpus", help="Corpus source (default: built-in).")

@@ -14,7 +14,7 @@ from tgeom.cli.output import print_table
 @app.command("info")
 def info(
     model: str = typer.Argument(
-        ..., help="Alias (minilm, smollm2), local folder, .gguf or hub id."
+        ..., help="Alias (minilm, smollm2, gemma3), local folder, .gguf or hub id."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     trust_remote_code: bool = typer.Option(

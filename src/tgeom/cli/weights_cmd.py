@@ -23,7 +23,9 @@ weights_app = typer.Typer(
 )
 app.add_typer(weights_app, name="weights")
 
-MODEL_ARG = typer.Argument(..., help="Alias (minilm, smollm2), local folder, .gguf or hub id.")
+MODEL_ARG = typer.Argument(
+    ..., help="Alias (minilm, smollm2, gemma3), local folder, .gguf or hub id."
+)
 OUT_OPT = typer.Option(..., "--out", help="Folder for results.json and figures.")
 K_OPT = typer.Option(20, "--k", help="How many tokens / pairs to report.")
 ASCII_OPT = typer.Option(

@@ -13,7 +13,7 @@ from tgeom.cli.options import renamed_layer
 from tgeom.cli.weights_cmd import weights_app
 from tgeom.errors import TgeomError
 
-MODEL_HELP = "Alias (minilm, smollm2), local folder, .gguf or hub id."
+MODEL_HELP = "Alias (minilm, smollm2, gemma3), local folder, .gguf or hub id."
 CORPUS_HELP = "Corpus: 'builtin', a text file, a folder of text files, or JSONL."
 OUT_HELP = "Output folder for results.json and figures."
 EMBEDDING_HELP = "Vocabulary matrix: 'out' (W_U; W_E when tied or headless) or 'in' (W_E)."
