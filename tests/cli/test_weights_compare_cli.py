@@ -99,6 +99,8 @@ def test_diff_of_a_classifier_lists_head_rows(tiny_model_dir, classifier_dir, tm
     again = ["diff", str(tiny_model_dir("gpt2")), str(classifier_dir), "--out", str(tmp_out / "b")]
     printed = runner.invoke(app, ["weights", *again, "--k", "3"]).output
     assert "+delta (top):" in printed and "-delta (bottom):" in printed
+    assert len(rows) > 10  # rows left out of the summary are counted and located
+    assert f"{len(rows) - 10} more rows in {tmp_out / 'b' / 'results.json'}" in printed.splitlines()
 
 
 def test_finetune_then_stitch_with_itself_from_a_corpus(

@@ -378,4 +378,6 @@ def diff(
         typer.echo(f"{where} (|diff| {row.norm:.3g})")
         typer.echo(f"  +delta (top):    {' '.join(row.top_tokens[:8])}")
         typer.echo(f"  -delta (bottom): {' '.join(row.bottom_tokens[:8])}")
+    if len(result.rows) > 10:  # the rest, and every row's k tokens, are in the file
+        typer.echo(f"{len(result.rows) - 10} more rows in {out / 'results.json'}")
     typer.echo(f"wrote {out / 'results.json'}")
