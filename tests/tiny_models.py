@@ -100,7 +100,8 @@ TINY_CONFIGS = {
             sliding_window=4,
         ),
     ),
-    "qwen3": (  # QK-norm per head (random gains), d_head 16 != hidden / heads, grouped KV
+    "qwen3": (  # QK-norm per head (random gains), d_head 16 != hidden / heads, grouped KV;
+        # layer 1 windowed over 4 keys (QK-norm and windows together)
         "Qwen3ForCausalLM",
         transformers.Qwen3Config(
             vocab_size=VOCAB,
@@ -112,7 +113,9 @@ TINY_CONFIGS = {
             intermediate_size=48,
             max_position_embeddings=64,
             initializer_range=0.2,
-            use_sliding_window=False,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
             bos_token_id=1,
             eos_token_id=2,
         ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tgeom.capture import capture
 from tgeom.errors import TgeomError
 from tgeom.models import load_model, offline_model_path
 from tgeom.models.gguf import cached_folder
+from tgeom.models.reference import reference_forward
 from tiny_models import FAMILIES, save_tiny_model
 
 
@@ -158,13 +161,19 @@ def test_summary_of_qk_norm_models(tiny_model, family, d_head, placement, qk_nor
     assert lw.q_norm.weight.shape == lw.k_norm.weight.shape == (4, d_head)
 
 
-def test_windowed_qwen3_is_refused_in_one_line(tmp_path):
-    folder = save_tiny_model("qwen3", tmp_path / "windowed")
-    config = json.loads((folder / "config.json").read_text())
-    config.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    config["layer_types"] = ["full_attention", "sliding_attention"]
-    (folder / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(run_cli("info", str(folder)), "sliding-window", "use_sliding_window")
+def test_qwen3_windows_follow_its_layer_types(tiny_model):
+    """Qwen3 windows the layers its config marks sliding_attention, as Qwen2 does, and the window
+    acts together with QK-norm: the reference forward without it misses the last hidden state."""
+    lm = tiny_model("qwen3")
+    assert lm.hf.config.layer_types == ["full_attention", "sliding_attention"]
+    assert lm.summary.attention_windows == (0, 4)
+    ids = torch.randint(4, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    hidden = capture(lm, ids).hidden
+    cw = lm.weights()
+    assert float((reference_forward(cw, ids)[2] - hidden[2]).abs().max()) < 1e-4
+    no_window = dataclasses.replace(cw.summary, attention_windows=())
+    off = reference_forward(dataclasses.replace(cw, summary=no_window), ids)[2]
+    assert float((off - hidden[2]).abs().max()) > 1e-2
 
 
 def test_cli_info_json(tiny_model_dir):

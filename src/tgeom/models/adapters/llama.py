@@ -1,6 +1,6 @@
 """Llama family (Llama, Mistral, Qwen2, Qwen3, OLMo 2, SmolLM): RMSNorm, RoPE, gated SiLU MLP,
 grouped KV heads. Qwen 3 adds QK-norm per head; OLMo 2 QK-norm over all heads at once and its
-norms on each sublayer's output (:data:`LAYOUTS`). Mistral's and Qwen2's sliding windows
+norms on each sublayer's output (:data:`LAYOUTS`). Mistral's, Qwen2's and Qwen3's sliding windows
 (:func:`attention_windows`)."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from tgeom.errors import TgeomError
 from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
@@ -53,11 +52,6 @@ def blocks(hf: Any) -> nn.ModuleList:
 
 def summarize(hf: Any) -> ArchitectureSummary:
     c = hf.config
-    if c.model_type == "qwen3" and "sliding_attention" in (getattr(c, "layer_types", None) or ()):
-        raise TgeomError(
-            "this Qwen3 config uses sliding-window layers (use_sliding_window), which tgeom's "
-            "analyses do not honour yet: load a checkpoint with use_sliding_window=false."
-        )
     W_E = base_model(hf).embed_tokens.weight
     W_U, _, has_head = unembedding(hf, W_E)
     n_heads = c.num_attention_heads
@@ -91,8 +85,8 @@ def summarize(hf: Any) -> ArchitectureSummary:
 def attention_windows(c: Any) -> tuple[int, ...]:
     """Per layer, the keys a query sees (itself included; 0: all), or ``()`` without windows.
 
-    Mistral windows every layer over ``sliding_window`` keys when that is set. Qwen2 windows the
-    layers its config's ``layer_types`` marks ``sliding_attention`` (the config folds
+    Mistral windows every layer over ``sliding_window`` keys when that is set. Qwen2 and Qwen3
+    window the layers their config's ``layer_types`` marks ``sliding_attention`` (the config folds
     ``use_sliding_window`` and ``max_window_layers`` into them: layers ``>= max_window_layers``,
     and ``sliding_window`` is None unless ``use_sliding_window``). Hugging Face's mask lets query
     ``i`` see key ``j`` when ``i - window < j <= i``."""
