@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from tgeom.cli import app
-from tgeom.cli.options import BLOCK_MEANING, renamed_layer
+from tgeom.cli.options import BLOCK_MEANING, int_list, renamed_layer
 from tgeom.cli.output import print_table
 from tgeom.errors import TgeomError
 
@@ -120,18 +120,6 @@ def _pair_embedding(name: str) -> str:
             f"--embedding must be out (W_U), in (W_E) or tl (W_E in, W_U out), got {name!r}."
         )
     return name
-
-
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    """``"0,3, 5"`` -> ``[0, 3, 5]``; None stays None (= all)."""
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise TgeomError(
-            f"{option} must be comma-separated integers (e.g. 0,3), got {text!r}."
-        ) from None
 
 
 def _circuits(text: str | None) -> list[str]:
@@ -315,7 +303,7 @@ def atlas(
     from tgeom.analyses.embedding.atlas import head_atlas
     from tgeom.results import prepare_out_dir, write_results
 
-    chosen, chosen_heads = _int_list(blocks, "--blocks"), _int_list(heads, "--heads")
+    chosen, chosen_heads = int_list(blocks, "--blocks"), int_list(heads, "--heads")
     circuits = _circuits(circuit)
     lm = _load(model, trust_remote_code)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)

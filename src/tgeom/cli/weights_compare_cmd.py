@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from tgeom.cli.options import renamed_layer
+from tgeom.cli.options import int_list, renamed_layer
 from tgeom.cli.weights_cmd import weights_app
 from tgeom.errors import TgeomError
 
@@ -238,15 +238,6 @@ def finetune(
     )
 
 
-def _parse_indices(text: str, flag: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise TgeomError(f"{flag} '{text}' must be comma-separated integers, e.g. 0,2,4.") from None
-
-
 @weights_app.command("stitch")
 def stitch(
     model_a: str = typer.Argument(..., help="Pretrained model A. " + MODEL_HELP),
@@ -304,7 +295,7 @@ def stitch(
         ids,
         labels,
         names=[str(p) for p in classifier_dirs],
-        hidden=_parse_indices(hidden, "--hidden"),
+        hidden=int_list(hidden or None, "--hidden"),
         embedding=_check_embedding(embedding),
     )
     write_results(

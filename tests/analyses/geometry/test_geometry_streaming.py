@@ -207,3 +207,29 @@ def test_statistics_without_second_moment_resume_only_without_it(
         lm, windows, checkpoint_path=checkpoint, progress=False, second_moment=False
     )
     torch.testing.assert_close(again.sum_pos, lean.sum_pos, rtol=0, atol=0)
+
+
+def test_folding_a_float64_batch_leaves_the_model_output_untouched() -> None:
+    """A float64 model's block output is the tensor the fold reads: folding it must not change
+    what the next block receives (|h| and h^2 are formed in a copy), and the sums are exact."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen)  # [B, T, d]
+    before = hidden.clone()
+    acc = {
+        name: torch.zeros(2, *shape, dtype=torch.float64)
+        for name, shape in [
+            ("sum_pos", (4, 4)),
+            ("sum_total", (4,)),
+            ("sum_abs", (4,)),
+            ("sumsq", (4,)),
+            ("second_moment", (4, 4)),
+        ]
+    }
+    window_sums = collect_module._fold_hidden(acc, 1, hidden, first=1)
+    assert torch.equal(hidden, before)
+    h = before[:, 1:]
+    torch.testing.assert_close(window_sums, h.sum(dim=1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(acc["sum_abs"][1], h.abs().sum(dim=(0, 1)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(acc["sumsq"][1], (h * h).sum(dim=(0, 1)), rtol=0, atol=1e-12)
+    flat = h.reshape(-1, 4)
+    torch.testing.assert_close(acc["second_moment"][1], flat.T @ flat, rtol=0, atol=1e-12)

@@ -253,7 +253,9 @@ def _fold_hidden(acc: dict[str, Tensor], index: int, hidden: Tensor, first: int)
     moment ``h^T h`` read from it, then ``|h|`` and ``h^2`` are formed *in place* in that copy, so
     no other temporary of its size is allocated.
     """
-    h = hidden[:, first:].to(device=acc["sum_pos"].device, dtype=torch.float64)  # [B, T', d]
+    # copy=True: a float64 model's output would otherwise be this very tensor, and the in-place
+    # |h| and h^2 below would overwrite what the next block reads.
+    h = hidden[:, first:].to(device=acc["sum_pos"].device, dtype=torch.float64, copy=True)
     if "second_moment" in acc:
         flat = h.reshape(-1, h.shape[-1])  # [B T', d]
         acc["second_moment"][index].addmm_(flat.T, flat)
