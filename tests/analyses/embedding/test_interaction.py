@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from tgeom.analyses.embedding.atlas import head_atlas
 from tgeom.analyses.embedding.filters import token_mask
 from tgeom.analyses.embedding.interaction import (
     head_top_pairs,
@@ -97,6 +98,16 @@ def test_qk_norm_pairs_equal_the_dense_normalised_matrix(tiny_model, family, lar
         assert ov.qk_norm_note is None
         chunked = qk_factor(E, lw.W_Q, lw.q_norm, head, chunk_rows=7)  # 96 tokens, 14 chunks
         torch.testing.assert_close(chunked.double(), F_Q, rtol=1e-5, atol=1e-6)
+    # The atlas reuses OLMo 2's all-heads token scales across a block's heads: same pairs.
+    atlas = head_atlas(
+        cw, 5, circuits=("qk",), row_mask=mask, col_mask=mask, largest=largest, quiet=True
+    )
+    assert atlas.qk_norm_note == result.qk_norm_note
+    for block in range(2):
+        for head in range(4):
+            alone = qk_top_pairs(cw, block, head, 5, largest=largest, row_mask=mask, col_mask=mask)
+            rows = [(r.row, r.col) for r in atlas.rows if (r.block, r.head) == (block, head)]
+            assert rows == list(zip(alone.rows.tolist(), alone.cols.tolist(), strict=True))
     assert qk_top_pairs(tiny_model("llama").weights(), 0, 0, 2).qk_norm_note is None
 
 

@@ -158,6 +158,7 @@ def head_atlas(
         transient=True,
     ) as progress:
         task = progress.add_task("", total=len(chosen) * len(chosen_heads) * len(circuits))
+        qk_scales: dict[tuple[int, str], Tensor] = {}  # OLMo 2's QK-norm scales, once per block
         for block in chosen:
             for head in chosen_heads:
                 for circuit in circuits:
@@ -172,6 +173,7 @@ def head_atlas(
                         row_mask=row_mask,
                         col_mask=col_mask,
                         E=E,
+                        qk_scales=qk_scales,
                     )
                     rows.extend(_rows(block, head, circuit, pairs, vocab))
                     progress.advance(task)

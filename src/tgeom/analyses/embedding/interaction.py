@@ -32,7 +32,6 @@ and the conventions agree.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -169,20 +168,36 @@ def qk_norm_note(cw: CanonicalWeights) -> str | None:
     return None if norm is None else QK_NORM_NOTE.format(scope=QK_NORM_SCOPES[norm.scope])
 
 
+def qk_token_scales(E: Tensor, W: Tensor, norm: QKNorm, chunk_rows: int = 4096) -> Tensor:
+    """``[V, 1]``: each token's QK-norm factor ``1 / sqrt(mean(x^2) + eps)`` over its projection
+    ``x = E[v] W`` on every head (scope ``"all"``; ``E [V, d]``, ``W [H, d, d_head]``), computed
+    ``chunk_rows`` tokens at a time so at most ``chunk_rows x H d_head`` numbers are held. The
+    same for every head of a block."""
+    chunks = E.split(chunk_rows)
+    return torch.cat([norm.inverse_scale(torch.einsum("vd,hde->hve", c, W))[0] for c in chunks])
+
+
 def qk_factor(
-    E: Tensor, W: Tensor, norm: QKNorm | None, head: int, chunk_rows: int = 4096
+    E: Tensor,
+    W: Tensor,
+    norm: QKNorm | None,
+    head: int,
+    chunk_rows: int = 4096,
+    scales: Tensor | None = None,
 ) -> Tensor:
     """``[V, d_head]``: head ``head``'s token factor ``E W[head]`` (``E [V, d]``, ``W [H, d,
     d_head]``), or with QK-norm ``n(E W)[head]``: each token's projection normalised as the model
-    normalises it (scope ``"all"``: by the RMS of its projection on every head, computed
-    ``chunk_rows`` tokens at a time so at most ``chunk_rows x H d_head`` numbers are held)."""
+    normalises it, by the RMS of its own ``d_head`` coordinates (scope ``"head"``) or of its
+    projection on every head (``"all"``: :func:`qk_token_scales`, or ``scales`` when the caller
+    already has them), times the gain."""
+    x = E @ W[head]
     if norm is None:
-        return E @ W[head]
-    if norm.scope == "head":  # only this head's coordinates enter its scale
-        one = slice(head, head + 1)
-        W, norm, head = W[one], dataclasses.replace(norm, weight=norm.weight[one]), 0
-    rows = [norm(torch.einsum("vd,hde->hve", chunk, W))[head] for chunk in E.split(chunk_rows)]
-    return torch.cat(rows)
+        return x
+    if norm.scope == "head":
+        inverse = norm.inverse_scale(x[None])[0]
+    else:
+        inverse = scales if scales is not None else qk_token_scales(E, W, norm, chunk_rows)
+    return (norm.weight[head] * (x * inverse)).to(x.dtype)
 
 
 def circuit_factors(
@@ -192,16 +207,27 @@ def circuit_factors(
     circuit: str,
     E: Tensor,
     E_cols: Tensor | None = None,
+    qk_scales: dict[tuple[int, str], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The two ``[V, d_head]`` factors of ``QK_h`` (``E W_Q, E_cols W_K``; normalised under
     QK-norm, :func:`qk_factor`) or ``OV_h`` (``E W_V, E_cols W_O^T``); ``E_cols`` (default
-    ``E``) embeds the column tokens."""
+    ``E``) embeds the column tokens. ``qk_scales``: a cache of QK-norm token scales over all
+    heads, keyed ``(block, "q" | "k")``, filled on first use; valid while ``E`` and ``E_cols``
+    stay the same (the atlas reads every head of a block with one)."""
     check_index("block", block, len(cw.layers))
     lw = cw.layers[block]
     check_index("head", head, lw.W_Q.shape[0])
     cols = E if E_cols is None else E_cols
     if circuit == "qk":
-        return qk_factor(E, lw.W_Q, lw.q_norm, head), qk_factor(cols, lw.W_K, lw.k_norm, head)
+
+        def side(E_side: Tensor, W: Tensor, norm: QKNorm | None, key: str) -> Tensor:
+            if qk_scales is None or norm is None or norm.scope != "all":
+                return qk_factor(E_side, W, norm, head)
+            if (block, key) not in qk_scales:
+                qk_scales[block, key] = qk_token_scales(E_side, W, norm)
+            return qk_factor(E_side, W, norm, head, scales=qk_scales[block, key])
+
+        return side(E, lw.W_Q, lw.q_norm, "q"), side(cols, lw.W_K, lw.k_norm, "k")
     if circuit == "ov":
         return E @ lw.W_V[head], cols @ lw.W_O[head].T
     raise TgeomError(f"circuit must be qk or ov, got {circuit!r}.")
@@ -219,16 +245,17 @@ def head_top_pairs(
     col_mask: Tensor | None = None,
     E: Tensor | str | None = None,
     chunk_size: int | None = None,
+    qk_scales: dict[tuple[int, str], Tensor] | None = None,
 ) -> InteractionPairs:
     """Exact top-k entries of head ``head``'s ``circuit`` ("qk" | "ov") matrix in ``block``.
 
     ``row_mask`` / ``col_mask`` [V] bool: token filters on rows and columns (applied before
     selection). ``E``: the vocabulary matrices (module docstring): ``"out"`` (default, ``W_U``
     on both sides), ``"in"`` (``W_E``), ``"tl"`` (``W_E`` in, ``W_U`` out) or a ``[V, d]``
-    tensor.
+    tensor. ``qk_scales``: see :func:`circuit_factors`.
     """
     (E_rows, row_name), (E_cols, col_name) = circuit_embeddings(cw, circuit, E)
-    A, B = circuit_factors(cw, block, head, circuit, E_rows, E_cols)
+    A, B = circuit_factors(cw, block, head, circuit, E_rows, E_cols, qk_scales)
     top = factored_topk(
         A, B, k, largest=largest, row_mask=row_mask, col_mask=col_mask, chunk_size=chunk_size
     )
