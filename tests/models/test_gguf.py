@@ -14,7 +14,7 @@ import torch
 
 from tgeom.errors import TgeomError
 from tgeom.models import load_model
-from tgeom.models.gguf import cached_folder, gguf_architecture
+from tgeom.models.gguf import _MODEL_TYPES, cached_folder, gguf_architecture
 from tiny_models import save_tiny_gguf
 
 
@@ -30,9 +30,9 @@ def cached_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-def write_header_only_gguf(path: Path, architecture: str) -> Path:
-    """A GGUF of ``architecture`` with a model's metadata and one tensor's header, whose tensor
-    data is cut off: only a reader that stops at the metadata gets through it."""
+def write_header_only_gguf(path: Path, architecture: str, cut: bool = True) -> Path:
+    """A GGUF of ``architecture`` with a model's metadata and one tensor, whose data is cut off
+    (unless not ``cut``): only a reader that stops at the metadata gets through it."""
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name(f"tiny-{architecture}")
     writer.add_block_count(2)
@@ -44,8 +44,9 @@ def write_header_only_gguf(path: Path, architecture: str) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) - 96 * 32 * 4 + 100])
+    if cut:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 96 * 32 * 4 + 100])
     return path
 
 
@@ -91,12 +92,24 @@ def test_second_load_reads_the_cache_not_the_gguf(tmp_path, cache):
 def test_unsupported_architecture_is_refused_before_converting(tmp_path, cache):
     """Gemma 3's GGUF was converted whole (316 s, 1.1 GB left in the cache) before tgeom said
     it cannot analyse it. Now the header says so: this file's tensors are cut off, so only a
-    refusal that reads no further than the metadata names the architecture."""
-    path = write_header_only_gguf(tmp_path / "gemma.gguf", "gemma3")
-    assert gguf_architecture(path) == "gemma3"
-    with pytest.raises(TgeomError, match=r"architecture 'gemma3'.*\(it reads .*llama.*\)"):
+    refusal that reads no further than the metadata names the architecture (Mamba's: a state
+    space model, no attention for tgeom to read)."""
+    path = write_header_only_gguf(tmp_path / "mamba.gguf", "mamba")
+    assert gguf_architecture(path) == "mamba"
+    with pytest.raises(TgeomError, match=r"architecture 'mamba'.*\(it reads .*llama.*\)"):
         load_model(str(path))
     assert not cache.exists()
+
+
+@pytest.mark.parametrize("architecture", [*_MODEL_TYPES, "llama", "phi3"])
+def test_model_type_of_an_architecture_is_the_one_transformers_gives(tmp_path, architecture):
+    """The check before converting names each GGUF architecture by the model type transformers
+    converts it to (Gemma 3's GGUF becomes gemma3_text, the type an adapter would list)."""
+    from transformers import AutoConfig
+
+    path = write_header_only_gguf(tmp_path / "m.gguf", architecture, cut=False)
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name, local_files_only=True)
+    assert config.model_type == _MODEL_TYPES.get(architecture, architecture)
 
 
 def test_failed_conversion_leaves_nothing_in_the_cache(tmp_path, cache):

@@ -103,12 +103,26 @@ def _skip_value(handle: BinaryIO, order: str, kind: int) -> None:
         raise ValueError(f"unknown metadata value type {kind}")
 
 
+# The transformers model_type of a GGUF architecture, where the two names differ (as
+# transformers' load_gguf_checkpoint renames them; Gemma 3's GGUF holds the text model only)
+_MODEL_TYPES = {
+    "gemma3": "gemma3_text",
+    "gemma4": "gemma4_text",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+}
+
+
 def convertible_architectures() -> list[str]:
-    """GGUF architectures tgeom converts and analyses: those transformers reads from GGUF and
-    an adapter handles."""
+    """GGUF architectures tgeom converts and analyses: those transformers reads from GGUF
+    whose model type an adapter handles."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    return sorted(set(GGUF_SUPPORTED_ARCHITECTURES) & set(supported_model_types()))
+    known = set(GGUF_SUPPORTED_ARCHITECTURES) | set(_MODEL_TYPES)
+    handled = set(supported_model_types())
+    return sorted(a for a in known if _MODEL_TYPES.get(a, a) in handled)
 
 
 def convert_gguf(path: Path) -> Path:
