@@ -273,7 +273,7 @@ def topk(
         rest_in=str(Path(out) / "results.json"),
     )
     _print_vocabulary(vocabulary)
-    for note in (result.rope_note, result.qk_norm_note):
+    for note in (result.rope_note, result.qk_norm_note, result.softcap_note):
         if note:
             Console(stderr=True).print(f"note: {note}")
 

@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tgeom.models.weights import CanonicalWeights, LayerWeights, attention_window, window_keys
+from tgeom.models.weights import (
+    CanonicalWeights,
+    LayerWeights,
+    Norm,
+    attention_window,
+    layer_rotary,
+    softcap,
+    window_keys,
+)
 
 
 def positions_for(cw: CanonicalWeights, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -34,8 +42,11 @@ def embed(
     attention_mask: Tensor | None = None,
     token_type_ids: Tensor | None = None,
 ) -> Tensor:
-    """``hidden[0] [B, T, d]``: token (+ position, + token type) embedding (+ its norm)."""
+    """``hidden[0] [B, T, d]``: token embedding times ``embed_scale`` (Gemma: sqrt(d)) (+
+    position, + token type) (+ its norm)."""
     h = cw.W_E[input_ids]
+    if cw.embed_scale != 1.0:
+        h = h * cw.embed_scale
     if cw.W_pos is not None:
         h = h + cw.W_pos[positions_for(cw, input_ids, attention_mask)]
     if cw.W_type is not None:
@@ -63,27 +74,30 @@ def block_attention(cw: CanonicalWeights, layer: int, x: Tensor, bias: Tensor) -
     """Attention probabilities ``[B, H, T, T]`` of block ``layer`` given its attention input
     ``x [B, T, d]`` (already normalised for pre-LN models) and ``bias`` from
     :func:`attention_bias`. A sliding-window layer (:func:`attention_window`) masks, here and
-    only here, every key outside its query's window."""
-    lw = cw.layers[layer]
+    only here, every key outside its query's window. Soft-capped scores (Gemma 2:
+    ``summary.attn_logit_softcap``) are capped before the mask, as the model does."""
     window = attention_window(cw.summary, layer)
     if window:
         outside = ~window_keys(x.shape[1], window, x.device)
         bias = bias.masked_fill(outside, torch.finfo(bias.dtype).min)
-    q, k = _queries_keys(cw, lw, x)
-    scores = torch.einsum("bhqe,bhke->bhqk", q, k) * cw.attn_scale + bias
+    q, k = _queries_keys(cw, layer, x)
+    scores = torch.einsum("bhqe,bhke->bhqk", q, k) * cw.attn_scale
+    scores = softcap(scores, cw.summary.attn_logit_softcap) + bias
     return torch.softmax(scores, dim=-1)
 
 
-def _queries_keys(cw: CanonicalWeights, lw: LayerWeights, x: Tensor) -> tuple[Tensor, Tensor]:
+def _queries_keys(cw: CanonicalWeights, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    lw = cw.layers[layer]
     q = torch.einsum("btd,hde->bhte", x, lw.W_Q) + lw.b_Q[None, :, None, :]
     k = torch.einsum("btd,hde->bhte", x, lw.W_K) + lw.b_K[None, :, None, :]
     if lw.q_norm is not None:  # QK-norm comes before rotary
         q = lw.q_norm(q)
     if lw.k_norm is not None:
         k = lw.k_norm(k)
-    if cw.rotary is not None:
+    rotary = layer_rotary(cw, layer)
+    if rotary is not None:
         positions = torch.arange(x.shape[1], device=x.device)
-        q, k = cw.rotary.apply(q, positions), cw.rotary.apply(k, positions)
+        q, k = rotary.apply(q, positions), rotary.apply(k, positions)
     return q, k
 
 
@@ -115,6 +129,18 @@ def mlp_output(cw: CanonicalWeights, layer: int, x: Tensor) -> Tensor:
     return out + lw.b_out if lw.b_out is not None else out
 
 
+def _output_norm(norm: Norm | None, out: Tensor) -> Tensor:
+    return out if norm is None else norm(out)
+
+
+def after_attention(cw: CanonicalWeights, layer: int, h: Tensor, bias: Tensor) -> Tensor:
+    """A pre-LN block's residual stream after its attention sublayer, ``[B, T, d]``:
+    ``h + attn(ln_attn(h))``, with the output norm ``ln_attn_out`` where the block has one
+    (Gemma 2, 3)."""
+    lw = cw.layers[layer]
+    return h + _output_norm(lw.ln_attn_out, attention_output(cw, layer, lw.ln_attn(h), bias))
+
+
 def run_block(cw: CanonicalWeights, layer: int, h: Tensor, bias: Tensor) -> Tensor:
     """``hidden[layer + 1]`` from ``hidden[layer]`` (both ``[B, T, d]``)."""
     lw = cw.layers[layer]
@@ -131,8 +157,8 @@ def run_block(cw: CanonicalWeights, layer: int, h: Tensor, bias: Tensor) -> Tens
             + attention_output(cw, layer, lw.ln_attn(h), bias)
             + mlp_output(cw, layer, lw.ln_mlp(h))
         )
-    h = h + attention_output(cw, layer, lw.ln_attn(h), bias)
-    return h + mlp_output(cw, layer, lw.ln_mlp(h))
+    h = after_attention(cw, layer, h, bias)
+    return h + _output_norm(lw.ln_mlp_out, mlp_output(cw, layer, lw.ln_mlp(h)))
 
 
 def run_blocks(
@@ -164,7 +190,10 @@ def reference_forward(
 
 
 def logits(cw: CanonicalWeights, hidden: Tensor) -> Tensor:
-    """Vocabulary scores ``[..., V]`` of a residual-stream state (final norm, then ``W_U``)."""
+    """Vocabulary scores ``[..., V]`` of a residual-stream state: final norm, ``W_U`` (+ ``b_U``),
+    then the model's final soft-cap where it has one (Gemma 2, 3:
+    ``summary.final_logit_softcap``)."""
     h = cw.final_norm(hidden) if cw.final_norm is not None else hidden
     out = h @ cw.W_U.T
-    return out + cw.b_U if cw.b_U is not None else out
+    out = out + cw.b_U if cw.b_U is not None else out
+    return softcap(out, cw.summary.final_logit_softcap)

@@ -52,6 +52,10 @@ class ArchitectureSummary:
     # Per layer, the number of keys a query sees, itself included (0: all); () for no windows.
     attention_windows: tuple[int, ...] = ()
     qk_norm: str = "none"  # 'none' | 'head' | 'all': QKNorm's scope (Qwen 3 | OLMo 2)
+    # Soft-caps (:func:`softcap`), None where off: attention scores before the mask (Gemma 2),
+    # vocabulary logits (Gemma 2, 3).
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
 
 @dataclass
@@ -165,6 +169,9 @@ class LayerWeights:
     (``norm_placement="pre"``), the norms after the attention / MLP residual additions for
     post-LN models (``"post"``: BERT), and the norms on the attention / MLP outputs before their
     residual additions (``"post_sublayer"``: OLMo 2). ``q_norm`` / ``k_norm``: QK-norm, or None.
+    ``ln_attn_out`` / ``ln_mlp_out``: pre-LN models with norms on both sides of each sublayer
+    (Gemma 2, 3: "sandwich"), the norm on the sublayer's output before its residual addition.
+    ``rotary``: this layer's RoPE where it differs from the model's (:func:`layer_rotary`).
     """
 
     W_Q: Tensor  # [H, d, dh]
@@ -184,6 +191,9 @@ class LayerWeights:
     ln_mlp: Norm
     q_norm: QKNorm | None = None
     k_norm: QKNorm | None = None
+    ln_attn_out: Norm | None = None
+    ln_mlp_out: Norm | None = None
+    rotary: Rotary | None = None  # Gemma 3: local layers have their own RoPE base
 
 
 @dataclass
@@ -202,6 +212,7 @@ class CanonicalWeights:
     activation: Callable[[Tensor], Tensor]
     attn_scale: float  # multiplies q.k
     layers: list[LayerWeights] = field(default_factory=list)
+    embed_scale: float = 1.0  # hidden[0] = embed_scale * W_E[ids] (+ ...): sqrt(d) for Gemma
 
     def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Every parameter tensor with a dotted name (``layers.3.W_Q``, ``final_norm.weight``)."""
@@ -220,6 +231,8 @@ class CanonicalWeights:
                     yield from _norm_tensors(f"layers.{index}.{f.name}", value)
                 elif isinstance(value, QKNorm):
                     yield f"layers.{index}.{f.name}.weight", value.weight
+                elif isinstance(value, Rotary):
+                    continue  # fixed frequencies, not parameters
                 elif value is not None:
                     yield f"layers.{index}.{f.name}", value
 
@@ -242,6 +255,18 @@ def _norm_tensors(prefix: str, norm: Norm) -> Iterator[tuple[str, Tensor]]:
 def attention_window(summary: ArchitectureSummary, layer: int) -> int:
     """Layer ``layer``'s sliding window: query i sees keys ``i - w < j <= i`` (0: no window)."""
     return summary.attention_windows[layer] if summary.attention_windows else 0
+
+
+def layer_rotary(cw: CanonicalWeights, layer: int) -> Rotary | None:
+    """The RoPE of layer ``layer``: its own (Gemma 3's local layers) or the model's."""
+    own = cw.layers[layer].rotary
+    return own if own is not None else cw.rotary
+
+
+def softcap(x: Tensor, cap: float | None) -> Tensor:
+    """Soft-capping ``cap * tanh(x / cap)`` (Gemma 2's attention scores, Gemma 2/3's logits):
+    monotone, so every ranking is unchanged; ``x`` itself where ``cap`` is None."""
+    return x if cap is None else cap * torch.tanh(x / cap)
 
 
 def window_keys(n: int, window: int, device: torch.device | str | None = None) -> Tensor:

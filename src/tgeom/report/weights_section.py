@@ -54,7 +54,7 @@ def weights_section(ctx: ReportContext) -> Section:
         f'<p class="note">{H.esc(ATLAS_NOTE)} Special tokens dropped; {H.esc(subset)}; '
         f"E = {H.esc(atlas.embedding)}.</p>",
     ]
-    for note in (atlas.rope_note, atlas.qk_norm_note):
+    for note in (atlas.rope_note, atlas.qk_norm_note, atlas.softcap_note):
         if note:
             parts.append(f'<p class="note">Note: {H.esc(note)}</p>')
     parts.append(

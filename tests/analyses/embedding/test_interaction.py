@@ -30,7 +30,19 @@ def dense_top(matrix, k, largest=True, row_mask=None, col_mask=None):
 
 
 @pytest.mark.parametrize(
-    "family", ["gpt2", "llama", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo", "phi3"]
+    "family",
+    [
+        "gpt2",
+        "llama",
+        "opt_post_ln",
+        "distilbert",
+        "gptj",
+        "phi",
+        "gpt_neo",
+        "phi3",
+        "gemma",
+        "gemma2",
+    ],
 )
 @pytest.mark.parametrize("largest", [True, False])
 def test_qk_and_ov_pairs_equal_the_dense_matrices(tiny_model, family, largest):
@@ -53,21 +65,22 @@ def test_qk_and_ov_pairs_equal_the_dense_matrices(tiny_model, family, largest):
 
 def hf_qk_norm_factors(lm, block, head, E):
     """``F_Q, F_K [V, d_head]`` built with the Hugging Face model's own modules: each token's
-    projection (no bias) through its q_norm / k_norm: per head (Qwen3, ``[V, H, d_head]``) or
-    over the whole projection of all heads (OLMo 2, ``[V, H d_head]``); key head ``h`` reads KV
+    projection (no bias) through its q_norm / k_norm: per head (Qwen3, Gemma 3,
+    ``[V, H, d_head]``) or over the whole projection of all heads (OLMo 2, ``[V, H d_head]``);
+    key head ``h`` reads KV
     head ``h // (H / K)``."""
     attn = lm.blocks()[block].self_attn
     H, K, dh = lm.summary.n_heads, lm.summary.n_kv_heads, lm.summary.d_head
     with torch.no_grad():
         q, k = E @ attn.q_proj.weight.T, E @ attn.k_proj.weight.T
-        if lm.summary.model_type == "qwen3":
+        if lm.summary.qk_norm == "head":
             q, k = attn.q_norm(q.view(-1, H, dh)), attn.k_norm(k.view(-1, K, dh))
         else:
             q, k = attn.q_norm(q).view(-1, H, dh), attn.k_norm(k).view(-1, K, dh)
     return q[:, head].double(), k[:, head // (H // K)].double()
 
 
-@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "gemma3_text"])
 @pytest.mark.parametrize("largest", [True, False])
 def test_qk_norm_pairs_equal_the_dense_normalised_matrix(tiny_model, family, largest):
     """QK-norm heads: the top pairs of ``n_q(E W_Q) n_k(E W_K)^T`` (SPEC section 1), the dense
@@ -89,7 +102,11 @@ def test_qk_norm_pairs_equal_the_dense_normalised_matrix(tiny_model, family, lar
         raw = E.double() @ lw.W_Q[head].double() @ lw.W_K[head].double().T @ E.double().T
         assert got != dense_top(raw, 15, largest, mask, mask)
         note = result.to_json()["qk_norm_note"]
-        assert "QK-norm" in note and {"qwen3": "per head", "olmo2": "all heads"}[family] in note
+        assert (
+            "QK-norm" in note
+            and {"qwen3": "per head", "olmo2": "all heads", "gemma3_text": "per head"}[family]
+            in note
+        )
         ov = ov_top_pairs(cw, block, head, 15, largest=largest, row_mask=mask, col_mask=mask)
         OV = E.double() @ lw.W_V[head].double() @ lw.W_O[head].double() @ E.double().T
         assert list(zip(ov.rows.tolist(), ov.cols.tolist(), strict=True)) == dense_top(

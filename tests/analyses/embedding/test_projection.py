@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from tgeom.analyses.embedding.projection import (
     project_vector,
     subhead_vector,
 )
+from tgeom.capture import capture
 from tgeom.corpus import load_corpus
 from tgeom.errors import TgeomError
 
@@ -223,6 +225,29 @@ def test_logit_lens_of_the_last_layer_is_the_models_own_logits(tiny_model):
     assert result.top_ids.shape == (lm.summary.n_layers + 1, ids.shape[1], 3)
     assert torch.equal(result.top_ids[-1, :, 0], logits.argmax(-1))
     torch.testing.assert_close(result.top_scores[-1, :, 0], logits.max(-1).values)
+
+
+def test_logit_lens_soft_caps_where_the_model_does(tiny_model):
+    """Tiny Gemma 2 caps its logits at 3 (uncapped they reach ~8): the last hidden state's lens
+    scores are the model's own capped logits, every score lies within the cap, and results
+    record it; a model without a cap records None."""
+    lm = tiny_model("gemma2")
+    result = logit_lens(lm, "Hello, world!", k=5)
+    ids = result.token_ids[None]
+    logits = lm.hf(input_ids=ids).logits[0]
+    top = logits.topk(5, dim=-1)
+    assert torch.equal(result.top_ids[-1], top.indices)
+    torch.testing.assert_close(result.top_scores[-1], top.values)
+    assert float(result.top_scores.abs().max()) < 3.0 == result.to_json()["final_logit_softcap"]
+    uncapped = lens_logits(
+        dataclasses.replace(
+            lm.weights(), summary=dataclasses.replace(lm.summary, final_logit_softcap=None)
+        ),
+        capture(lm, ids).hidden[-1, 0],
+    )
+    assert float(uncapped.max()) > 3.0  # the cap acts
+    assert torch.equal(uncapped.topk(5, dim=-1).indices, top.indices)  # monotone: same ranking
+    assert logit_lens(tiny_model("gpt2"), "Hi", k=1).to_json()["final_logit_softcap"] is None
 
 
 def test_lens_logits_apply_the_final_norm(tiny_model):

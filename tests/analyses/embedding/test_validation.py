@@ -38,6 +38,9 @@ MLP_MODULES = {
     "mistral": ("mlp", "mlp.down_proj"),  # windows of 4 keys act on the 9 tokens below
     "gpt_neo": ("mlp", "mlp.c_proj"),
     "phi3": ("mlp", "mlp.down_proj"),  # gate_up_proj fused: act(gate) * up enters down_proj
+    "gemma": ("mlp", "mlp.down_proj"),
+    "gemma2": ("mlp", "mlp.down_proj"),  # sandwich: the MLP reads norm(h + norm(attn(norm(h))))
+    "gemma3_text": ("mlp", "mlp.down_proj"),
 }
 
 

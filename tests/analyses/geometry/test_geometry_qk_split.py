@@ -15,6 +15,7 @@ from tgeom.analyses.geometry.attention import (
     split_inputs,
 )
 from tgeom.models.reference import attention_bias, block_attention
+from tgeom.models.weights import layer_rotary
 
 
 def planted_stats(lm, n_windows=6, n_positions=9, seed=0) -> GeometryStats:
@@ -50,6 +51,9 @@ def qk_norm_by_hand(x, norm):
         "qwen3",
         "olmo2",
         "phi3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
     ],
 )
 def test_parts_sum_to_the_logits_of_the_reconstructed_input(tiny_model, family):
@@ -58,22 +62,23 @@ def test_parts_sum_to_the_logits_of_the_reconstructed_input(tiny_model, family):
     lm = tiny_model(family)
     cw = lm.weights()
     stats = planted_stats(lm)
-    layer = 1
-    P, C, positions = split_inputs(stats, cw, layer)
-    lw = cw.layers[layer]
-    x = P[None] + C[:, None]  # [C, T, d]
-    q = torch.einsum("ctd,hde->chte", x, lw.W_Q.double()) + lw.b_Q.double()[None, :, None]
-    k = torch.einsum("ctd,hde->chte", x, lw.W_K.double()) + lw.b_K.double()[None, :, None]
-    if lw.q_norm is not None:  # QK-norm before rotary, as the model does
-        q, k = qk_norm_by_hand(q, lw.q_norm), qk_norm_by_hand(k, lw.k_norm)
-    if cw.rotary is not None:
-        q, k = cw.rotary.apply(q, positions), cw.rotary.apply(k, positions)
-    logits = torch.einsum("chte,chse->chts", q, k) * cw.attn_scale  # [C, H, T, T]
-    parts = logit_parts(stats, cw, layer)
-    assert torch.allclose(sum(parts.values()), logits, atol=1e-10)
-    # pos-pos does not depend on the context, unless QK-norm divides it by the token's scale.
-    same = torch.equal(parts["pos-pos"][0], parts["pos-pos"][-1])
-    assert same == (lw.q_norm is None)
+    for layer in range(cw.summary.n_layers):
+        P, C, positions = split_inputs(stats, cw, layer)
+        lw = cw.layers[layer]
+        x = P[None] + C[:, None]  # [C, T, d]
+        q = torch.einsum("ctd,hde->chte", x, lw.W_Q.double()) + lw.b_Q.double()[None, :, None]
+        k = torch.einsum("ctd,hde->chte", x, lw.W_K.double()) + lw.b_K.double()[None, :, None]
+        if lw.q_norm is not None:  # QK-norm before rotary, as the model does
+            q, k = qk_norm_by_hand(q, lw.q_norm), qk_norm_by_hand(k, lw.k_norm)
+        rotary = layer_rotary(cw, layer)  # Gemma 3's layer 0: the local RoPE base
+        if rotary is not None:
+            q, k = rotary.apply(q, positions), rotary.apply(k, positions)
+        logits = torch.einsum("chte,chse->chts", q, k) * cw.attn_scale  # [C, H, T, T]
+        parts = logit_parts(stats, cw, layer)
+        assert torch.allclose(sum(parts.values()), logits, atol=1e-10)
+        # pos-pos does not depend on the context, unless QK-norm divides it by the token's scale.
+        same = torch.equal(parts["pos-pos"][0], parts["pos-pos"][-1])
+        assert same == (lw.q_norm is None)
 
 
 def test_qk_norm_parts_sum_to_the_models_own_attention_logits(tiny_model):

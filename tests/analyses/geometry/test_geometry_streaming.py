@@ -77,6 +77,9 @@ def _assert_matches_dense(stats: GeometryStats, dense: list[dict[str, Any]]) -> 
         "qwen3",
         "olmo2",
         "phi3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
     ],
 )
 @pytest.mark.parametrize("batch_size", [1, 5])

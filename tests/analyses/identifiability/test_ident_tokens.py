@@ -84,7 +84,19 @@ def test_same_seed_same_rates_with_mlp_and_distances_option(tiny_model):
 
 @pytest.mark.parametrize(
     "family",
-    ["gpt2", "opt_post_ln", "distilbert", "gptj", "phi", "gpt_neo", "qwen3", "olmo2", "phi3"],
+    [
+        "gpt2",
+        "opt_post_ln",
+        "distilbert",
+        "gptj",
+        "phi",
+        "gpt_neo",
+        "qwen3",
+        "olmo2",
+        "phi3",
+        "gemma",
+        "gemma3_text",
+    ],
 )
 def test_vocabulary_candidates_identify_layer_zero(tiny_model, family):
     lm = tiny_model(family)

@@ -24,6 +24,7 @@ from tgeom.analyses.embedding.interaction import (
     embedding_convention,
     head_top_pairs,
     qk_norm_note,
+    softcap_note,
 )
 from tgeom.errors import TgeomError, check_index
 from tgeom.models.weights import CanonicalWeights
@@ -67,6 +68,7 @@ class HeadAtlas:
     rope_note: str | None
     options: dict[str, Any] = field(default_factory=dict)
     qk_norm_note: str | None = None
+    softcap_note: str | None = None
     heads: list[int] = field(default_factory=list)
     convention: str = "dar"
     sides: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -97,6 +99,7 @@ class HeadAtlas:
             "circuits": self.circuits,
             "rope_note": self.rope_note,
             "qk_norm_note": self.qk_norm_note,
+            "softcap_note": self.softcap_note,
             "columns": list(COLUMNS),
             "n_rows": len(self.rows),
             **self.options,
@@ -190,6 +193,7 @@ def head_atlas(
         convention=embedding_convention(E),
         sides=sides,
         qk_norm_note=qk_norm_note(cw) if "qk" in circuits else None,
+        softcap_note=softcap_note(cw) if "qk" in circuits else None,
     )
 
 

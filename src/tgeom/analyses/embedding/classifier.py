@@ -27,7 +27,7 @@ from torch import Tensor
 from tgeom.errors import TgeomError
 from tgeom.models.load import LoadedModel, load_model
 from tgeom.models.reference import embed, run_blocks
-from tgeom.models.weights import CanonicalWeights, LayerWeights, Norm, QKNorm
+from tgeom.models.weights import CanonicalWeights, LayerWeights, Norm, QKNorm, Rotary
 from tgeom.results import atomic_replace, atomic_write_text, prepare_out_dir
 
 CONFIG_FILE = "classifier.json"
@@ -133,6 +133,8 @@ def map_weights(cw: CanonicalWeights, fn: Callable[[str, Tensor], Tensor]) -> Ca
                 changes[f.name] = dataclasses.replace(
                     value, weight=one(f"{name}.weight", value.weight)
                 )
+            elif isinstance(value, Rotary):
+                changes[f.name] = value  # fixed frequencies, not parameters
             else:
                 changes[f.name] = one(name, value)
         return LayerWeights(**changes)

@@ -59,6 +59,10 @@ QK_NORM_NOTE = (
     "and times the gain (no bias)."
 )
 QK_NORM_SCOPES = {"head": "per head", "all": "over all heads at once"}
+SOFTCAP_NOTE = (
+    "this model soft-caps its attention scores at {cap} (cap * tanh(score / cap), monotone, so "
+    "the top pairs are unchanged); the QK values are reported uncapped."
+)
 EMBEDDINGS = ("out", "in", "tl")  # the named choices of ``E`` (besides a tensor)
 ORIENTATION = {
     "qk": ("query token", "key token"),
@@ -82,6 +86,7 @@ class InteractionPairs:
     convention: str  # "dar" (one matrix on both sides) | "tl" (W_E in, W_U out)
     rope_note: str | None
     qk_norm_note: str | None = None
+    softcap_note: str | None = None
 
     @property
     def embedding(self) -> str:
@@ -117,6 +122,7 @@ class InteractionPairs:
             "col_is": col_means,
             "rope_note": self.rope_note,
             "qk_norm_note": self.qk_norm_note,
+            "softcap_note": self.softcap_note,
             "pairs": self.pairs(vocab),
         }
 
@@ -166,6 +172,13 @@ def qk_norm_note(cw: CanonicalWeights) -> str | None:
     """What QK pairs of ``cw`` read under QK-norm (:data:`QK_NORM_NOTE`), or None without it."""
     norm = cw.layers[0].q_norm if cw.layers else None
     return None if norm is None else QK_NORM_NOTE.format(scope=QK_NORM_SCOPES[norm.scope])
+
+
+def softcap_note(cw: CanonicalWeights) -> str | None:
+    """The attention soft-cap the QK values are reported without (:data:`SOFTCAP_NOTE`), or
+    None where the model has none (SPEC section 1, "Soft-capping")."""
+    cap = cw.summary.attn_logit_softcap
+    return None if cap is None else SOFTCAP_NOTE.format(cap=cap)
 
 
 def qk_token_scales(E: Tensor, W: Tensor, norm: QKNorm, chunk_rows: int = 4096) -> Tensor:
@@ -275,6 +288,7 @@ def head_top_pairs(
         embedding_convention(E),
         rope,
         qk_norm_note(cw) if circuit == "qk" else None,
+        softcap_note(cw) if circuit == "qk" else None,
     )
 
 

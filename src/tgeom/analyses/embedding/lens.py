@@ -3,7 +3,9 @@
 For a text, every hidden state ``hidden[h] [T, d]`` (``h = 0`` the embedding output, ``h`` the
 output of block ``h - 1`` (0-based blocks), before the final norm) is read as
 ``final_norm(hidden[l]) @ W_U.T (+ b_U)`` and summarised by its top-k tokens per position. For
-post-LN encoders (BERT) there is no final norm: the hidden states are already normalised.
+post-LN encoders (BERT) there is no final norm: the hidden states are already normalised. Where
+the model soft-caps its logits (Gemma 2, 3: ``cap * tanh(logits / cap)``) the lens does too, so
+the last hidden state reads as the model's own logits; the cap is recorded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import Tensor
 
 from tgeom.analyses.embedding.projection import embedding_name
 from tgeom.errors import TgeomError
+from tgeom.models.reference import logits
+from tgeom.models.weights import CanonicalWeights
 from tgeom.results import results_frame
 
 if TYPE_CHECKING:
@@ -36,6 +40,7 @@ class LogitLens:
     final_norm: bool
     has_unembedding_bias: bool
     embedding: str = "W_U"  # the matrix read: "W_E" for a model without an LM head
+    final_logit_softcap: float | None = None  # the cap applied to the scores, None: none
 
     @property
     def n_hidden(self) -> int:
@@ -54,6 +59,7 @@ class LogitLens:
             "embedding": self.embedding,
             "final_norm_applied": self.final_norm,
             "unembedding_bias_added": self.has_unembedding_bias,
+            "final_logit_softcap": self.final_logit_softcap,
             "n_blocks": self.n_blocks,
             "n_hidden": self.n_hidden,
             "by_hidden": [
@@ -80,11 +86,10 @@ class LogitLens:
         return results_frame(self.to_json(), "by_hidden.positions", ("by_hidden.positions",))
 
 
-def lens_logits(cw: Any, hidden: Tensor) -> Tensor:
-    """``final_norm(hidden) @ W_U.T (+ b_U)`` for ``hidden [..., d]`` -> ``[..., V]``."""
-    h = cw.final_norm(hidden) if cw.final_norm is not None else hidden
-    logits = h @ cw.W_U.T
-    return logits + cw.b_U if cw.b_U is not None else logits
+def lens_logits(cw: CanonicalWeights, hidden: Tensor) -> Tensor:
+    """``final_norm(hidden) @ W_U.T (+ b_U)`` for ``hidden [..., d]`` -> ``[..., V]``, soft-capped
+    where the model caps its logits (:func:`tgeom.models.reference.logits`)."""
+    return logits(cw, hidden)
 
 
 @torch.no_grad()
@@ -107,12 +112,12 @@ def logit_lens(lm: Any, text: str, k: int = 5, *, mask: Tensor | None = None) ->
         raise TgeomError("the token filters leave no token; relax them.")
     top_ids, top_scores = [], []
     for index in range(hidden.shape[0]):
-        logits = lens_logits(cw, hidden[index].to(cw.W_U.device))
+        scores = lens_logits(cw, hidden[index].to(cw.W_U.device))
         if mask is not None:
-            logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
-        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :kk]
+            scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :kk]
         top_ids.append(order.cpu())
-        top_scores.append(torch.gather(logits, 1, order).cpu())
+        top_scores.append(torch.gather(scores, 1, order).cpu())
     ids = torch.stack(top_ids)
     vocab = lm.vocab_strings
     return LogitLens(
@@ -125,4 +130,5 @@ def logit_lens(lm: Any, text: str, k: int = 5, *, mask: Tensor | None = None) ->
         final_norm=cw.final_norm is not None,
         has_unembedding_bias=cw.b_U is not None,
         embedding=embedding_name(cw, "out"),
+        final_logit_softcap=cw.summary.final_logit_softcap,
     )

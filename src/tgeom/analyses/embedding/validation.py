@@ -54,6 +54,7 @@ from tgeom.capture import iter_captures
 from tgeom.errors import TgeomError
 from tgeom.models.load import LoadedModel
 from tgeom.models.reference import (
+    after_attention,
     attention_bias,
     attention_output,
     block_attention,
@@ -202,7 +203,8 @@ def mlp_input(cw: CanonicalWeights, block: int, h: Tensor, bias: Tensor) -> Tens
     """The MLP's input ``[B, T, d]`` in block ``block`` given its input ``h [B, T, d]``
     (hidden state ``block``).
 
-    Pre-LN: ``ln_mlp(h + attn(ln_attn(h)))``; parallel residual: ``ln_mlp(h)``; post-LN (BERT):
+    Pre-LN: ``ln_mlp(h + attn(ln_attn(h)))`` (the attention's output normed first where the block
+    has ``ln_attn_out``: Gemma 2, 3); parallel residual: ``ln_mlp(h)``; post-LN (BERT):
     ``ln_attn(h + attn(h))``; norms on the sublayer outputs (OLMo 2): ``h + ln_attn(attn(h))``,
     as in :func:`tgeom.models.reference.run_block`.
     """
@@ -214,7 +216,7 @@ def mlp_input(cw: CanonicalWeights, block: int, h: Tensor, bias: Tensor) -> Tens
         return h + lw.ln_attn(attention_output(cw, block, h, bias))
     if s.parallel_residual:
         return lw.ln_mlp(h)
-    return lw.ln_mlp(h + attention_output(cw, block, lw.ln_attn(h), bias))
+    return lw.ln_mlp(after_attention(cw, block, h, bias))
 
 
 def attention_input(cw: CanonicalWeights, block: int, h: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tgeom.analyses.geometry.stats import GeometryStats
 from tgeom.errors import check_index
-from tgeom.models.weights import CanonicalWeights, Norm, QKNorm
+from tgeom.models.weights import CanonicalWeights, Norm, QKNorm, Rotary, layer_rotary
 
 PARTS = ("pos-pos", "pos-ctx", "ctx-pos", "ctx-ctx")
 QK_NORM_SPLIT = (
@@ -78,7 +78,7 @@ def _sides(
     W: Tensor,
     b: Tensor,
     norm: QKNorm | None,
-    cw: CanonicalWeights,
+    rotary: Rotary | None,
     positions: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """The positional and context parts, each ``[C, H, T', dh]``, of the queries (or keys) of
@@ -93,8 +93,8 @@ def _sides(
     if norm is not None:
         factor = norm.weight.double()[:, None, :] * norm.inverse_scale(pos + ctx)
         pos, ctx = factor * pos, factor * ctx
-    if cw.rotary is not None:
-        pos, ctx = cw.rotary.apply(pos, positions), cw.rotary.apply(ctx, positions)
+    if rotary is not None:
+        pos, ctx = rotary.apply(pos, positions), rotary.apply(ctx, positions)
     return pos, ctx
 
 
@@ -105,8 +105,9 @@ def logit_parts(stats: GeometryStats, cw: CanonicalWeights, block: int) -> dict[
     the key's own QK-norm scale."""
     P, C, positions = split_inputs(stats, cw, block)
     lw = cw.layers[block]
-    q_pos, q_ctx = _sides(P, C, lw.W_Q, lw.b_Q, lw.q_norm, cw, positions)
-    k_pos, k_ctx = _sides(P, C, lw.W_K, lw.b_K, lw.k_norm, cw, positions)
+    rotary = layer_rotary(cw, block)  # Gemma 3: local layers have their own base
+    q_pos, q_ctx = _sides(P, C, lw.W_Q, lw.b_Q, lw.q_norm, rotary, positions)
+    k_pos, k_ctx = _sides(P, C, lw.W_K, lw.b_K, lw.k_norm, rotary, positions)
     scale = cw.attn_scale
     return {
         "pos-pos": scale * torch.einsum("chte,chse->chts", q_pos, k_pos),
@@ -156,6 +157,8 @@ def qk_logit_parts(
         "norm_linearisation": "gamma * center(h) / corpus RMS of h (bias with position)",
         "rotary_applied": cw.rotary is not None,
         "qk_norm": None if lw.q_norm is None else QK_NORM_SPLIT.format(scope=lw.q_norm.scope),
+        # Monotone soft-cap (SPEC 1): the parts are of the uncapped logits; the cap is stated.
+        "attn_logit_softcap": cw.summary.attn_logit_softcap,
         "heads": heads_out,
     }
 

@@ -265,7 +265,7 @@ def _identified_in_vocabulary(lm: Any, pred: Tensor, ids: Tensor, kind: str) -> 
     cw = lm.weights()
     out = torch.zeros(len(ids), dtype=torch.bool)
     for t in range(len(ids)):
-        cand = cw.W_E  # every vocabulary item's input at position t: [V, d]
+        cand = cw.W_E * cw.embed_scale  # every vocabulary item's input at position t: [V, d]
         if cw.W_pos is not None:
             cand = cand + cw.W_pos[t]
         if cw.W_type is not None:

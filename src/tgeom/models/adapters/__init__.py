@@ -12,9 +12,20 @@ from __future__ import annotations
 from types import ModuleType
 
 from tgeom.errors import TgeomError
-from tgeom.models.adapters import bert, gpt2, gpt_neo, gptj, llama, neox, opt, phi, phi3
+from tgeom.models.adapters import bert, gemma, gpt2, gpt_neo, gptj, llama, neox, opt, phi, phi3
 
-ADAPTERS: tuple[ModuleType, ...] = (gpt2, bert, llama, neox, opt, gptj, phi, gpt_neo, phi3)
+ADAPTERS: tuple[ModuleType, ...] = (
+    gpt2,
+    bert,
+    llama,
+    neox,
+    opt,
+    gptj,
+    phi,
+    gpt_neo,
+    phi3,
+    gemma,
+)
 
 
 def supported_model_types() -> list[str]:

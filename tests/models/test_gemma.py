@@ -1,0 +1,128 @@
+"""Gemma 1/2/3 (one adapter with flags): each mechanism is read from the model and acts in the
+tiny models, so the reference-forward proof (test_reference_forward.py) fails without it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from tgeom.capture import capture
+from tgeom.models.reference import reference_forward
+from tgeom.models.weights import CanonicalWeights, layer_rotary
+
+TOLERANCE = 1e-4
+
+
+def _gains_minus_one(cw: CanonicalWeights) -> CanonicalWeights:
+    """Every norm gain read as the raw parameter ``w`` instead of the effective ``1 + w``."""
+
+    def raw(norm):
+        return None if norm is None else dataclasses.replace(norm, weight=norm.weight - 1.0)
+
+    layers = [
+        dataclasses.replace(
+            lw,
+            ln_attn=raw(lw.ln_attn),
+            ln_mlp=raw(lw.ln_mlp),
+            ln_attn_out=raw(lw.ln_attn_out),
+            ln_mlp_out=raw(lw.ln_mlp_out),
+            q_norm=raw(lw.q_norm),
+            k_norm=raw(lw.k_norm),
+        )
+        for lw in cw.layers
+    ]
+    return dataclasses.replace(cw, layers=layers, final_norm=raw(cw.final_norm))
+
+
+def _break(cw: CanonicalWeights, mistake: str) -> CanonicalWeights:
+    s = cw.summary
+    if mistake == "embeddings unscaled":
+        return dataclasses.replace(cw, embed_scale=1.0)
+    if mistake == "gains w, not 1 + w":
+        return _gains_minus_one(cw)
+    if mistake == "query scale 1/sqrt(d_head)":
+        return dataclasses.replace(cw, attn_scale=s.d_head**-0.5)
+    if mistake == "attention scores uncapped":
+        return dataclasses.replace(cw, summary=dataclasses.replace(s, attn_logit_softcap=None))
+    if mistake == "no sublayer output norms":
+        layers = [dataclasses.replace(lw, ln_attn_out=None, ln_mlp_out=None) for lw in cw.layers]
+        return dataclasses.replace(cw, layers=layers)
+    if mistake == "one RoPE base":
+        return dataclasses.replace(
+            cw, layers=[dataclasses.replace(lw, rotary=None) for lw in cw.layers]
+        )
+    if mistake == "no windows":
+        return dataclasses.replace(cw, summary=dataclasses.replace(s, attention_windows=()))
+    raise AssertionError(mistake)
+
+
+MISTAKES = {
+    "gemma": ["embeddings unscaled", "gains w, not 1 + w"],
+    "gemma2": [
+        "embeddings unscaled",
+        "gains w, not 1 + w",
+        "query scale 1/sqrt(d_head)",
+        "attention scores uncapped",
+        "no sublayer output norms",
+        "no windows",
+    ],
+    "gemma3_text": [
+        "embeddings unscaled",
+        "gains w, not 1 + w",
+        "query scale 1/sqrt(d_head)",
+        "no sublayer output norms",
+        "one RoPE base",
+        "no windows",
+    ],
+}
+
+
+@pytest.mark.parametrize(("family", "mistake"), [(f, m) for f, ms in MISTAKES.items() for m in ms])
+def test_each_gemma_mechanism_acts_in_the_tiny_models(tiny_model, family, mistake):
+    """The canonical weights pass the proof; dropping any one mechanism misses the model's last
+    hidden state by far more than the tolerance (measured: 2.0 to 28)."""
+    lm = tiny_model(family)
+    cw = lm.weights()
+    ids = torch.randint(4, 96, (2, 20), generator=torch.Generator().manual_seed(8))
+    captured = capture(lm, ids).hidden
+    assert float((captured[-1] - reference_forward(cw, ids)[-1]).abs().max()) < TOLERANCE
+    broken = reference_forward(_break(cw, mistake), ids)[-1]
+    assert float((captured[-1] - broken).abs().max()) > 1000 * TOLERANCE
+
+
+def test_gemma_flags_come_from_the_configs(tiny_model):
+    """Gemma 1: no windows, caps, QK-norm or sandwich norms, scale 1/sqrt(d_head). Gemma 2: layer
+    0 windowed over 4 keys, scores capped at 2 and logits at 3, query scale 16^-1/2. Gemma 3: no
+    attention cap (its attention never applies one), QK-norm per head, local RoPE base 100 on
+    layer 0 and the global 10^4 on layer 1. All: hidden[0] scale sqrt(32), W_E the raw
+    parameter."""
+    one, two, three = (tiny_model(f) for f in ("gemma", "gemma2", "gemma3_text"))
+    for lm in (one, two, three):
+        cw = lm.weights()
+        assert cw.embed_scale == pytest.approx(math.sqrt(32))
+        assert torch.equal(cw.W_E, lm.hf.get_input_embeddings().weight)
+        assert lm.summary.activation == "gelu_pytorch_tanh" and lm.summary.gated_mlp
+    s1, s2, s3 = one.summary, two.summary, three.summary
+    assert (s1.attention_windows, s1.attn_logit_softcap, s1.final_logit_softcap) == ((), None, None)
+    assert s1.n_kv_heads == 1 and one.weights().attn_scale == pytest.approx(8**-0.5)
+    assert one.weights().layers[0].ln_attn_out is None
+    assert (s2.attention_windows, s2.attn_logit_softcap, s2.final_logit_softcap) == (
+        (4, 0),
+        2.0,
+        3.0,
+    )
+    assert (s3.attention_windows, s3.attn_logit_softcap, s3.final_logit_softcap) == (
+        (4, 0),
+        None,
+        3.0,
+    )
+    assert two.weights().attn_scale == three.weights().attn_scale == pytest.approx(0.25)
+    assert (s1.qk_norm, s2.qk_norm, s3.qk_norm) == ("none", "none", "head")
+    cw3 = three.weights()
+    local, global_ = layer_rotary(cw3, 0), layer_rotary(cw3, 1)
+    assert local is not None and global_ is not None
+    torch.testing.assert_close(local.inv_freq, 100.0 ** (-torch.arange(0, 8, 2) / 8))
+    torch.testing.assert_close(global_.inv_freq, 10000.0 ** (-torch.arange(0, 8, 2) / 8))
