@@ -126,3 +126,15 @@ def test_gemma_flags_come_from_the_configs(tiny_model):
     assert local is not None and global_ is not None
     torch.testing.assert_close(local.inv_freq, 100.0 ** (-torch.arange(0, 8, 2) / 8))
     torch.testing.assert_close(global_.inv_freq, 10000.0 ** (-torch.arange(0, 8, 2) / 8))
+
+
+def test_attention_soft_cap_is_stated_where_values_are_uncapped(tiny_model):
+    """SPEC 1, "Soft-capping": QK top pairs keep the uncapped values and say so where the model
+    caps its scores (Gemma 2 at 2.0); OV pairs and uncapped models carry no note."""
+    from tgeom.analyses.embedding.interaction import ov_top_pairs, qk_top_pairs
+
+    cw = tiny_model("gemma2").weights()
+    qk = qk_top_pairs(cw, 1, 0, 3)
+    assert "2.0" in qk.to_json()["softcap_note"]
+    assert ov_top_pairs(cw, 1, 0, 3).softcap_note is None
+    assert qk_top_pairs(tiny_model("gemma3_text").weights(), 1, 0, 3).softcap_note is None
