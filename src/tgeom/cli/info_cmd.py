@@ -21,16 +21,22 @@ def info(
         False, "--trust-remote-code", help="Allow custom model code from the model's author."
     ),
 ) -> None:
-    """Print the architecture summary: family, layers, heads, widths, vocabulary, norms."""
+    """Print the architecture summary: family, layers, heads, widths, vocabulary, norms, and the
+    special mechanisms (positions, QK-norm, sliding windows, soft-caps, parallel blocks)."""
     from tgeom.models import load_model
 
     lm = load_model(model, trust_remote_code=trust_remote_code, device="cpu")
-    summary = {"model": lm.source, **dataclasses.asdict(lm.summary)}
+    summary = {
+        "model": lm.source,
+        **dataclasses.asdict(lm.summary),
+        "mechanisms": lm.summary.mechanisms(),
+    }
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
     print_table(
         f"tgeom info: {lm.source}",
         ["field", "value"],
-        [[key, str(value)] for key, value in summary.items()],
+        [[key, str(value)] for key, value in summary.items() if key != "mechanisms"]
+        + [[f"mechanisms.{key}", str(value)] for key, value in summary["mechanisms"].items()],
     )

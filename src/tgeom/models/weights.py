@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -56,6 +56,22 @@ class ArchitectureSummary:
     # vocabulary logits (Gemma 2, 3).
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+
+    def mechanisms(self) -> dict[str, Any]:
+        """The special mechanisms in one place (``tgeom info``): ``position_scheme`` ('learned' |
+        'rotary' | 'alibi'), ``qk_norm`` (None | 'head' | 'all'), ``sliding_window`` (per layer,
+        None for a global layer; None when no layer has a window), ``softcap`` (None, or the
+        ``attention`` and ``final`` caps, each None where off) and ``parallel_block`` (attention
+        and MLP read the same input)."""
+        windows = [w or None for w in self.attention_windows] if self.attention_windows else None
+        caps = {"attention": self.attn_logit_softcap, "final": self.final_logit_softcap}
+        return {
+            "position_scheme": self.position_scheme,
+            "qk_norm": None if self.qk_norm == "none" else self.qk_norm,
+            "sliding_window": windows,
+            "softcap": caps if any(v is not None for v in caps.values()) else None,
+            "parallel_block": self.parallel_residual,
+        }
 
 
 @dataclass
