@@ -195,3 +195,17 @@ def test_null_space_tables_and_pearson_of_windowed_layers(windowed):
     assert torch.equal(nulls.null_dim, torch.stack([s.null_dim for s in whole.sequences]))
     assert nulls.to_json()["by_length"] == data["by_length"]
     torch.testing.assert_close(summary.pearson.values, whole.pearson.values, rtol=0, atol=1e-12)
+
+
+def test_a_warning_names_the_windowed_layers_without_null_spaces(tiny_model, windowed):
+    """Sequences longer than d_head, but windows no longer than it: those layers' effective
+    attention is raw attention by construction, and the results say so (one line naming them);
+    windows longer than d_head get no warning."""
+    from tgeom.analyses.identifiability import effective_attention
+
+    ids = distinct_tokens(1, 20)
+    (line,) = effective_attention(tiny_model("mistral"), ids).warnings
+    assert line.startswith("layers 0, 1 see windows of at most 4 keys, not more than d_head = 16")
+    (line,) = null_space_dims(tiny_model("qwen2"), ids).warnings
+    assert line.startswith("layers 1 see windows of at most 3 keys")
+    assert effective_attention(windowed(5), ids).warnings == []

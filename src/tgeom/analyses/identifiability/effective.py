@@ -521,9 +521,10 @@ class EffectiveAttentionResult:
 
     @property
     def warnings(self) -> list[str]:
-        """One line when no sequence is longer than ``d_head`` (no null space is possible:
+        """One line when no sequence is longer than ``d_head``, or when some sliding-window
+        layers see no more than ``d_head`` keys (no null space is possible there:
         :func:`~tgeom.analyses.identifiability.sequences.null_space_warnings`), else ``[]``."""
-        return null_space_warnings(self.lengths, self.d_head)
+        return null_space_warnings(self.lengths, self.d_head, self.windows)
 
     @cached_property
     def summary(self) -> EffectiveSummary:

@@ -53,8 +53,9 @@ class NullSpaceResult:
 
     @property
     def warnings(self) -> list[str]:
-        """One line when no sequence is longer than ``d_head`` (no null space possible)."""
-        return null_space_warnings(self.lengths, self.d_head)
+        """One line when no sequence (or no window of some layers) is longer than ``d_head``
+        (no null space possible there)."""
+        return null_space_warnings(self.lengths, self.d_head, self.windows)
 
     def expected_generic(self, lengths: Tensor) -> Tensor:
         """``[len(lengths), L]``: a generic head's null dimension, ``max(0, min(d_s, w) -

@@ -32,15 +32,30 @@ def varied_length_batch(lm: Any, windows: Tensor) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def null_space_warnings(lengths: list[int], d_head: int) -> list[str]:
-    """``[one line]`` when no sequence has more tokens than ``d_head``, else ``[]``.
+def null_space_warnings(
+    lengths: list[int], d_head: int, windows: tuple[int, ...] = ()
+) -> list[str]:
+    """``[one line]`` when no sequence has more tokens than ``d_head``, else one line when some
+    sliding-window layers (``windows``: keys per query, 0 = global) see no more than ``d_head``
+    keys, else ``[]``.
 
     A head's left null space is ``d_s - rank(V W_O[h])`` with ``rank <= min(d_s, d_head)``: it
     is non-trivial whenever ``d_s > d_head`` and, for ``d_s <= d_head``, only when value vectors
     coincide (SPEC 5). With every sequence that short, effective attention is raw attention
     and Pearson(raw, effective) is 1 by construction, not by finding."""
-    if not lengths or max(lengths) > d_head:
+    if not lengths:
         return []
+    if max(lengths) > d_head:
+        narrow = [layer for layer, w in enumerate(windows) if 0 < w <= d_head]
+        if not narrow:
+            return []
+        widest = max(windows[layer] for layer in narrow)
+        return [
+            f"layers {', '.join(map(str, narrow))} see windows of at most {widest} keys, not "
+            f"more than d_head = {d_head}: no null space is possible in them (beyond repeated "
+            "value vectors), so their effective attention is raw attention and Pearson(raw, "
+            "effective) is 1 by construction"
+        ]
     what = f"the sequence has {lengths[0]}" if len(lengths) == 1 else "every sequence has at most"
     longest = "" if len(lengths) == 1 else f" {max(lengths)}"
     return [
