@@ -1,5 +1,7 @@
 """Every tiny family through the CLI: weights topk, geometry collect + measure, attention
-effective and identify tokens, each checked against a property or a brute force (issue 18)."""
+effective (A_eff T = A T, and every row equal to the per-query SVD definition on the keys the
+query sees: windowed layers their window's) and identify tokens, each checked against a property
+or a brute force (issue 18)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typer.testing import CliRunner
 from tgeom.analyses.embedding.filters import token_mask
 from tgeom.capture import capture
 from tgeom.cli import app
+from tgeom.linalg.nullspace import default_rtol, left_null_space
+from tgeom.models.weights import attention_window
 from tiny_models import FAMILIES
 
 runner = CliRunner()
@@ -38,6 +42,22 @@ def dense_qk(lw, head: int, E: torch.Tensor) -> torch.Tensor:
         return x[:, head]
 
     return factor(lw.W_Q, lw.q_norm) @ factor(lw.W_K, lw.k_norm).T
+
+
+def per_query_definition(
+    A: torch.Tensor, T: torch.Tensor, causal: bool, window: int
+) -> torch.Tensor:
+    """[BRU]'s effective attention, slowly: each query's row minus its part in the left null
+    space (float64 SVD) of the rows of ``T`` it sees: every key (encoders), keys ``0..i``
+    (decoders) or the last ``window`` of them (sliding-window layers); zero elsewhere."""
+    n, d = T.shape
+    expected = torch.zeros_like(A)
+    for i in range(n):
+        lo = max(0, i - window + 1) if window else 0
+        hi = i + 1 if causal else n
+        N = left_null_space(T[lo:hi], rtol=default_rtol(hi - lo, d, torch.float32))
+        expected[i, lo:hi] = A[i, lo:hi] - A[i, lo:hi] @ N @ N.T
+    return expected
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,9 +113,13 @@ def test_every_family_runs_the_main_commands(tiny_model, tiny_model_dir, corpus,
     for entry in effective["heads"]:
         layer, h = entry["layer"], entry["head"]
         T = values[layer, 0, h].double() @ cw.layers[layer].W_O[h].double()  # [n, d]
-        raw = torch.tensor(entry["raw"], dtype=torch.float64) @ T
-        eff = torch.tensor(entry["effective"], dtype=torch.float64) @ T
-        assert float((eff - raw).norm()) <= 1e-6 * float(raw.norm())
+        A = torch.tensor(entry["raw"], dtype=torch.float64)
+        A_eff = torch.tensor(entry["effective"], dtype=torch.float64)
+        assert float((A_eff @ T - A @ T).norm()) <= 1e-6 * float((A @ T).norm())
+        expected = per_query_definition(
+            A, T, lm.summary.is_causal, attention_window(cw.summary, layer)
+        )
+        assert float((A_eff - expected).abs().max()) <= 1e-8, (layer, h)
 
     tokens = invoke(
         tmp_path / "tokens", "identify", "tokens", model, "--corpus", str(corpus),
