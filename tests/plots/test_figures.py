@@ -138,6 +138,11 @@ def test_effective_attention_notes_panels_that_coincide_by_construction(tiny_mod
     assert int(long.sequences[0].null_dim[1, 2]) == 14 - 8
     text = texts(P.plot_effective_attention(long, 1, 2))
     assert "identical" not in text and "1 sequence of 14 tokens" in text
+    windowed = tiny_model("mistral")  # windows of 4 keys, d_head 16, 20 distinct tokens
+    distinct = torch.randperm(92, generator=torch.Generator().manual_seed(0))[None, :20] + 4
+    text = texts(P.plot_effective_attention(effective_attention(windowed, distinct), 1, 0))
+    assert "identical by construction: every query sees at most 4 keys" in text
+    assert "20 tokens <=" not in text
 
 
 def test_corpus_and_text_figures_name_their_sample(tiny_model):  # type: ignore[no-untyped-def]

@@ -33,8 +33,10 @@ def plot_effective_attention(result: Any, layer: int, head: int, sequence: int =
     """Raw (left) and effective (right) attention of one head for one sequence.
 
     When the head's null space is trivial (``null_dim`` 0: ``T = V W_O`` has full rank d_s,
-    which needs d_s <= d_head), effective attention equals raw attention by construction; a
-    note under the panels says so, so two identical panels do not read as a fault."""
+    which needs d_s <= d_head; in a sliding-window layer, full rank on every query's window,
+    which needs windows of at most d_head keys), effective attention equals raw attention by
+    construction; a note under the panels says so, so two identical panels do not read as a
+    fault."""
     seq = result.sequences[sequence]
     raw, eff = seq.raw[layer, head].numpy(), seq.effective[layer, head].numpy()
     null_dim = int(seq.null_dim[layer, head])
@@ -57,12 +59,20 @@ def plot_effective_attention(result: Any, layer: int, head: int, sequence: int =
         f"null-space dimension {null_dim}",
         fontsize=9,
     )
+    windows = getattr(result, "windows", ())
+    window = windows[layer] if windows and 0 < windows[layer] < n else 0
     if null_dim == 0:
+        why = (
+            f"every query sees at most {window} keys (sliding window) <= d_head {result.d_head} "
+            "and V W_O has full rank on each window"
+            if window
+            else f"{n} tokens <= d_head {result.d_head} and V W_O has full rank {n}"
+        )
         fig.text(
             0.5,
             0.005,
-            f"The panels are identical by construction: {n} tokens <= d_head {result.d_head} and "
-            f"V W_O has full rank {n}, so the null space is trivial: effective = raw attention.",
+            f"The panels are identical by construction: {why}, so the null space is trivial: "
+            "effective = raw attention.",
             ha="center",
             fontsize=8,
             color="#8a3b12",
