@@ -120,3 +120,24 @@ def test_report_results_hold_every_section(hostile_report: Path):
     assert results["command"] == "report"
     assert set(results["sections"]) == set(SECTIONS)
     assert list((hostile_report.parent / "figures").glob("*.png"))
+
+
+def test_report_shows_and_records_the_analyses_warnings(hostile_report: Path):
+    """The tiny corpus is too small for what its sections measure: each analysis' own warnings
+    appear, escaped, at the top of its section and under ``warnings`` in results.json."""
+    import html
+    import json
+    import re
+
+    results = json.loads((hostile_report.parent / "results.json").read_text())
+    warnings = results["warnings"]
+    assert any(w.startswith("identifiability: ") and "test split" in w for w in warnings)
+    assert any(w.startswith("geometry: ") for w in warnings)
+    page = hostile_report.read_text(encoding="utf-8")
+    for anchor in ("geometry", "identifiability"):
+        section = re.search(rf'<section id="{anchor}">(.*?)</section>', page, re.S)
+        assert section is not None
+        shown = re.findall(r"<li>(.*?)</li>", section.group(1).split("</ul>")[0])
+        expected = [w.split(": ", 1)[1] for w in warnings if w.startswith(f"{anchor}: ")]
+        assert [html.unescape(line) for line in shown] == expected
+        assert section.group(1).startswith("<h2>") and '<div class="warnings"' in section.group(1)

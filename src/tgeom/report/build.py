@@ -71,6 +71,9 @@ class Section:
     html: str
     results: dict[str, Any] = field(default_factory=dict)
     uses_plotly: bool = False
+    warnings: list[str] = field(default_factory=list)
+    """One line per result of the section that cannot mean what its name says (the analyses'
+    own ``warnings``); shown at the top of the section and recorded in ``results.json``."""
 
 
 class ReportContext:
@@ -179,7 +182,7 @@ def build_report(
     title = f"tgeom report: {model}"
     page = H.page(
         title,
-        [(s.anchor, s.title, s.html) for s in built],
+        [(s.anchor, s.title, H.warnings_block(s.warnings) + s.html) for s in built],
         with_plotly=any(s.uses_plotly for s in built),
     )
     atomic_write_text(out_dir / "index.html", page)
@@ -193,6 +196,7 @@ def build_report(
             "environment": environment(),
             "sections": {s.anchor: s.results for s in built},
         },
+        warnings=[f"{s.anchor}: {line}" for s in built for line in s.warnings],
     )
     return out_dir / "index.html"
 

@@ -114,4 +114,11 @@ def geometry_section(ctx: ReportContext) -> Section:
         ),
     ]
     data["qk_split"] = qk
-    return Section("geometry", "Hidden-state geometry", "".join(parts), data, uses_plotly=True)
+    return Section(
+        "geometry",
+        "Hidden-state geometry",
+        "".join(parts),
+        data,
+        uses_plotly=True,
+        warnings=list(result.warnings),
+    )

@@ -32,6 +32,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 padding:0 3px;border-radius:3px}
 .scroll{max-height:460px;overflow:auto;border:1px solid #e1e4ea}
 .search{margin:6px 0;padding:4px 8px;width:320px}.note{font-size:13px;color:#4b5563}
+.warnings{border-left:4px solid #d97706;background:#fffbeb;padding:4px 12px;margin:8px 0}
 .kv td:first-child{color:#4b5563}
 .cols{display:flex;gap:36px;flex-wrap:wrap;align-items:flex-start}
 """
@@ -159,6 +160,14 @@ def page(title: str, sections: Sequence[tuple[str, str, str]], *, with_plotly: b
         f"<header><h1>{esc(title)}</h1></header><nav>{nav}</nav><main>{body}</main>"
         f"<script>{TABLE_JS}</script></body></html>"
     )
+
+
+def warnings_block(warnings: Sequence[str]) -> str:
+    """The section's warnings, one escaped line each, or nothing when there are none."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{esc(line)}</li>" for line in warnings)
+    return f'<div class="warnings" role="note"><strong>Warnings</strong><ul>{items}</ul></div>'
 
 
 def json_block(data: Any) -> str:

@@ -83,7 +83,8 @@ def identifiability_section(ctx: ReportContext) -> Section:
         "token_identifiability": ident.to_json(),
         "attribution": attribution.to_json(),
     }
-    return Section("identifiability", "Identifiability", "".join(parts), results)
+    warnings = list(dict.fromkeys([*nulls.warnings, *effective.warnings, *ident.warnings]))
+    return Section("identifiability", "Identifiability", "".join(parts), results, warnings=warnings)
 
 
 def _layers(lm: Any, opts: Any) -> list[int] | None:
