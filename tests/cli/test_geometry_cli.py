@@ -263,6 +263,7 @@ def test_qk_covers_every_block_in_one_call_and_keeps_earlier_blocks(
     assert results["blocks"] == [0, 1] and [e["block"] for e in results["by_block"]] == [0, 1]
     stats, cw = GeometryStats.load(out), load_model(model, device="cpu").weights()
     for entry in results["by_block"]:
+        assert entry["mask"] == "causal (s <= t)" and entry["attention_window"] == 0
         reference = qk_logit_parts(stats, cw, entry["block"])["heads"]
         assert len(entry["heads"]) == len(reference) == 4
         for row, ref in zip(entry["heads"], reference, strict=True):

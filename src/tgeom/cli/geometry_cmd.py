@@ -416,7 +416,8 @@ def _earlier_qk_blocks(folder: Path, meta: dict[str, Any], model: str) -> dict[i
     same = earlier.get("windows_sha256") == meta.get("windows_sha256")
     if not same or str(earlier.get("model")) != model or "by_block" not in earlier:
         return {}
-    return {int(row["block"]): row for row in earlier["by_block"]}
+    # rows without a mask predate sliding windows (their windowed blocks averaged unseen pairs)
+    return {int(row["block"]): row for row in earlier["by_block"] if "mask" in row}
 
 
 def _print_qk_summary(blocks: list[dict[str, Any]]) -> None:

@@ -126,3 +126,53 @@ def test_positional_share_matches_dense_computation():
     W = W_Q.double() @ W_K.double().T
     assert abs(share - float((U.T @ W @ U).norm() ** 2 / W.norm() ** 2)) < 1e-12
     assert 0 <= share <= 1
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_windowed_blocks_summarise_only_the_pairs_the_model_computes(tiny_model, family):
+    """In a sliding-window block every RMS and share is over the (t, s) pairs with
+    ``t - w < s <= t`` only: equal to a slow float64 sum over those pairs, different from the
+    all-causal average, and the mask is the one the reference forward uses (its attention is
+    zero exactly off it). Global blocks keep the causal average bit for bit."""
+    lm = tiny_model(family)
+    cw = lm.weights()
+    stats = planted_stats(lm, seed=5)
+    windows = cw.summary.attention_windows
+    assert any(windows)  # the tiny model is windowed
+    for block, window in enumerate(windows):
+        parts = logit_parts(stats, cw, block)
+        n_ctx, _, T, _ = parts["pos-pos"].shape
+        summary = qk_logit_parts(stats, cw, block)
+        assert summary["attention_window"] == window
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        if not window:
+            assert summary["mask"] == "causal (s <= t)"
+            for row in summary["heads"]:
+                squares = {
+                    p: float((parts[p][:, row["head"]][:, causal] ** 2).mean()) for p in PARTS
+                }
+                for p in PARTS:
+                    assert row[f"rms_{p}"] == squares[p] ** 0.5  # bit for bit
+            continue
+        assert summary["mask"] == f"sliding window of {window} keys (t - {window} < s <= t)"
+        # the reference forward attends exactly to these pairs
+        x = torch.randn(1, T, cw.summary.d_model, generator=torch.Generator().manual_seed(1))
+        probs = block_attention(cw, block, x, attention_bias(cw, None, 1, T))[0]
+        seen = [(t, s) for t in range(T) for s in range(T) if s <= t and t - s < window]
+        on = torch.zeros(T, T, dtype=torch.bool)
+        on[tuple(zip(*seen, strict=True))] = True
+        assert torch.equal(probs > 0, on[None].expand_as(probs))
+        assert len(seen) < int(causal.sum())  # the window cuts pairs on these positions
+        for row in summary["heads"]:
+            h = row["head"]
+            brute = {}
+            for p in PARTS:
+                values = parts[p][:, h]
+                total = sum(float(values[c, t, s]) ** 2 for c in range(n_ctx) for t, s in seen)
+                brute[p] = total / (n_ctx * len(seen))
+            every = sum(brute.values())
+            for p in PARTS:
+                assert row[f"rms_{p}"] == pytest.approx(brute[p] ** 0.5, rel=1e-12, abs=1e-15)
+                assert row[f"share_{p}"] == pytest.approx(brute[p] / every, rel=1e-12, abs=1e-15)
+            all_causal = float((parts["ctx-ctx"][:, h][:, causal] ** 2).mean()) ** 0.5
+            assert abs(row["rms_ctx-ctx"] - all_causal) > 1e-3 * all_causal

@@ -18,7 +18,11 @@ The norm is not linear; we use its corpus-level linearisation: ``lin(h) = gamma 
 with ``s`` the root-mean-square norm of hidden state ``b``'s vectors over the whole corpus
 (``center`` removes the channel mean for LayerNorm and is the identity for RMSNorm). This choice
 is recorded in the results. Parts are summarised by their root-mean-square over contexts and
-the (causal) position pairs, and by their share of the summed squares.
+the position pairs the block computes, and by their share of the summed squares: a query sees
+keys ``s <= t`` in a causal model, and in a sliding-window block only the keys of its window
+(``t - w < s <= t``, :func:`tgeom.models.weights.window_keys`, the reference forward's mask), so
+a query weighs in by its number of visible keys (SPEC section 1, "Sliding windows"). Positions
+are consecutive, so the window (a bound on ``t - s``) is the same on the split's positions.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from torch import Tensor
 
 from tgeom.analyses.geometry.stats import GeometryStats
 from tgeom.errors import check_index
-from tgeom.models.weights import CanonicalWeights, Norm, QKNorm, Rotary, layer_rotary
+from tgeom.models.weights import (
+    CanonicalWeights,
+    Norm,
+    QKNorm,
+    Rotary,
+    attention_window,
+    layer_rotary,
+    window_keys,
+)
 
 PARTS = ("pos-pos", "pos-ctx", "ctx-pos", "ctx-ctx")
 QK_NORM_SPLIT = (
@@ -121,8 +133,8 @@ def qk_logit_parts(
     stats: GeometryStats, cw: CanonicalWeights, block: int, heads: list[int] | None = None
 ) -> dict[str, Any]:
     """Per head of block ``block`` (0-based; it reads hidden state ``block``): RMS and share of
-    the four logit parts over contexts and allowed (query t, key s) pairs (s <= t for causal
-    models), float64."""
+    the four logit parts over contexts and the (query t, key s) pairs the block computes
+    (:func:`visible_pairs`), float64; ``mask`` names them."""
     check_index("block", block, len(cw.layers))
     lw = cw.layers[block]
     parts = logit_parts(stats, cw, block)
@@ -130,10 +142,7 @@ def qk_logit_parts(
     chosen = (
         list(range(n_heads)) if heads is None else [check_index("head", h, n_heads) for h in heads]
     )
-    T = parts["pos-pos"].shape[-1]
-    allowed = torch.ones(T, T, dtype=torch.bool)
-    if cw.summary.is_causal:
-        allowed = allowed.tril()
+    allowed, mask = visible_pairs(cw, block, parts["pos-pos"].shape[-1])
     P, _, _ = split_inputs(stats, cw, block)
     heads_out = []
     for h in chosen:
@@ -156,11 +165,25 @@ def qk_logit_parts(
         "n_blocks": len(cw.layers),
         "norm_linearisation": "gamma * center(h) / corpus RMS of h (bias with position)",
         "rotary_applied": cw.rotary is not None,
+        "mask": mask,
+        "attention_window": attention_window(cw.summary, block),
         "qk_norm": None if lw.q_norm is None else QK_NORM_SPLIT.format(scope=lw.q_norm.scope),
         # Monotone soft-cap (SPEC 1): the parts are of the uncapped logits; the cap is stated.
         "attn_logit_softcap": cw.summary.attn_logit_softcap,
         "heads": heads_out,
     }
+
+
+def visible_pairs(cw: CanonicalWeights, block: int, T: int) -> tuple[Tensor, str]:
+    """``[T, T]`` bool: query t sees key s in block ``block`` (s <= t in a causal model, and
+    inside t's window in a sliding-window block), and the mask's name for the results."""
+    allowed = torch.ones(T, T, dtype=torch.bool)
+    if not cw.summary.is_causal:
+        return allowed, "all pairs"
+    window = attention_window(cw.summary, block)
+    if not window:
+        return allowed.tril(), "causal (s <= t)"
+    return window_keys(T, window), f"sliding window of {window} keys (t - {window} < s <= t)"
 
 
 def _gained(W: Tensor, norm: QKNorm | None, head: int) -> Tensor:
