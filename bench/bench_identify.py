@@ -88,7 +88,7 @@ def attribution_bench(lm, windows, args, device):  # type: ignore[no-untyped-def
     reference = exact[1:][:, outputs]
     report = {
         "tokens": T,
-        "layers": len(cw.layers),
+        "blocks": len(cw.layers),
         "d_model": x0.shape[2],
         "exact_input_tokens_run": len(inputs),
         "exact_s_measured": t_exact,

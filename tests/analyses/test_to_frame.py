@@ -103,7 +103,7 @@ def geometry_case(tiny_model: Any, tmp_path: Path) -> Case:
 def tokens_case(tiny_model: Any, tmp_path: Path) -> Case:
     lm = tiny_model("llama")
     result = token_identifiability(lm, windows_of(14, 8), g=("identity", "linear"))
-    return {"model": lm.source, **result.to_json()}, [(result.to_frame(), lambda d: d["layers"])]
+    return {"model": lm.source, **result.to_json()}, [(result.to_frame(), lambda d: d["by_hidden"])]
 
 
 def survey_case(tiny_model: Any, tmp_path: Path) -> Case:
@@ -117,7 +117,7 @@ def survey_case(tiny_model: Any, tmp_path: Path) -> Case:
         (nulls.to_frame(), lambda doc: doc["null_space"]["heads"]),
         (nulls.to_frame("by_length"), lambda doc: doc["null_space"]["by_length"]),
     ]
-    for name in ("pearson", "pearson_by_layer", "pearson_by_length"):
+    for name in ("pearson", "pearson_by_block", "pearson_by_length"):
         tables.append((effective.to_frame(name), lambda doc, n=name: doc["effective"][n]))
     for name in ("raw_signed", "effective_abs"):
         tables.append(
@@ -149,13 +149,13 @@ def attribution_case(tiny_model: Any, tmp_path: Path) -> Case:
     def by_offset(doc: dict[str, Any]) -> Rows:
         return [
             {k: v for k, v in e.items() if k != "by_relative_position"} | r
-            for e in doc["layers"]
+            for e in doc["by_hidden"]
             for r in e["by_relative_position"]
         ]
 
     return {"model": lm.source, **result.to_json()}, [
-        (result.to_frame(), lambda doc: doc["layers"]),
-        (result.to_frame("layers.by_relative_position"), by_offset),
+        (result.to_frame(), lambda doc: doc["by_hidden"]),
+        (result.to_frame("by_hidden.by_relative_position"), by_offset),
     ]
 
 

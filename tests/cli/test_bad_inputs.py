@@ -290,9 +290,9 @@ RANGE_CASES = {
     "project block": (["weights", "project", "{good}", "--neuron", "9:0"], "block 9"),
     "project neuron": (["weights", "project", "{good}", "--neuron", "0:99999"], "neuron 99999"),
     "project head": (["weights", "project", "{good}", "--head", "0:9", "--subhead", "q"], "head 9"),
-    "effective layer": (
-        ["attention", "effective", "{good}", "--text", "{text}", "--layer", "9"],
-        "layer 9",
+    "effective block": (
+        ["attention", "effective", "{good}", "--text", "{text}", "--block", "9"],
+        "block 9",
     ),
     "effective head": (
         ["attention", "effective", "{good}", "--text", "{text}", "--head", "9"],
@@ -311,7 +311,7 @@ RANGE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(RANGE_CASES))
-def test_layer_head_or_neuron_out_of_range(bad, tmp_path, capsys, case):
+def test_block_hidden_head_or_neuron_out_of_range(bad, tmp_path, capsys, case):
     import shutil
 
     argv, needle = RANGE_CASES[case]

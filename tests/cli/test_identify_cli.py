@@ -39,12 +39,12 @@ def test_effective_writes_heads_with_matrices(tiny_model_dir, tmp_path):
     heads = json.loads((tmp_path / "o" / "results.json").read_text())["heads"]
     assert len(heads) == 2 * 4
     for h in heads:
-        assert set(h) >= {"layer", "head", "raw", "effective", "null_dim"}
+        assert set(h) >= {"block", "head", "raw", "effective", "null_dim"}
         n = len(h["raw"])
         assert n == len(h["raw"][0]) == len(h["effective"]) and h["null_dim"] == n - 8
 
 
-def test_tokens_writes_layers(tiny_model_dir, corpus, tmp_path):
+def test_tokens_writes_hidden_states(tiny_model_dir, corpus, tmp_path):
     done = run(
         "identify",
         "tokens",
@@ -59,9 +59,9 @@ def test_tokens_writes_layers(tiny_model_dir, corpus, tmp_path):
         str(tmp_path / "o"),
     )
     assert done.returncode == 0, done.stderr
-    rows = json.loads((tmp_path / "o" / "results.json").read_text())["layers"]
-    assert {tuple(sorted(r)) for r in rows} == {("distance", "g", "layer", "n_tokens", "rate")}
-    assert len(rows) == 3 * 3 * 2  # layers 0..2 x g x distance
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())["by_hidden"]
+    assert {tuple(sorted(r)) for r in rows} == {("distance", "g", "hidden", "n_tokens", "rate")}
+    assert len(rows) == 3 * 3 * 2  # hidden states 0..2 x g x distance
 
 
 def test_nullspace_and_attribution_write_results(tiny_model_dir, corpus, tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from json_keys import keys_saying_layer
 from tgeom.cli import main
 from tgeom.models import load_model
 
@@ -31,20 +32,6 @@ def run_main(argv: list[str]) -> int:
     finally:
         sys.argv = old
     return int(exit_info.value.code or 0)
-
-
-def keys_saying_layer(document: Any, where: str = "") -> list[str]:
-    """Every key path of a JSON document whose key contains 'layer' (ambiguous: hidden or block)."""
-    found = []
-    if isinstance(document, dict):
-        for key, value in document.items():
-            if "layer" in key.lower():
-                found.append(f"{where}/{key}")
-            found += keys_saying_layer(value, f"{where}/{key}")
-    elif isinstance(document, list):
-        for index, value in enumerate(document):
-            found += keys_saying_layer(value, f"{where}[{index}]")
-    return found
 
 
 def _corpus(folder: Path) -> Path:
@@ -85,6 +72,21 @@ def runs(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[
         ],
         "weights stitch": ["weights", "stitch", model, str(root / "weights finetune")],
         "weights diff": ["weights", "diff", model, str(root / "weights finetune"), "--k", "3"],
+        "attention effective": [
+            *("attention", "effective", model, "--text", TEXT, "--block", str(n_blocks - 1)),
+        ],
+        "attention nullspace": [
+            *("attention", "nullspace", model, "--corpus", corpus, "--seq-len", "16"),
+            *("--max-windows-per-topic", "2"),
+        ],
+        "identify tokens": [
+            *("identify", "tokens", model, "--corpus", corpus, "--seq-len", "12"),
+            *("--max-windows-per-topic", "6"),
+        ],
+        "identify attribution": [
+            *("identify", "attribution", model, "--text", TEXT, "--mode", "estimate"),
+            *("--samples", "2", "--hidden", str(n_blocks)),
+        ],
     }
     outs = {"geometry measure": geo, "geometry qk": geo / "qk"}
     for name, argv in commands.items():
@@ -152,6 +154,30 @@ def test_lens_and_stitching_are_by_hidden_state(runs: dict[str, Any]) -> None:
     assert docs["weights stitch"]["stitching"]["runs"][0]["hidden"] == list(range(L + 1))
 
 
+def test_attention_is_by_block(runs: dict[str, Any]) -> None:
+    L, docs = runs["n_blocks"], runs["results"]
+    effective = docs["attention effective"]
+    assert effective["n_blocks"] == L
+    assert {row["block"] for row in effective["heads"]} == set(range(L))
+    assert [row["block"] for row in effective["pearson_by_block"]] == list(range(L))
+    survey = docs["attention nullspace"]
+    assert {row["block"] for row in survey["null_space"]["heads"]} == set(range(L))
+    assert all(len(row["by_block"]) == L for row in survey["effective"]["pearson_by_length"])
+    rows = survey["effective"]["token_type_attention"]["raw_signed"]
+    assert {row["block"] for row in rows} == set(range(L))
+
+
+def test_identifiability_and_attribution_are_by_hidden_state(runs: dict[str, Any]) -> None:
+    L, docs = runs["n_blocks"], runs["results"]
+    tokens = docs["identify tokens"]
+    assert (tokens["n_blocks"], tokens["n_hidden"]) == (L, L + 1)
+    assert {row["hidden"] for row in tokens["by_hidden"]} == set(range(L + 1))
+    attribution = docs["identify attribution"]
+    assert (attribution["n_blocks"], attribution["n_hidden"]) == (L, L + 1)
+    assert [row["hidden"] for row in attribution["by_hidden"]] == list(range(L + 1))
+    assert len(attribution["contributions"]) == L + 1
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -172,6 +198,9 @@ def test_lens_and_stitching_are_by_hidden_state(runs: dict[str, Any]) -> None:
         (["weights", "align", "{model}", "{model}", "--per-layer", "8"], "pass --per-block"),
         (["weights", "stitch", "{model}", "{clf}", "--hidden", "3"], "split hidden state 3 is out"),
         (["weights", "stitch", "{model}", "{clf}", "--layers", "1"], "pass --hidden"),
+        (["attention", "effective", "{model}", "--text", "a b c", "--block", "2"], "block 2 is"),
+        (["attention", "effective", "{model}", "--text", "a b c", "--layer", "0"], "pass --block"),
+        (["identify", "attribution", "{model}", "--text", "a b", "--hidden", "3"], "hidden state"),
     ],
 )
 def test_options_range_checked_and_old_name_refused(

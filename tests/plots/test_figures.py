@@ -111,7 +111,7 @@ def test_every_geometry_figure_names_its_sample() -> None:
 
 def test_identifiability_figure_names_its_sample() -> None:
     rows = [
-        {"layer": layer, "g": g, "distance": "cosine", "rate": 1.0 - 0.1 * layer, "n_tokens": 96}
+        {"hidden": layer, "g": g, "distance": "cosine", "rate": 1.0 - 0.1 * layer, "n_tokens": 96}
         for layer in range(3)
         for g in ("identity", "linear")
     ]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from json_keys import keys_saying_layer
 from tgeom.report.build import ReportOptions, build_report
 from tiny_models import XSS_TOKENS, save_tiny_model
 
@@ -119,6 +120,7 @@ def test_report_results_hold_every_section(hostile_report: Path):
     results = json.loads((hostile_report.parent / "results.json").read_text())
     assert results["command"] == "report"
     assert set(results["sections"]) == set(SECTIONS)
+    assert keys_saying_layer(results) == []  # 'hidden' (0..L) or 'block' (0..L-1), never 'layer'
     assert list((hostile_report.parent / "figures").glob("*.png"))
 
 

@@ -1,7 +1,8 @@
 """Hidden states, attention probabilities and per-head values from real forward passes.
 
 ``hidden[0]`` is the input of the first block (the embedding output) and ``hidden[l]`` the output
-of block ``l``: the residual stream *before* the final norm for every architecture (SPEC section
+of block ``l - 1`` (blocks are 0-based: block ``b`` reads ``hidden[b]`` and writes
+``hidden[b + 1]``): the residual stream *before* the final norm for every architecture (SPEC section
 0). They are taken with hooks on the blocks rather than from ``output_hidden_states``, because
 Hugging Face applies the final norm to the last entry for some models.
 """
@@ -23,7 +24,8 @@ from tgeom.runtime import Runtime
 class Captured:
     """What one batch of forward passes produced (float32, on the model's device).
 
-    ``hidden [L+1, B, T, d]``; ``attentions [L, B, H, T, T] | None``;
+    ``hidden [L+1, B, T, d]`` indexed by hidden state; ``attentions [L, B, H, T, T] | None`` and
+    ``values`` indexed by block;
     ``values [L, B, H, T, d_head] | None`` (``x W_V + b_V`` with ``x`` the attention input,
     KV heads expanded to query heads).
     """
@@ -49,10 +51,11 @@ def stream_hidden(
     attention_weights: Callable[[int, Tensor], None] | None = None,
 ) -> Any:
     """Run ``lm`` on ``input_ids [B, T]`` and hand each ``hidden[l] [B, T, d]`` (float32, on the
-    model's device, ``l = 0..L``) to ``fold(l, hidden_l)`` as soon as block ``l`` produces it.
+    model's device, ``l = 0..L``) to ``fold(l, hidden_l)`` as soon as it exists (block ``l - 1``
+    writes it).
 
-    Nothing is kept: a running statistic folds each layer while it is still in cache and the
-    allocator can reuse its memory. ``attention_mask [B, T]`` is 1 for real tokens (right
+    Nothing is kept: a running statistic folds each hidden state while it is still in cache and
+    the allocator can reuse its memory. ``attention_mask [B, T]`` is 1 for real tokens (right
     padding). ``values(l, V)``, when given, receives block ``l``'s value vectors ``V [B, H, T,
     d_head]`` (``x W_V + b_V``, KV heads expanded to query heads) as the model computes them;
     ``attention_weights(l, A)`` block ``l``'s attention probabilities ``A [B, H, T, T]`` as soon

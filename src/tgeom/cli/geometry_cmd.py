@@ -59,7 +59,7 @@ SCREENOT_OPT = typer.Option(
 MOMENT_OPT = typer.Option(
     True,
     "--second-moment/--no-second-moment",
-    help="Also sum h h^T per layer (8 (L+1) d^2 bytes): the raw operator norm that "
+    help="Also sum h h^T per hidden state (8 (L+1) d^2 bytes): the raw operator norm that "
     "--conventions paper needs.",
 )
 

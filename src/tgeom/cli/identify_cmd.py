@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from tgeom.cli import app
+from tgeom.cli.options import BLOCK_MEANING, renamed_layer
 from tgeom.cli.output import print_warnings
 
 attention_app = typer.Typer(
@@ -56,11 +57,12 @@ def effective_cmd(
     model: str = MODEL_ARG,
     text: str = TEXT_OPT,
     out: Path = OUT_OPT,
-    layer: int = typer.Option(0, "--layer", help="Layer drawn in the figure."),
+    block: int = typer.Option(0, "--block", help="Block (0..L-1) drawn in the figure."),
     head: int = typer.Option(0, "--head", help="Head drawn in the figure."),
     trust_remote_code: bool = REMOTE_OPT,
+    _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
-    """Raw and effective attention of every layer and head for one text."""
+    """Raw and effective attention of every block and head for one text."""
     from tgeom.analyses.identifiability import effective_attention
     from tgeom.errors import check_index
     from tgeom.models import load_model
@@ -68,13 +70,13 @@ def effective_cmd(
     from tgeom.results import prepare_out_dir, write_results
 
     lm = load_model(model, trust_remote_code=trust_remote_code)
-    check_index("layer", layer, lm.summary.n_layers)
+    check_index("block", block, lm.summary.n_layers)
     check_index("head", head, lm.summary.n_heads)
     result = effective_attention(lm, _text_ids(lm, text))
     out_dir = prepare_out_dir(out)
     payload = {"model": lm.source, "text": text, **result.to_json()}
     write_results(out_dir, "attention effective", payload, warnings=result.warnings)
-    _save(P.plot_effective_attention(result, layer, head), out_dir / "effective_attention.png")
+    _save(P.plot_effective_attention(result, block, head), out_dir / "effective_attention.png")
     seq = result.sequences[0]
     typer.echo(
         f"{len(seq.token_ids)} tokens, d_head {lm.summary.d_head}: null-space dimension "
@@ -152,7 +154,7 @@ def tokens_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the split and the MLP."),
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
-    """Share of hidden tokens mapped back to their own input, per layer, g and distance."""
+    """Share of hidden tokens mapped back to their own input, per hidden state, g and distance."""
     from tgeom.analyses.identifiability import token_identifiability
     from tgeom.models import load_model
     from tgeom.plots import identifiability as P
@@ -165,9 +167,9 @@ def tokens_cmd(
     payload = {"model": lm.source, "corpus": docs.source, **result.to_json()}
     write_results(out_dir, "identify tokens", payload, warnings=result.warnings)
     _save(P.plot_identifiability(result), out_dir / "identifiability.png")
-    last = [r for r in result.rows if r["layer"] == lm.summary.n_layers]
+    last = [r for r in result.rows if r["hidden"] == lm.summary.n_layers]
     summary = ", ".join(f"{r['g']}/{r['distance']} {r['rate']:.2f}" for r in last)
-    typer.echo(f"last layer: {summary} -> {out_dir}")
+    typer.echo(f"last hidden state: {summary} -> {out_dir}")
     print_warnings(result.warnings)
 
 
@@ -179,24 +181,31 @@ def attribution_cmd(
     mode: str = typer.Option("exact", "--mode", help="exact (forward-mode JVPs) or estimate."),
     samples: int = typer.Option(64, "--samples", help="Random tangents per token (estimate)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random tangents."),
+    hidden: int | None = typer.Option(
+        None, "--hidden", help="Hidden state (0 = embeddings .. L) drawn in the figure (default L)."
+    ),
     trust_remote_code: bool = REMOTE_OPT,
 ) -> None:
-    """Contribution of every input token to every hidden token, at every layer."""
+    """Contribution of every input token to every hidden token, at every hidden state."""
     from tgeom.analyses.identifiability import token_attribution
+    from tgeom.errors import check_index
     from tgeom.models import load_model
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
 
     lm = load_model(model, trust_remote_code=trust_remote_code)
+    shown = lm.summary.n_layers if hidden is None else hidden
+    check_index("hidden state", shown, lm.summary.n_layers + 1)
     result = token_attribution(lm, _text_ids(lm, text), mode=mode, samples=samples, seed=seed)
     out_dir = prepare_out_dir(out)
     write_results(
         out_dir, "identify attribution", {"model": lm.source, "text": text, **result.to_json()}
     )
-    _save(P.plot_attribution(result, lm.summary.n_layers), out_dir / "attribution.png")
+    _save(P.plot_attribution(result, shown), out_dir / "attribution.png")
     _save(P.plot_own_contribution(result), out_dir / "own_contribution.png")
-    last = result.per_layer()[-1]
+    last = result.per_hidden()[-1]
     typer.echo(
-        f"last layer: own contribution {last['own_contribution']:.3f}, top contributor not own "
+        f"last hidden state: own contribution {last['own_contribution']:.3f}, "
+        "top contributor not own "
         f"{last['top_contributor_not_own']:.2f} -> {out_dir}"
     )

@@ -21,8 +21,9 @@ def info(
         False, "--trust-remote-code", help="Allow custom model code from the model's author."
     ),
 ) -> None:
-    """Print the architecture summary: family, layers, heads, widths, vocabulary, norms, and the
-    special mechanisms (positions, QK-norm, sliding windows, soft-caps, parallel blocks)."""
+    """Print the architecture summary: family, blocks (n_blocks), heads, widths, vocabulary,
+    norms, and the special mechanisms (positions, QK-norm, sliding windows, soft-caps, parallel
+    blocks)."""
     from tgeom.models import load_model
 
     lm = load_model(model, trust_remote_code=trust_remote_code, device="cpu")

@@ -27,7 +27,7 @@ class ArchitectureSummary:
 
     family: str  # the adapter's FAMILY, e.g. 'gpt2', 'bert', 'llama', 'gpt_neo', 'phi3'
     model_type: str  # the transformers model_type, e.g. 'roberta', 'qwen2'
-    n_layers: int
+    n_layers: int  # L, the number of blocks (hidden states are 0..L, blocks 0..L-1)
     n_heads: int
     n_kv_heads: int
     d_model: int

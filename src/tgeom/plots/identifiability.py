@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tgeom.analyses.identifiability.effective import TOKEN_TYPES
+from tgeom.plots import BLOCK_AXIS, HIDDEN_AXIS
 
 
 def _labels(tokens: list[str], limit: int = 14) -> list[str]:
@@ -29,7 +30,7 @@ def sequences_and_tokens(lengths: list[int]) -> str:
     return f"{len(lengths)} sequences, {sum(lengths)} tokens"
 
 
-def plot_effective_attention(result: Any, layer: int, head: int, sequence: int = 0) -> Figure:
+def plot_effective_attention(result: Any, block: int, head: int, sequence: int = 0) -> Figure:
     """Raw (left) and effective (right) attention of one head for one sequence.
 
     When the head's null space is trivial (``null_dim`` 0: ``T = V W_O`` has full rank d_s,
@@ -38,13 +39,13 @@ def plot_effective_attention(result: Any, layer: int, head: int, sequence: int =
     construction; a note under the panels says so, so two identical panels do not read as a
     fault."""
     seq = result.sequences[sequence]
-    raw, eff = seq.raw[layer, head].numpy(), seq.effective[layer, head].numpy()
-    null_dim = int(seq.null_dim[layer, head])
+    raw, eff = seq.raw[block, head].numpy(), seq.effective[block, head].numpy()
+    null_dim = int(seq.null_dim[block, head])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     limit = float(max(np.abs(raw).max(), np.abs(eff).max(), 1e-12))
     for ax, matrix, title in ((axes[0], raw, "raw"), (axes[1], eff, "effective")):
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
-        ax.set_title(f"{title} attention, layer {layer} head {head}", fontsize=9)
+        ax.set_title(f"{title} attention, block {block} head {head}", fontsize=9)
         ax.set_xlabel("key token")
         n = matrix.shape[0]
         if n <= 40:
@@ -81,21 +82,21 @@ def plot_effective_attention(result: Any, layer: int, head: int, sequence: int =
 
 
 def plot_pearson_vs_length(result: Any) -> Figure:
-    """Pearson(raw, effective), averaged over heads, against sequence length, one line per layer."""
+    """Pearson(raw, effective), averaged over heads, against sequence length, one line per block."""
     r = result.pearson.values.numpy()  # [S, L, H]
     lengths = np.array(result.lengths)
     order = np.argsort(lengths, kind="stable")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     cmap = plt.get_cmap("viridis")
     L = r.shape[1]
-    for layer in range(L):
+    for block in range(L):
         ax.plot(
             lengths[order],
-            np.nanmean(r[order, layer], axis=1),
+            np.nanmean(r[order, block], axis=1),
             "o-",
             ms=3,
-            color=cmap(layer / max(L - 1, 1)),
-            label=f"layer {layer}" if L <= 12 else None,
+            color=cmap(block / max(L - 1, 1)),
+            label=f"block {block}" if L <= 12 else None,
         )
     ax.axvline(result.d_head, color="grey", ls="--", lw=1, label="d_head")
     ax.set_xlabel("sequence length d_s")
@@ -121,7 +122,7 @@ def plot_token_types(result: Any) -> Figure:
         ax.bar(x - 0.2, raw[:, k], 0.4, label="raw")
         ax.bar(x + 0.2, eff[:, k], 0.4, label="effective")
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("layer")
+        ax.set_xlabel(BLOCK_AXIS)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("mean attention (signed)")
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
@@ -135,16 +136,16 @@ def plot_token_types(result: Any) -> Figure:
 
 
 def plot_identifiability(result: Any) -> Figure:
-    """Identification rate by layer, one line per mapping g and distance."""
+    """Identification rate by hidden state, one line per mapping g and distance."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for row in result.rows:
-        series.setdefault((row["g"], row["distance"]), []).append((row["layer"], row["rate"]))
+        series.setdefault((row["g"], row["distance"]), []).append((row["hidden"], row["rate"]))
     for (g, kind), points in sorted(series.items()):
         xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, "o-" if kind == "cosine" else "s--", ms=3, label=f"{g}, {kind}")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("layer")
+    ax.set_xlabel(HIDDEN_AXIS)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("share of tokens identified")
     ax.legend(fontsize=7)
@@ -161,9 +162,10 @@ def plot_identifiability(result: Any) -> Figure:
     return fig
 
 
-def plot_attribution(result: Any, layer: int) -> Figure:
-    """Contribution map c^l_ij (row: hidden token i, column: input token j)."""
-    c = result.contributions[layer].numpy()
+def plot_attribution(result: Any, hidden: int) -> Figure:
+    """Contribution map c^l_ij of hidden state ``hidden`` (row: hidden token i, column: input
+    token j)."""
+    c = result.contributions[hidden].numpy()
     fig, ax = plt.subplots(figsize=(5.6, 5))
     image = ax.imshow(c, cmap="magma", vmin=0)
     n = c.shape[0]
@@ -174,7 +176,7 @@ def plot_attribution(result: Any, layer: int) -> Figure:
     ax.set_xlabel("input token j")
     ax.set_ylabel("hidden token i")
     ax.set_title(
-        f"hidden token attribution, layer {layer} ({result.mode}; {sequences_and_tokens([n])})",
+        f"hidden token attribution, hidden {hidden} ({result.mode}; {sequences_and_tokens([n])})",
         fontsize=9,
     )
     fig.colorbar(image, ax=ax, shrink=0.8)
@@ -184,22 +186,22 @@ def plot_attribution(result: Any, layer: int) -> Figure:
 
 def plot_own_contribution(result: Any) -> Figure:
     """Mean own-token contribution and share of tokens whose top contributor is another."""
-    rows = result.per_layer()
-    layers = [r["layer"] for r in rows]
+    rows = result.per_hidden()
+    hidden = [r["hidden"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    ax.plot(layers, [r["own_contribution"] for r in rows], "o-", label="mean own contribution")
+    ax.plot(hidden, [r["own_contribution"] for r in rows], "o-", label="mean own contribution")
     ax.plot(
-        layers,
+        hidden,
         [r["top_contributor_not_own"] for r in rows],
         "s--",
         label="share with another top contributor",
     )
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("layer")
+    ax.set_xlabel(HIDDEN_AXIS)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.set_title(
-        f"Own-token contribution by layer ({result.mode}; "
+        f"Own-token contribution by hidden state ({result.mode}; "
         f"{sequences_and_tokens([len(result.tokens)])})",
         fontsize=9,
     )

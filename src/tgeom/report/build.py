@@ -38,7 +38,7 @@ class ReportOptions:
     neurons_per_block: int = 3
     lens_text: str = "The capital of France is Paris. The quick brown fox jumps over the dog."
     identify_sequences: int = 40
-    identify_layers: int | None = 8  # layers evaluated for token identifiability (None: all)
+    identify_hidden: int | None = 8  # hidden states evaluated for identifiability (None: all)
     attribution_tokens: int = 16
     attribution_mode: str = "estimate"  # exact costs T * d JVPs: the GPU default
     attribution_samples: int = 8
@@ -53,7 +53,7 @@ class ReportOptions:
                 atlas_k=10,
                 atlas_vocab=None,
                 identify_sequences=200,
-                identify_layers=None,
+                identify_hidden=None,
                 attribution_tokens=32,
                 attribution_mode="exact",
             )

@@ -92,7 +92,7 @@ def table(
     parts = []
     if searchable and table_id:
         parts.append(
-            f'<input class="search" data-table="{tid}" placeholder="search tokens, layers, heads"'
+            f'<input class="search" data-table="{tid}" placeholder="search tokens, blocks, heads"'
             f' aria-label="search {tid}">'
         )
     head = "".join(f"<th>{esc(h)}</th>" for h in header)

@@ -24,7 +24,7 @@ def identifiability_section(ctx: ReportContext) -> Section:
         effective = effective_attention(lm, ids, mask)
         nulls = NullSpaceResult.from_sequences(effective.sequences, lm.summary.d_head)
     with ctx.progress.stage("identifiability: token identifiability"):
-        ident = token_identifiability(lm, windows, seed=opts.seed, layers=_layers(lm, opts))
+        ident = token_identifiability(lm, windows, seed=opts.seed, hidden=_hidden(lm, opts))
     with ctx.progress.stage(f"identifiability: attribution ({opts.attribution_mode})"):
         attribution = token_attribution(
             lm,
@@ -33,8 +33,8 @@ def identifiability_section(ctx: ReportContext) -> Section:
             samples=opts.attribution_samples,
             seed=opts.seed,
         )
-    n_layers = lm.summary.n_layers
-    layer = n_layers - 1
+    block = lm.summary.n_layers - 1  # the last block; it writes hidden state L, shown below
+    hidden = block + 1
     parts = [
         '<p class="note">Brunner et al. (2020): when a sequence is longer than the head '
         "dimension, the value-output map of a head has a non-trivial left null space, so many "
@@ -46,9 +46,9 @@ def identifiability_section(ctx: ReportContext) -> Section:
             "the paper found it falls as sequences grow past d_head.",
         ),
         ctx.save_figure(
-            P.plot_effective_attention(effective, layer, 0),
-            f"effective-attention-L{layer}H0",
-            f"Raw (left) and effective (right) attention of layer {layer}, head 0, for the first "
+            P.plot_effective_attention(effective, block, 0),
+            f"effective-attention-block{block}-head0",
+            f"Raw (left) and effective (right) attention of block {block}, head 0, for the first "
             "sequence.",
         ),
         ctx.save_figure(
@@ -60,21 +60,23 @@ def identifiability_section(ctx: ReportContext) -> Section:
         ctx.save_figure(
             P.plot_identifiability(ident),
             "token-identifiability",
-            "Share of tokens whose hidden state at layer l maps back to their own input among "
+            "Share of tokens whose hidden state h (0 = the embedding output, h = the output of "
+            "block h-1) maps back to their own input among "
             "the sequence's inputs, per mapping g and distance: the paper found high rates, "
             "falling with depth.",
         ),
         ctx.save_figure(
-            P.plot_attribution(attribution, layer),
-            f"attribution-L{layer}",
-            f"Hidden token attribution at layer {layer}: row i shows how much each input token "
-            "j contributes to hidden token i (gradient norms, rows sum to 1).",
+            P.plot_attribution(attribution, hidden),
+            f"attribution-hidden{hidden}",
+            f"Hidden token attribution at hidden state {hidden} (the last block's output): row "
+            "i shows how much each input token j contributes to hidden token i (gradient "
+            "norms, rows sum to 1).",
         ),
         ctx.save_figure(
             P.plot_own_contribution(attribution),
             "own-contribution",
-            "Mean contribution of a token's own input to its hidden state, by layer, and the "
-            "share of tokens whose top contributor is another token.",
+            "Mean contribution of a token's own input to its hidden state, by hidden state, and "
+            "the share of tokens whose top contributor is another token.",
         ),
     ]
     results = {
@@ -87,12 +89,12 @@ def identifiability_section(ctx: ReportContext) -> Section:
     return Section("identifiability", "Identifiability", "".join(parts), results, warnings=warnings)
 
 
-def _layers(lm: Any, opts: Any) -> list[int] | None:
-    """Evenly spread layers (always 0 and the last) when the options limit their number."""
-    L = lm.summary.n_layers
-    if opts.identify_layers is None or opts.identify_layers >= L + 1:
+def _hidden(lm: Any, opts: Any) -> list[int] | None:
+    """Evenly spread hidden states 0..L (always 0 and L) when the options limit their number."""
+    L, n = lm.summary.n_layers, opts.identify_hidden
+    if n is None or n >= L + 1:
         return None
-    return sorted({round(i * L / (opts.identify_layers - 1)) for i in range(opts.identify_layers)})
+    return sorted({round(i * L / (n - 1)) for i in range(n)})
 
 
 def _summary_only(data: dict) -> dict:

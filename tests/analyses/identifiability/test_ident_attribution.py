@@ -54,8 +54,8 @@ def test_contributions_of_real_tokens_sum_to_one_and_layer_zero_is_own(tiny_mode
     assert torch.allclose(result.contributions.sum(-1), torch.ones(L1, 9, dtype=torch.float64))
     assert torch.allclose(result.contributions[0], torch.eye(9, dtype=torch.float64))
     assert result.own_contribution[0] == 1 and result.top_contributor_not_own[0] == 0
-    rows = result.to_json()["layers"]
-    assert [r["layer"] for r in rows] == list(range(L1))
+    rows = result.to_json()["by_hidden"]
+    assert [r["hidden"] for r in rows] == list(range(L1))
     assert len(rows[1]["by_relative_position"]) == 2 * 9 - 1
 
 

@@ -41,7 +41,7 @@ def test_identifiability_on_real_model(request, name):
     for row in eff.pearson.by_length():
         print(
             f"  d_s {row['length']:3d}: Pearson(raw, eff) per layer "
-            f"{[round(v, 3) for v in row['by_layer']]}"
+            f"{[round(v, 3) for v in row['by_block']]}"
         )
     special = 0 if lm.summary.is_causal else 1  # BOS for decoders (none here: col 0), SEP enc.
     types = eff.token_type_attention
@@ -64,7 +64,7 @@ def test_identifiability_on_real_model(request, name):
     short = make_windows(docs, lm.tokenizer, 24, max_windows_per_topic=6, max_context=512)
     L = lm.summary.n_layers
     layers = None if L <= 8 else [0, 1, L // 2, L]
-    ident = token_identifiability(lm, short.token_ids[:48], seed=0, layers=layers)
+    ident = token_identifiability(lm, short.token_ids[:48], seed=0, hidden=layers)
     assert not any("underdetermined" in w for w in ident.warnings)
     table: dict[tuple[str, str], list[float]] = {}
     for row in ident.rows:

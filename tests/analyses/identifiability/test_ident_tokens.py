@@ -30,10 +30,10 @@ def test_layer_zero_is_fully_identified_with_identity(tiny_model):
     result = token_identifiability(lm, ids, g=("identity", "linear"), seed=0)
     for kind in ("cosine", "l2"):
         assert result.rate(0, "identity", kind) == 1.0
-    rows = result.to_json()["layers"]
+    rows = result.to_json()["by_hidden"]
     assert all(r["n_tokens"] == 2 * 12 for r in rows)  # 10 sequences -> 7/1/2
     assert {r["g"] for r in rows} == {"identity", "linear"}
-    assert {r["layer"] for r in rows} == set(range(lm.summary.n_layers + 1))
+    assert {r["hidden"] for r in rows} == set(range(lm.summary.n_layers + 1))
 
 
 def test_orthogonal_layers_are_identified_by_a_linear_map():

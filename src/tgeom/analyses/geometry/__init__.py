@@ -2,7 +2,7 @@
 
 SPEC section 4. :func:`collect_statistics` runs the model once over a corpus and keeps float64
 running sums (:class:`GeometryStats`, saved/loaded with safetensors + JSON); :func:`measure`
-turns them into per-layer numbers and figure arrays (:class:`GeometryResult`).
+turns them into per-hidden-state numbers and figure arrays (:class:`GeometryResult`).
 """
 
 from tgeom.analyses.geometry.collect import collect_statistics

@@ -2,11 +2,11 @@
 
 [SZ] / SPEC section 4, streaming. Each batch's hidden states ``[L+1, B, T, d]`` are folded into
 float64 running sums on the runtime's device and dropped (with ``second_moment``, also each
-layer's ``sum h h^T [d, d]``, one float64 GEMM per layer and batch); only the per-window means
-``[C, L+1, d]`` grow with the corpus. With ``checkpoint_path`` the statistics are saved
-atomically every ``checkpoint_every`` batches (and at the end); a later call with the same
-model, windows and options resumes after the ``n_done`` windows the checkpoint holds, so none
-is counted twice.
+hidden state's ``sum h h^T [d, d]``, one float64 GEMM per hidden state and batch); only the
+per-window means ``[C, L+1, d]`` grow with the corpus. With ``checkpoint_path`` the statistics
+are saved atomically every ``checkpoint_every`` batches (and at the end); a later call with the
+same model, windows and options resumes after the ``n_done`` windows the checkpoint holds, so
+none is counted twice.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Context-part and incoherence metrics of one layer [SZ] (SPEC section 4).
+"""Context-part and incoherence metrics of one hidden state [SZ] (SPEC section 4).
 
 - :func:`context_metrics`: within/between-topic mean ``|cos|`` of ``ctx_c`` (within-topic both
   over pairs of distinct windows and, as the [SZ] code's block mask counts them, with each window

@@ -1,5 +1,5 @@
 """Identifiability [BRU] (SPEC section 5): attention null spaces, effective attention, token
-identifiability across layers, hidden token attribution."""
+identifiability across hidden states, hidden token attribution."""
 
 from tgeom.analyses.identifiability.attribution import AttributionResult, token_attribution
 from tgeom.analyses.identifiability.effective import (

@@ -1,12 +1,13 @@
 """Hidden token attribution [BRU] (SPEC section 5).
 
 ``c^l_ij = ||d h^l_i / d x_j||_F / sum_k ||d h^l_i / d x_k||_F`` over the real tokens of one
-sequence, with ``x = hidden[0]`` and the plain differentiable forward of
+sequence, for every hidden state ``l`` = 0..L (0 = the embedding output), with ``x = hidden[0]``
+and the plain differentiable forward of
 :mod:`tgeom.models.reference`.
 
 - Exact mode: forward-mode Jacobian-vector products along every input coordinate ``e_(j,k)``
-  (T * d tangents, batched with ``vmap``); one JVP gives ``d h^l_i / d x_(j,k)`` for every layer l
-  and every output token i at once, so ``||J^l_ij||_F^2 = sum_k ||J^l_i e_(j,k)||^2``.
+  (T * d tangents, batched with ``vmap``); one JVP gives ``d h^l_i / d x_(j,k)`` for every hidden
+  state l and every output token i at once, so ``||J^l_ij||_F^2 = sum_k ||J^l_i e_(j,k)||^2``.
 - Estimate mode: Hutchinson-style random Gaussian tangents supported on one input token:
   ``E ||J^l_ij u||^2 = ||J^l_ij||_F^2``; ``samples`` tangents per input token, with the standard
   error of each squared-norm estimate.
@@ -43,33 +44,35 @@ class AttributionResult:
 
     @property
     def own_contribution(self) -> Tensor:
-        """Mean own-token contribution ``c^l_ii`` per layer ``[L+1]``."""
+        """Mean own-token contribution ``c^l_ii`` per hidden state ``[L+1]``."""
         return self.contributions.diagonal(dim1=-2, dim2=-1).mean(-1)
 
     @property
     def top_contributor_not_own(self) -> Tensor:
-        """Share of tokens whose largest contributor is another token, per layer ``[L+1]``."""
+        """Share of tokens whose largest contributor is another token, per hidden state
+        ``[L+1]``."""
         T = self.contributions.shape[-1]
         return (self.contributions.argmax(-1) != torch.arange(T)).double().mean(-1)
 
-    def per_layer(self) -> list[dict[str, Any]]:
-        """Per layer: own contribution, not-own-top share, mean ``c_ij`` by offset ``j - i``."""
+    def per_hidden(self) -> list[dict[str, Any]]:
+        """Per hidden state 0..L: own contribution, not-own-top share, mean ``c_ij`` by offset
+        ``j - i``."""
         c = self.contributions
         T = c.shape[-1]
         own = c.diagonal(dim1=-2, dim2=-1)  # [L+1, T]
         top_other = (c.argmax(-1) != torch.arange(T)).double().mean(-1)
         offsets = torch.arange(T)[None, :] - torch.arange(T)[:, None]  # j - i
         rows = []
-        for layer in range(c.shape[0]):
+        for hidden in range(c.shape[0]):
             by_distance = [
-                {"offset": int(o), "mean_contribution": float(c[layer][offsets == o].mean())}
+                {"offset": int(o), "mean_contribution": float(c[hidden][offsets == o].mean())}
                 for o in range(-(T - 1), T)
             ]
             rows.append(
                 {
-                    "layer": layer,
-                    "own_contribution": float(own[layer].mean()),
-                    "top_contributor_not_own": float(top_other[layer]),
+                    "hidden": hidden,
+                    "own_contribution": float(own[hidden].mean()),
+                    "top_contributor_not_own": float(top_other[hidden]),
                     "by_relative_position": by_distance,
                 }
             )
@@ -80,16 +83,19 @@ class AttributionResult:
             "mode": self.mode,
             "samples": self.samples,
             "tokens": self.tokens,
-            "layers": self.per_layer(),
+            "n_blocks": int(self.contributions.shape[0]) - 1,
+            "n_hidden": int(self.contributions.shape[0]),
+            "by_hidden": self.per_hidden(),
             "contributions": self.contributions,
             "norm_standard_errors": self.norm_se,
             "contribution_standard_errors": self.contribution_se,
         }
 
-    def to_frame(self, table: str = "layers") -> pd.DataFrame:
-        """``layers`` (one row per layer) or ``layers.by_relative_position`` (one row per layer
-        and offset ``j - i``, led by the layer's own fields) as a DataFrame."""
-        return results_frame(self.to_json(), table, ("layers", "layers.by_relative_position"))
+    def to_frame(self, table: str = "by_hidden") -> pd.DataFrame:
+        """``by_hidden`` (one row per hidden state) or ``by_hidden.by_relative_position`` (one row
+        per hidden state and offset ``j - i``, led by its own fields) as a DataFrame."""
+        tables = ("by_hidden", "by_hidden.by_relative_position")
+        return results_frame(self.to_json(), table, tables)
 
 
 def _forward(cw: Any, mask: Tensor | None) -> Any:
@@ -110,7 +116,7 @@ def squared_norms_exact(
     cw: Any, x0: Tensor, chunk: int | None = None, inputs: list[int] | None = None
 ) -> Tensor:
     """``||J^l_ij||_F^2 [L+1, T, T]`` from T*d forward-mode JVPs (``x0 [1, T, d]``): the tangent
-    ``e_(j,k)`` gives column k of ``d h^l_i / d x_j`` for every layer l and token i at once.
+    ``e_(j,k)`` gives column k of ``d h^l_i / d x_j`` for every hidden state l and token i at once.
     ``inputs``: only these input tokens j (``len(inputs) * d`` JVPs), result ``[L+1, T, k]``."""
     _, T, d = x0.shape
     L1 = len(cw.layers) + 1
@@ -182,7 +188,7 @@ def contribution_standard_errors(norms: Tensor, norm_se: Tensor) -> Tensor:
 def token_attribution(
     lm: Any, token_ids: Tensor, *, mode: str = "exact", samples: int = 64, seed: int = 0
 ) -> AttributionResult:
-    """Attribution of every hidden token to every input token, every layer, for one sequence
+    """Attribution of every hidden token to every input token, every hidden state, for one sequence
     ``token_ids [T]`` or ``[1, T]`` (all real tokens)."""
     ids = token_ids.reshape(1, -1).cpu()
     T = ids.shape[1]

@@ -73,7 +73,7 @@ TOKEN_TYPES = ("cls/bos", "sep/eos", "punctuation", "other")
 TYPE_SUMS = ("raw_signed", "raw_abs", "effective_signed", "effective_abs")  # token-type summaries
 SUMMARY_TABLES = (
     "pearson",
-    "pearson_by_layer",
+    "pearson_by_block",
     "pearson_by_length",
     *(f"token_type_attention.{name}" for name in TYPE_SUMS),
 )
@@ -427,19 +427,19 @@ class PearsonTable:
         return self.values.nanmean()
 
     def by_length(self) -> list[dict[str, Any]]:
-        """Per distinct length: mean over sequences and heads, per layer."""
+        """Per distinct length: mean over sequences and heads, per block."""
         rows = []
         for n in sorted(set(self.lengths)):
             idx = [s for s, m in enumerate(self.lengths) if m == n]
-            per_layer = self.values[idx].nanmean(dim=(0, 2)) if idx else torch.empty(0)
-            rows.append({"length": n, "n_sequences": len(idx), "by_layer": per_layer.tolist()})
+            per_block = self.values[idx].nanmean(dim=(0, 2)) if idx else torch.empty(0)
+            rows.append({"length": n, "n_sequences": len(idx), "by_block": per_block.tolist()})
         return rows
 
 
 @dataclass
 class EffectiveSummary:
     """What a corpus-wide effective-attention run keeps once the matrices are dropped:
-    Pearson(raw, effective) per sequence, layer and head (:class:`PearsonTable`), the
+    Pearson(raw, effective) per sequence, block and head (:class:`PearsonTable`), the
     token-type attention *sums* ``type_sums[name] [L, H, 4]`` over ``n_queries`` queries (names
     ``raw_signed``, ``raw_abs``, ``effective_signed``, ``effective_abs``; order
     :data:`TOKEN_TYPES`). Sums, so the summaries of disjoint sets of sequences add up."""
@@ -466,27 +466,28 @@ class EffectiveSummary:
         types = self.token_type_attention
         L, H = r.shape[1:]
         return {
+            "n_blocks": int(L),
             "d_head": self.d_head,
             "lengths": self.lengths,
             "attention_windows": list(self.windows or (0,) * L),
             "token_types": list(TOKEN_TYPES),
             "pearson": [
-                {"layer": layer, "head": h, "by_sequence": r[:, layer, h]}
-                for layer in range(L)
+                {"block": block, "head": h, "by_sequence": r[:, block, h]}
+                for block in range(L)
                 for h in range(H)
             ],
-            "pearson_by_layer": [
-                {"layer": layer, "mean": float(r[:, layer].nanmean())} for layer in range(L)
+            "pearson_by_block": [
+                {"block": block, "mean": float(r[:, block].nanmean())} for block in range(L)
             ],
             "pearson_by_length": self.pearson.by_length(),
             "token_type_attention": {
                 k: [
                     {
-                        "layer": layer,
+                        "block": block,
                         "head": h,
-                        **dict(zip(TOKEN_TYPES, v[layer, h].tolist(), strict=True)),
+                        **dict(zip(TOKEN_TYPES, v[block, h].tolist(), strict=True)),
                     }
-                    for layer in range(L)
+                    for block in range(L)
                     for h in range(H)
                 ]
                 for k, v in types.items()
@@ -495,9 +496,9 @@ class EffectiveSummary:
         }
 
     def to_frame(self, table: str = "pearson") -> pd.DataFrame:
-        """One table of :data:`SUMMARY_TABLES` as a DataFrame: ``pearson`` (one row per layer
-        and head, ``by_sequence`` a list cell), ``pearson_by_layer``, ``pearson_by_length`` or
-        ``token_type_attention.NAME`` (one row per layer and head, a column per token type)."""
+        """One table of :data:`SUMMARY_TABLES` as a DataFrame: ``pearson`` (one row per block
+        and head, ``by_sequence`` a list cell), ``pearson_by_block``, ``pearson_by_length`` or
+        ``token_type_attention.NAME`` (one row per block and head, a column per token type)."""
         return results_frame(self.to_json(), table, SUMMARY_TABLES)
 
 
@@ -561,7 +562,7 @@ class EffectiveAttentionResult:
 
     @property
     def pearson(self) -> PearsonTable:
-        """Pearson(raw, effective) per sequence, layer and head (see :class:`PearsonTable`)."""
+        """Pearson(raw, effective) per sequence, block and head (see :class:`PearsonTable`)."""
         return self.summary.pearson
 
     @property
@@ -578,19 +579,19 @@ class EffectiveAttentionResult:
             data["tokens"] = self.tokens[matrices_of]
             data["heads"] = [
                 {
-                    "layer": layer,
+                    "block": block,
                     "head": h,
-                    "raw": seq.raw[layer, h],
-                    "effective": seq.effective[layer, h],
-                    "null_dim": int(seq.null_dim[layer, h]),
+                    "raw": seq.raw[block, h],
+                    "effective": seq.effective[block, h],
+                    "null_dim": int(seq.null_dim[block, h]),
                 }
-                for layer in range(L)
+                for block in range(L)
                 for h in range(H)
             ]
         return data
 
     def to_frame(self, table: str = "pearson", matrices_of: int = 0) -> pd.DataFrame:
-        """A table of :meth:`EffectiveSummary.to_frame`, or ``heads``: one row per layer and
+        """A table of :meth:`EffectiveSummary.to_frame`, or ``heads``: one row per block and
         head of sequence ``matrices_of`` with its raw and effective matrices as list cells."""
         payload = self.to_json(matrices_of if table == "heads" else None)
         return results_frame(payload, table, (*SUMMARY_TABLES, "heads"))

@@ -1,4 +1,4 @@
-"""Token identifiability across layers [BRU] (SPEC section 5).
+"""Token identifiability across hidden states [BRU] (SPEC section 5).
 
 Hidden token ``h^l_i`` is mapped back to input space by ``g`` and called *identified* when the
 nearest candidate input to ``g(h^l_i)`` is its own input ``x_i = hidden[0]_i``. Candidates: the
@@ -29,31 +29,32 @@ if TYPE_CHECKING:
 
 @dataclass
 class IdentifiabilityResult:
-    """``rows``: one ``{layer, g, distance, rate, n_tokens}`` per layer, g and distance (rates on
-    the test sequences); ``options``: candidates, seed, split and sequence counts;
-    ``warnings``: one line per way the rates cannot mean what they say (a test split of fewer
-    than :data:`MIN_TEST_SEQUENCES` sequences; an underdetermined linear g)."""
+    """``rows``: one ``{hidden, g, distance, rate, n_tokens}`` per hidden state (0..L, 0 = the
+    embedding output), g and distance (rates on the test sequences); ``options``: candidates,
+    seed, split, sequence counts, ``n_blocks`` and ``n_hidden``; ``warnings``: one line per way
+    the rates cannot mean what they say (a test split of fewer than
+    :data:`MIN_TEST_SEQUENCES` sequences; an underdetermined linear g)."""
 
     rows: list[dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
-    def layers(self) -> list[dict[str, Any]]:
+    def by_hidden(self) -> list[dict[str, Any]]:
         return self.rows
 
-    def rate(self, layer: int, g: str, distance: str) -> float:
+    def rate(self, hidden: int, g: str, distance: str) -> float:
         for row in self.rows:
-            if (row["layer"], row["g"], row["distance"]) == (layer, g, distance):
+            if (row["hidden"], row["g"], row["distance"]) == (hidden, g, distance):
                 return float(row["rate"])
-        raise KeyError((layer, g, distance))
+        raise KeyError((hidden, g, distance))
 
     def to_json(self) -> dict[str, Any]:
-        return {"layers": self.rows, **self.options}
+        return {"by_hidden": self.rows, **self.options}
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer, g and distance: layer, g, distance, rate, n_tokens."""
-        return results_frame(self.to_json(), "layers", ("layers",))
+        """One row per hidden state, g and distance: hidden, g, distance, rate, n_tokens."""
+        return results_frame(self.to_json(), "by_hidden", ("by_hidden",))
 
 
 MIN_TEST_SEQUENCES = 10
@@ -174,12 +175,12 @@ def token_identifiability(
     seed: int = 0,
     split: tuple[float, float, float] = (0.7, 0.15, 0.15),
     runtime: Runtime | None = None,
-    layers: list[int] | None = None,
+    hidden: list[int] | None = None,
 ) -> IdentifiabilityResult:
-    """Rate of identified tokens per layer, for each ``g`` and distance (test split only).
+    """Rate of identified tokens per hidden state, for each ``g`` and distance (test split only).
 
-    ``token_ids [N, T]``: N sequences of T real tokens (windows of a corpus). ``layers``: the
-    layers evaluated (default all; the report spreads a few over depth on CPU)."""
+    ``token_ids [N, T]``: N sequences of T real tokens (windows of a corpus). ``hidden``: the
+    hidden states evaluated, 0..L (default all; the report spreads a few over depth on CPU)."""
     for kind in distances:
         if kind not in ("cosine", "l2"):
             raise TgeomError(f"distance must be cosine or l2, got {kind!r}.")
@@ -187,15 +188,15 @@ def token_identifiability(
         raise TgeomError(f"candidates must be sequence or vocabulary, got {candidates!r}.")
     train, val, test = split_sequences(int(token_ids.shape[0]), seed, split)
     runtime = runtime or Runtime.auto()
-    hidden = torch.cat(
+    states = torch.cat(
         [c.hidden.cpu() for _, c in iter_captures(lm, token_ids, runtime)], dim=1
     )  # [L+1, N, T, d]
-    X = hidden[0]
+    X = states[0]
     rows = []
-    chosen = range(hidden.shape[0]) if layers is None else layers
-    for layer in chosen:
-        check_index("layer", layer, hidden.shape[0])
-        H = hidden[layer]
+    chosen = range(states.shape[0]) if hidden is None else hidden
+    for index in chosen:
+        check_index("hidden state", index, states.shape[0])
+        H = states[index]
         maps: dict[str, Any] = {}
         for name in g:
             if name == "identity":
@@ -227,7 +228,7 @@ def token_identifiability(
                     total += int(ok.numel())
                 rows.append(
                     {
-                        "layer": layer,
+                        "hidden": index,
                         "g": name,
                         "distance": kind,
                         "rate": hits / total,
@@ -242,6 +243,8 @@ def token_identifiability(
         "n_sequences": {"train": len(train), "validation": len(val), "test": len(test)},
         "n_train_tokens": n_train_tokens,
         "ties": "a tie with the own input counts as identified",
+        "n_blocks": int(states.shape[0]) - 1,
+        "n_hidden": int(states.shape[0]),
     }
     warnings = []
     if len(test) < MIN_TEST_SEQUENCES:
@@ -250,10 +253,10 @@ def token_identifiability(
             f"{MIN_TEST_SEQUENCES}): they read a handful of passages, not the model; pass "
             f"at least {min_sequences(split, MIN_TEST_SEQUENCES)} sequences (more windows)"
         )
-    if "linear" in g and n_train_tokens < hidden.shape[-1] + 1:
+    if "linear" in g and n_train_tokens < states.shape[-1] + 1:
         warnings.append(
             f"linear g is underdetermined: {n_train_tokens} training tokens for "
-            f"{hidden.shape[-1] + 1} coefficients per input coordinate (minimum-norm fit); "
+            f"{states.shape[-1] + 1} coefficients per input coordinate (minimum-norm fit); "
             "use more sequences"
         )
     return IdentifiabilityResult(rows, options, warnings)

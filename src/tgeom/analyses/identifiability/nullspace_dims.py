@@ -86,32 +86,33 @@ class NullSpaceResult:
         _, L, H = self.null_dim.shape
         generic = self.expected_generic(torch.tensor(self.lengths))  # [S, L]
         return {
+            "n_blocks": int(L),
             "d_head": self.d_head,
             "lengths": self.lengths,
             "attention_windows": list(self.windows or (0,) * L),
             "heads": [
                 {
-                    "layer": layer,
+                    "block": block,
                     "head": h,
-                    "null_dim": self.null_dim[:, layer, h].tolist(),
-                    "mean_null_dim": float(self.null_dim[:, layer, h].double().mean()),
+                    "null_dim": self.null_dim[:, block, h].tolist(),
+                    "mean_null_dim": float(self.null_dim[:, block, h].double().mean()),
                     "share_generic": float(
-                        (self.null_dim[:, layer, h] == generic[:, layer]).double().mean()
+                        (self.null_dim[:, block, h] == generic[:, block]).double().mean()
                     ),
                 }
-                for layer in range(L)
+                for block in range(L)
                 for h in range(H)
             ],
             "by_length": self.by_length(),
-            "expected_generic": "max(0, min(length, window) - d_head) per layer (window = "
-            "length for global layers)",
-            "null_dim_definition": "length - rank(V W_O[h]); sliding-window layers: the largest "
+            "expected_generic": "max(0, min(length, window) - d_head) per block (window = "
+            "length for global blocks)",
+            "null_dim_definition": "length - rank(V W_O[h]); sliding-window blocks: the largest "
             "over queries of (keys in the query's window - rank of T on those keys), with the "
             "rank of the last query attaining it",
         }
 
     def to_frame(self, table: str = "heads") -> pd.DataFrame:
-        """``heads`` (one row per layer and head; ``null_dim`` per sequence as a list cell) or
+        """``heads`` (one row per block and head; ``null_dim`` per sequence as a list cell) or
         ``by_length`` (one row per sequence length) as a DataFrame."""
         return results_frame(self.to_json(), table, ("heads", "by_length"))
 

@@ -2,7 +2,7 @@
 across the ranks of a ``torchrun`` job.
 
 What ``tgeom attention nullspace`` reports is per-sequence tables (null dimension, rank and
-Pearson(raw, effective) per layer and head) and sums over sequences (token-type attention): once
+Pearson(raw, effective) per block and head) and sums over sequences (token-type attention): once
 a batch is summarised its attention matrices are dropped, so memory stays flat in the corpus
 size. Under ``torchrun`` each rank takes whole batches, the very batches one process would form,
 so every per-sequence number is bit-identical to the single-process run; one float64 all-reduce
