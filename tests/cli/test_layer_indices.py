@@ -227,3 +227,10 @@ def test_options_range_checked_and_old_name_refused(
     assert needle in err
     assert (geo / "results.json").read_bytes() == before
     assert not (out / "results.json").exists()
+
+
+def test_info_counts_blocks(runs: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert run_main(["info", runs["model"], "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_blocks"] == runs["n_blocks"] and keys_saying_layer(info) == []

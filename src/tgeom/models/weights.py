@@ -27,7 +27,7 @@ class ArchitectureSummary:
 
     family: str  # the adapter's FAMILY, e.g. 'gpt2', 'bert', 'llama', 'gpt_neo', 'phi3'
     model_type: str  # the transformers model_type, e.g. 'roberta', 'qwen2'
-    n_layers: int  # L, the number of blocks (hidden states are 0..L, blocks 0..L-1)
+    n_blocks: int  # L: blocks are 0..L-1, hidden states 0..L (block b reads b, writes b + 1)
     n_heads: int
     n_kv_heads: int
     d_model: int
@@ -72,6 +72,11 @@ class ArchitectureSummary:
             "softcap": caps if any(v is not None for v in caps.values()) else None,
             "parallel_block": self.parallel_residual,
         }
+
+    @property
+    def n_layers(self) -> int:
+        """The number of blocks L (the same as :attr:`n_blocks`; kept for the API)."""
+        return self.n_blocks
 
 
 @dataclass

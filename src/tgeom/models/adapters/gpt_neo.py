@@ -47,7 +47,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
     return ArchitectureSummary(
         family=FAMILY,
         model_type=c.model_type,
-        n_layers=c.num_layers,
+        n_blocks=c.num_layers,
         n_heads=c.num_heads,
         n_kv_heads=c.num_heads,
         d_model=c.hidden_size,

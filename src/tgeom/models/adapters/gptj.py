@@ -50,7 +50,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
     return ArchitectureSummary(
         family=FAMILY,
         model_type=c.model_type,
-        n_layers=c.n_layer,
+        n_blocks=c.n_layer,
         n_heads=c.n_head,
         n_kv_heads=c.n_head,
         d_model=c.n_embd,

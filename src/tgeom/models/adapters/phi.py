@@ -58,7 +58,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
     return ArchitectureSummary(
         family=FAMILY,
         model_type=c.model_type,
-        n_layers=c.num_hidden_layers,
+        n_blocks=c.num_hidden_layers,
         n_heads=c.num_attention_heads,
         n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
         d_model=c.hidden_size,

@@ -50,7 +50,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
     return ArchitectureSummary(
         family=FAMILY,
         model_type=c.model_type,
-        n_layers=c.num_hidden_layers,
+        n_blocks=c.num_hidden_layers,
         n_heads=n_heads,
         n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
         d_model=c.hidden_size,
