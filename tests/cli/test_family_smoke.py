@@ -111,7 +111,7 @@ def test_every_family_runs_the_main_commands(tiny_model, tiny_model_dir, corpus,
     values = capture(lm, ids, values=True).values  # [L, 1, H, n, dh]
     assert len(effective["heads"]) == lm.summary.n_layers * lm.summary.n_heads
     for entry in effective["heads"]:
-        layer, h = entry["layer"], entry["head"]
+        layer, h = entry["block"], entry["head"]
         T = values[layer, 0, h].double() @ cw.layers[layer].W_O[h].double()  # [n, d]
         A = torch.tensor(entry["raw"], dtype=torch.float64)
         A_eff = torch.tensor(entry["effective"], dtype=torch.float64)
@@ -125,7 +125,7 @@ def test_every_family_runs_the_main_commands(tiny_model, tiny_model_dir, corpus,
         tmp_path / "tokens", "identify", "tokens", model, "--corpus", str(corpus),
         "--seq-len", "12", "--max-windows-per-topic", "6",
     )  # fmt: skip
-    rates = tokens["layers"]
-    assert {r["layer"] for r in rates} == set(range(lm.summary.n_layers + 1))
+    rates = tokens["by_hidden"]
+    assert {r["hidden"] for r in rates} == set(range(lm.summary.n_layers + 1))
     assert all(0.0 <= r["rate"] <= 1.0 for r in rates)
-    assert [r["rate"] for r in rates if r["layer"] == 0 and r["g"] == "identity"] == [1.0, 1.0]
+    assert [r["rate"] for r in rates if r["hidden"] == 0 and r["g"] == "identity"] == [1.0, 1.0]

@@ -61,7 +61,7 @@ def plot_effective_attention(result: Any, block: int, head: int, sequence: int =
         fontsize=9,
     )
     windows = getattr(result, "windows", ())
-    window = windows[layer] if windows and 0 < windows[layer] < n else 0
+    window = windows[block] if windows and 0 < windows[block] < n else 0
     if null_dim == 0:
         why = (
             f"every query sees at most {window} keys (sliding window) <= d_head {result.d_head} "
