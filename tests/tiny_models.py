@@ -326,6 +326,20 @@ TINY_CONFIGS = {
             eos_token_id=2,
         ),
     ),
+    "bloom": (  # ALiBi (6 heads: the slopes of 4, then 2 of 8's), LN after the embeddings
+        "BloomForCausalLM",
+        transformers.BloomConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            n_layer=2,
+            n_head=6,  # d_head 8
+            seq_length=64,
+            initializer_range=0.2,  # scores large enough that a wrong bias shows
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
 }
 
 FAMILIES = tuple(TINY_CONFIGS)

@@ -421,14 +421,15 @@ def _earlier_qk_blocks(folder: Path, meta: dict[str, Any], model: str) -> dict[i
 
 
 def _print_qk_summary(blocks: list[dict[str, Any]]) -> None:
-    """One row per block: the four parts' shares averaged over heads, and the head with the
-    largest pos-pos share."""
+    """One row per block: the parts' shares (the four, and ALiBi's where the model has it)
+    averaged over heads, and the head with the largest pos-pos share."""
     from tgeom.analyses.geometry.attention import PARTS
 
+    names = blocks[0].get("parts", PARTS)
     rows = []
     for entry in blocks:
         heads = entry["heads"]
-        means = [sum(h[f"share_{p}"] for h in heads) / len(heads) for p in PARTS]
+        means = [sum(h[f"share_{p}"] for h in heads) / len(heads) for p in names]
         top = max(heads, key=lambda h: h["share_pos-pos"])
         rows.append(
             [
@@ -437,7 +438,7 @@ def _print_qk_summary(blocks: list[dict[str, Any]]) -> None:
                 f"{top['head']} ({top['share_pos-pos']:.2f})",
             ]
         )
-    columns = ["block", *PARTS, "most pos-pos head"]
+    columns = ["block", *names, "most pos-pos head"]
     print_table(
         "QK logit parts: share of the summed squares, mean over heads",
         columns,

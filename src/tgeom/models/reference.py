@@ -58,8 +58,12 @@ def embed(
 
 
 def attention_bias(cw: CanonicalWeights, attention_mask: Tensor | None, B: int, T: int) -> Tensor:
-    """Additive mask ``[B, 1, T, T]``: 0 where a query may attend a key, a large negative else
-    (padding and causality; a layer's sliding window is added by :func:`block_attention`)."""
+    """Additive bias ``[B, 1, T, T]``: 0 where a query may attend a key, a large negative else
+    (padding and causality; a layer's sliding window is added by :func:`block_attention`).
+    ALiBi models (``cw.alibi_slopes``) get ``[B, H, T, T]``: head h adds ``slope[h] * (s - t)``
+    for query t and key s where the key is allowed, t and s counted over real tokens
+    (:func:`alibi_positions`). BLOOM adds ``slope[h] * s``; the two differ by a constant per
+    query row, which softmax ignores."""
     device = cw.W_E.device
     allowed = torch.ones(B, 1, T, T, dtype=torch.bool, device=device)
     if cw.summary.is_causal:
@@ -67,7 +71,22 @@ def attention_bias(cw: CanonicalWeights, attention_mask: Tensor | None, B: int, 
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]
     zero = torch.zeros((), dtype=cw.W_E.dtype, device=device)
+    if cw.alibi_slopes is not None:
+        p = alibi_positions(attention_mask, B, T, device).to(cw.W_E.dtype)
+        distance = p[:, None, None, :] - p[:, None, :, None]  # [B, 1, T(query), T(key)]: s - t
+        zero = cw.alibi_slopes.to(cw.W_E.dtype)[None, :, None, None] * distance
     return torch.where(allowed, zero, torch.finfo(cw.W_E.dtype).min)
+
+
+def alibi_positions(
+    attention_mask: Tensor | None, B: int, T: int, device: torch.device | str | None
+) -> Tensor:
+    """``[B, T]`` token positions as ALiBi counts them: real tokens numbered in order (padding
+    skipped, as BLOOM's ``cumsum(mask) - 1``), ``0..T-1`` without a mask."""
+    if attention_mask is None:
+        return torch.arange(T, device=device).expand(B, T)
+    real = attention_mask.to(device).long()
+    return (torch.cumsum(real, dim=1) - 1) * real
 
 
 def block_attention(cw: CanonicalWeights, layer: int, x: Tensor, bias: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ Grouped-query attention is expanded to one K/V per query head (head ``h`` reads 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -35,7 +36,7 @@ class ArchitectureSummary:
     d_mlp: int
     vocab_size: int
     n_ctx: int
-    position_scheme: str  # 'learned' | 'rotary'
+    position_scheme: str  # 'learned' | 'rotary' | 'alibi' (BLOOM)
     tied_embeddings: bool
     norm: NormKind
     norm_placement: str  # 'pre' | 'post' | 'post_sublayer' (LayerWeights says where each sits)
@@ -234,10 +235,13 @@ class CanonicalWeights:
     attn_scale: float  # multiplies q.k
     layers: list[LayerWeights] = field(default_factory=list)
     embed_scale: float = 1.0  # hidden[0] = embed_scale * W_E[ids] (+ ...): sqrt(d) for Gemma
+    # ALiBi (BLOOM): head h adds alibi_slopes[h] * (s - t) to the score of query t for key s
+    # (t, s counted over real tokens; :func:`tgeom.models.reference.attention_bias`).
+    alibi_slopes: Tensor | None = None  # [H]
 
     def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Every parameter tensor with a dotted name (``layers.3.W_Q``, ``final_norm.weight``)."""
-        for name in ("W_E", "W_U", "b_U", "W_pos", "W_type"):
+        for name in ("W_E", "W_U", "b_U", "W_pos", "W_type", "alibi_slopes"):
             value = getattr(self, name)
             if value is not None:
                 yield name, value
@@ -296,6 +300,25 @@ def window_keys(n: int, window: int, device: torch.device | str | None = None) -
     rows = torch.arange(n, device=device)
     offset = rows[:, None] - rows[None, :]  # i - j
     return (offset >= 0) & (offset < window)
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's per-head slopes ``[n_heads]`` float32 (Press et al. 2022): for ``n`` a power of two,
+    the geometric sequence ``b^i``, ``b = 2^(-8 / n)``, ``i = 1..n``; otherwise those of the
+    largest power of two ``n' < n`` followed by the odd powers ``1, 3, 5, ...`` of ``2^(-8 / 2n')``
+    until there are ``n_heads``. Powers of a float32 base, as BLOOM's checkpoints were trained
+    (a float64 power differs by up to 6e-8, i.e. 1e-4 in a score 2,000 tokens away)."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+
+    def powers(n: int, exponents: range) -> Tensor:
+        base = torch.tensor(2.0 ** (-8.0 / n), dtype=torch.float32)
+        return base ** torch.tensor(list(exponents), dtype=torch.int32)
+
+    slopes = powers(closest, range(1, closest + 1))
+    if closest == n_heads:
+        return slopes
+    extra = powers(2 * closest, range(1, 2 * (n_heads - closest), 2))
+    return torch.cat([slopes, extra])
 
 
 def learned_positions(table: Tensor, offset: int) -> Tensor:

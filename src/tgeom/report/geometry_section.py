@@ -92,7 +92,7 @@ def geometry_section(ctx: ReportContext) -> Section:
             "stored incoherently.",
         ),
     ]
-    from tgeom.analyses.geometry.attention import PARTS, qk_logit_parts
+    from tgeom.analyses.geometry.attention import qk_logit_parts
 
     qk_block = min(shown, lm.summary.n_layers - 1)  # it reads hidden state qk_block
     qk = qk_logit_parts(stats, lm.weights(), qk_block)
@@ -106,10 +106,10 @@ def geometry_section(ctx: ReportContext) -> Section:
         "(positional attention patterns) beside context-driven ones.</p>",
         H.table(
             [
-                [r["head"], *(r[f"share_{p}"] for p in PARTS), r["wqk_positional_share"]]
+                [r["head"], *(r[f"share_{p}"] for p in qk["parts"]), r["wqk_positional_share"]]
                 for r in qk["heads"]
             ],
-            ["head", *PARTS, "W_QK positional share"],
+            ["head", *qk["parts"], "W_QK positional share"],
             table_id="qk-split",
         ),
     ]

@@ -42,6 +42,7 @@ def dense_top(matrix, k, largest=True, row_mask=None, col_mask=None):
         "phi3",
         "gemma",
         "gemma2",
+        "bloom",
     ],
 )
 @pytest.mark.parametrize("largest", [True, False])
@@ -199,6 +200,13 @@ def test_rope_note_only_for_rotary_qk(tiny_model):
     assert "rotary" in (qk_top_pairs(llama, 0, 0, 2).rope_note or "")
     assert ov_top_pairs(llama, 0, 0, 2).rope_note is None
     assert qk_top_pairs(gpt2, 0, 0, 2).rope_note is None
+
+
+def test_alibi_note_for_bloom_qk(tiny_model):
+    """BLOOM's scores add ALiBi's positional bias, which the token-only QK pairs leave out."""
+    bloom = tiny_model("bloom").weights()
+    assert "ALiBi" in (qk_top_pairs(bloom, 0, 0, 2).rope_note or "")
+    assert ov_top_pairs(bloom, 0, 0, 2).rope_note is None
 
 
 def test_pairs_json_has_tokens_and_orientation(tiny_model):

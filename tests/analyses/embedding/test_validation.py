@@ -41,6 +41,7 @@ MLP_MODULES = {
     "gemma": ("mlp", "mlp.down_proj"),
     "gemma2": ("mlp", "mlp.down_proj"),  # sandwich: the MLP reads norm(h + norm(attn(norm(h))))
     "gemma3_text": ("mlp", "mlp.down_proj"),
+    "bloom": ("mlp", "mlp.dense_4h_to_h"),  # ALiBi acts on the attention before it
 }
 
 

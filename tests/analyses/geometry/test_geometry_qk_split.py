@@ -54,11 +54,13 @@ def qk_norm_by_hand(x, norm):
         "gemma",
         "gemma2",
         "gemma3_text",
+        "bloom",
     ],
 )
 def test_parts_sum_to_the_logits_of_the_reconstructed_input(tiny_model, family):
-    """pos-pos + pos-ctx + ctx-pos + ctx-ctx = the scaled QK logits of x = P(t) + C(c), computed
-    the obvious way (biases, rotary at each position), for every context and head."""
+    """pos-pos + pos-ctx + ctx-pos + ctx-ctx (+ alibi) = the logits of x = P(t) + C(c),
+    computed the obvious way (biases, rotary at each position, BLOOM's ALiBi slope[h] * (s - t)),
+    for every context and head."""
     lm = tiny_model(family)
     cw = lm.weights()
     stats = planted_stats(lm)
@@ -74,7 +76,13 @@ def test_parts_sum_to_the_logits_of_the_reconstructed_input(tiny_model, family):
         if rotary is not None:
             q, k = rotary.apply(q, positions), rotary.apply(k, positions)
         logits = torch.einsum("chte,chse->chts", q, k) * cw.attn_scale  # [C, H, T, T]
+        if cw.alibi_slopes is not None:
+            for h, slope in enumerate(cw.alibi_slopes.tolist()):
+                for t, query in enumerate(positions.tolist()):
+                    for s, key in enumerate(positions.tolist()):
+                        logits[:, h, t, s] += slope * (key - query)
         parts = logit_parts(stats, cw, layer)
+        assert list(parts) == list(PARTS) + (["alibi"] if family == "bloom" else [])
         assert torch.allclose(sum(parts.values()), logits, atol=1e-10)
         # pos-pos does not depend on the context, unless QK-norm divides it by the token's scale.
         same = torch.equal(parts["pos-pos"][0], parts["pos-pos"][-1])
@@ -176,3 +184,24 @@ def test_windowed_blocks_summarise_only_the_pairs_the_model_computes(tiny_model,
                 assert row[f"share_{p}"] == pytest.approx(brute[p] / every, rel=1e-12, abs=1e-15)
             all_causal = float((parts["ctx-ctx"][:, h][:, causal] ** 2).mean()) ** 0.5
             assert abs(row["rms_ctx-ctx"] - all_causal) > 1e-3 * all_causal
+
+
+def test_alibi_part_is_the_reference_forwards_bias(tiny_model):
+    """BLOOM: the alibi part is, for every context, the bias the reference forward adds (proven
+    against the model's hidden states) on the allowed (t, s) pairs, and the summary reports it
+    as its own share, the shares of the five parts summing to 1."""
+    lm = tiny_model("bloom")
+    cw = lm.weights()
+    stats = planted_stats(lm, n_positions=9)
+    parts = logit_parts(stats, cw, 0)
+    T = parts["alibi"].shape[-1]
+    bias = attention_bias(cw, None, 1, T)[0]  # [H, T, T]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    for c in range(parts["alibi"].shape[0]):
+        assert torch.allclose(parts["alibi"][c][:, allowed], bias[:, allowed].double(), atol=1e-6)
+    assert float(parts["alibi"][:, :, allowed].abs().max()) > 1.0  # slope 0.5, distances to 8
+    summary = qk_logit_parts(stats, cw, 0)
+    assert summary["parts"] == [*PARTS, "alibi"]
+    for row in summary["heads"]:
+        assert abs(sum(row[f"share_{p}"] for p in summary["parts"]) - 1) < 1e-12
+        assert row["share_alibi"] > 0

@@ -80,6 +80,7 @@ def _assert_matches_dense(stats: GeometryStats, dense: list[dict[str, Any]]) -> 
         "gemma",
         "gemma2",
         "gemma3_text",
+        "bloom",
     ],
 )
 @pytest.mark.parametrize("batch_size", [1, 5])

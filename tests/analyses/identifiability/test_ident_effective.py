@@ -36,6 +36,7 @@ def one_thread():
         "gemma",
         "gemma2",
         "gemma3_text",
+        "bloom",
     ],
 )
 def test_effective_attention_preserves_head_output(tiny_model, family):

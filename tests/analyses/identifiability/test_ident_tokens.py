@@ -96,6 +96,7 @@ def test_same_seed_same_rates_with_mlp_and_distances_option(tiny_model):
         "phi3",
         "gemma",
         "gemma3_text",
+        "bloom",
     ],
 )
 def test_vocabulary_candidates_identify_layer_zero(tiny_model, family):

@@ -18,11 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from tgeom.analyses.embedding.interaction import (
-    ROPE_NOTE,
     circuit_embeddings,
     describe_sides,
     embedding_convention,
     head_top_pairs,
+    position_note,
     qk_norm_note,
     softcap_note,
 )
@@ -180,7 +180,7 @@ def head_atlas(
                     )
                     rows.extend(_rows(block, head, circuit, pairs, vocab))
                     progress.advance(task)
-    rope = ROPE_NOTE if cw.rotary is not None and "qk" in circuits else None
+    rope = position_note(cw) if "qk" in circuits else None
     return HeadAtlas(
         rows,
         k,

@@ -53,6 +53,20 @@ ROPE_NOTE = (
     "this model uses rotary position embeddings: the token-only QK matrix ignores the rotation, "
     "so real attention scores also depend on the relative position of query and key."
 )
+ALIBI_NOTE = (
+    "this model uses ALiBi: each head adds slope * (key position - query position) to its "
+    "scores, which the token-only QK matrix leaves out (it does not depend on the tokens)."
+)
+
+
+def position_note(cw: CanonicalWeights) -> str | None:
+    """What the token-only QK matrix leaves out of the model's scores: rotary's rotation or
+    ALiBi's bias (None for learned positions, which enter through the tokens' hidden states)."""
+    if cw.rotary is not None:
+        return ROPE_NOTE
+    return ALIBI_NOTE if cw.alibi_slopes is not None else None
+
+
 QK_NORM_NOTE = (
     "this model normalises queries and keys (QK-norm, {scope}): the QK pairs use the normalised "
     "factors n_q(E[v] W_Q) and n_k(E[v] W_K), each token's projection divided by its own RMS "
@@ -274,7 +288,7 @@ def head_top_pairs(
     )
     if len(top) == 0:
         raise TgeomError("the token filters leave no token pair; relax them.")
-    rope = ROPE_NOTE if circuit == "qk" and cw.rotary is not None else None
+    rope = position_note(cw) if circuit == "qk" else None
     return InteractionPairs(
         circuit,
         block,

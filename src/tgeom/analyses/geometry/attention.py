@@ -13,6 +13,8 @@ left out (it averages to zero over contexts and positions). QK-norm (Qwen 3, OLM
 linear per token as SPEC section 4 says: each part of the query ``(c, t)`` is divided by that
 token's own QK-norm scale (the RMS of its whole projection ``x W_Q + b_Q``, per head or over all
 heads) and multiplied by the gain, likewise for keys, so the parts still sum to the logit.
+ALiBi (BLOOM) adds a fifth, purely positional part, ``slope[h] * (s - t)`` (SPEC section 1,
+"ALiBi"; the reference forward's bias), the same for every context.
 
 The norm is not linear; we use its corpus-level linearisation: ``lin(h) = gamma * center(h) / s``
 with ``s`` the root-mean-square norm of hidden state ``b``'s vectors over the whole corpus
@@ -45,6 +47,7 @@ from tgeom.models.weights import (
 )
 
 PARTS = ("pos-pos", "pos-ctx", "ctx-pos", "ctx-ctx")
+ALIBI = "alibi"
 QK_NORM_SPLIT = (
     "QK-norm (scope: {scope}): every part of a query (key) is divided by that token's own "
     "QK-norm scale and multiplied by the gain, so the parts sum to the logits exactly; "
@@ -110,31 +113,44 @@ def _sides(
     return pos, ctx
 
 
+def parts_of(cw: CanonicalWeights) -> tuple[str, ...]:
+    """The names of the logit parts of ``cw``'s heads: :data:`PARTS`, then ``alibi`` for ALiBi
+    models."""
+    return PARTS + ((ALIBI,) if cw.alibi_slopes is not None else ())
+
+
 def logit_parts(stats: GeometryStats, cw: CanonicalWeights, block: int) -> dict[str, Tensor]:
-    """The four parts of every head's scaled QK logits, each ``[C, H, T', T']`` float64
+    """The parts (:func:`parts_of`) of every head's logits, each ``[C, H, T', T']`` float64
     (query position t, key position s); their sum is the logit of ``x = P(t) + C(c)``. Without
     QK-norm pos-pos is the same for every context; with it, every part carries the query's and
-    the key's own QK-norm scale."""
+    the key's own QK-norm scale. ALiBi's part is ``slope[h] * (s - t)``, unscaled, the same for
+    every context."""
     P, C, positions = split_inputs(stats, cw, block)
     lw = cw.layers[block]
     rotary = layer_rotary(cw, block)  # Gemma 3: local layers have their own base
     q_pos, q_ctx = _sides(P, C, lw.W_Q, lw.b_Q, lw.q_norm, rotary, positions)
     k_pos, k_ctx = _sides(P, C, lw.W_K, lw.b_K, lw.k_norm, rotary, positions)
     scale = cw.attn_scale
-    return {
+    parts = {
         "pos-pos": scale * torch.einsum("chte,chse->chts", q_pos, k_pos),
         "pos-ctx": scale * torch.einsum("chte,chse->chts", q_pos, k_ctx),
         "ctx-pos": scale * torch.einsum("chte,chse->chts", q_ctx, k_pos),
         "ctx-ctx": scale * torch.einsum("chte,chse->chts", q_ctx, k_ctx),
     }
+    if cw.alibi_slopes is not None:
+        distance = (positions[None, :] - positions[:, None]).double()  # [t, s]: s - t
+        alibi = cw.alibi_slopes.double()[:, None, None] * distance  # [H, T', T']
+        parts[ALIBI] = alibi[None].expand_as(parts["pos-pos"])
+    return parts
 
 
 def qk_logit_parts(
     stats: GeometryStats, cw: CanonicalWeights, block: int, heads: list[int] | None = None
 ) -> dict[str, Any]:
     """Per head of block ``block`` (0-based; it reads hidden state ``block``): RMS and share of
-    the four logit parts over contexts and the (query t, key s) pairs the block computes
-    (:func:`visible_pairs`), float64; ``mask`` names them."""
+    the logit parts (``parts``: the four, and ``alibi`` for ALiBi models) over contexts and the
+    (query t, key s) pairs the block computes (:func:`visible_pairs`), float64; ``mask`` names
+    them."""
     check_index("block", block, len(cw.layers))
     lw = cw.layers[block]
     parts = logit_parts(stats, cw, block)
@@ -152,8 +168,8 @@ def qk_logit_parts(
             {
                 "block": block,
                 "head": h,
-                **{f"rms_{name}": squares[name] ** 0.5 for name in PARTS},
-                **{f"share_{name}": squares[name] / total for name in PARTS},
+                **{f"rms_{name}": squares[name] ** 0.5 for name in parts},
+                **{f"share_{name}": squares[name] / total for name in parts},
                 "wqk_positional_share": positional_share(
                     _gained(lw.W_Q[h], lw.q_norm, h), _gained(lw.W_K[h], lw.k_norm, h), P
                 ),
@@ -167,6 +183,7 @@ def qk_logit_parts(
         "rotary_applied": cw.rotary is not None,
         "mask": mask,
         "attention_window": attention_window(cw.summary, block),
+        "parts": list(parts),
         "qk_norm": None if lw.q_norm is None else QK_NORM_SPLIT.format(scope=lw.q_norm.scope),
         # Monotone soft-cap (SPEC 1): the parts are of the uncapped logits; the cap is stated.
         "attn_logit_softcap": cw.summary.attn_logit_softcap,

@@ -12,7 +12,19 @@ from __future__ import annotations
 from types import ModuleType
 
 from tgeom.errors import TgeomError
-from tgeom.models.adapters import bert, gemma, gpt2, gpt_neo, gptj, llama, neox, opt, phi, phi3
+from tgeom.models.adapters import (
+    bert,
+    bloom,
+    gemma,
+    gpt2,
+    gpt_neo,
+    gptj,
+    llama,
+    neox,
+    opt,
+    phi,
+    phi3,
+)
 
 ADAPTERS: tuple[ModuleType, ...] = (
     gpt2,
@@ -25,6 +37,7 @@ ADAPTERS: tuple[ModuleType, ...] = (
     gpt_neo,
     phi3,
     gemma,
+    bloom,
 )
 
 
