@@ -4,6 +4,7 @@ windows of the tiny Mistral, Qwen2 and Phi-3."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from tgeom.analyses.identifiability.effective import effective_attention_batch
 from tgeom.capture import capture
 from tgeom.linalg.nullspace import default_rtol, left_null_space
+from tgeom.models import load_model
 from tgeom.models.reference import attention_bias, block_attention, reference_forward
+from tiny_models import TINY_CONFIGS, save_tiny_model
 
 WINDOW = 10
 
@@ -64,17 +67,29 @@ def test_local_layer_attends_only_to_its_window(tiny_model):
     assert float(local[:, ~outside].min()) > 0.0
 
 
-def test_effective_attention_uses_each_querys_window(tiny_model):
+@pytest.mark.parametrize("family", ["gpt_neo", "phi3_window_10"])
+def test_effective_attention_uses_each_querys_window(tiny_model, tmp_path, family):
     """Both layers equal [BRU]'s definition per query, slowly: a_i minus its part in the left
-    null space of the rows of T = V W_O[h] that query i sees (keys 0..i in the global layer,
-    its last 10 in the local one), zero elsewhere; each head keeps its output (A_eff T = A T)."""
-    lm = tiny_model("gpt_neo")
+    null space of the rows of T = V W_O[h] that query i sees (keys 0..i in a global layer, its
+    last 10 in a local one), zero elsewhere; each head keeps its output (A_eff T = A T).
+    GPT-Neo: layer 1 local. Phi-3 (the tiny one with windows of 10 > d_head 8, so they have null
+    spaces: the tiny phi3's windows of 5 are full rank and leave effective = raw): both local."""
+    if family == "gpt_neo":
+        lm, windows = tiny_model("gpt_neo"), (0, WINDOW)
+    else:
+        class_name, config = TINY_CONFIGS["phi3"]
+        config = copy.deepcopy(config)
+        config.sliding_window = WINDOW
+        spec = (class_name, config)
+        lm = load_model(str(save_tiny_model("phi3", tmp_path / "phi3", spec=spec)), device="cpu")
+        windows = (WINDOW, WINDOW)
+    assert lm.summary.attention_windows == windows
     n = 16
     ids = torch.randint(4, 96, (1, n), generator=torch.Generator().manual_seed(2))
     (seq,) = effective_attention_batch(lm, ids)
     cap = capture(lm, ids, attentions=True, values=True)
     cw = lm.weights()
-    for layer, window in enumerate((n, WINDOW)):
+    for layer, window in enumerate(w or n for w in windows):
         for head in range(lm.summary.n_heads):
             T = cap.values[layer, 0, head].double() @ cw.layers[layer].W_O[head].double()
             A = cap.attentions[layer, 0, head].double()
