@@ -81,3 +81,32 @@ def output_bias(linear: Any) -> Tensor:
     if linear.bias is None:
         return linear.weight.new_zeros(linear.weight.shape[0])
     return linear.bias.detach()
+
+
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+"""Rotary types whose frequencies Hugging Face recomputes from the sequence length: past
+``original_max_position_embeddings`` they are no longer the ones read at load."""
+
+
+def rotary_context(config: Any, default: int | None = None) -> int:
+    """The context over which the rotary frequencies read at load are the model's own.
+
+    ``max_position_embeddings`` (or ``default``), except for length-dependent rotary types
+    (:data:`LENGTH_DEPENDENT_ROPE`: dynamic NTK, Phi-3's LongRoPE), where Hugging Face switches to
+    other frequencies for sequences longer than ``original_max_position_embeddings``: tgeom's
+    canonical rotary is fixed, so its context stops there and longer inputs are refused rather
+    than read with the wrong rotation."""
+    context = int(default if default is not None else config.max_position_embeddings)
+    params = getattr(config, "rope_parameters", None) or {}
+    per_type = [params] if "rope_type" in params or "type" in params else list(params.values())
+    for rope in per_type:
+        if not isinstance(rope, dict):
+            continue
+        kind = str(rope.get("rope_type", rope.get("type", "default")))
+        if any(name in kind for name in LENGTH_DEPENDENT_ROPE):
+            original = rope.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None
+            )
+            if original:
+                context = min(context, int(original))
+    return context

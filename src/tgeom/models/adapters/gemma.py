@@ -24,6 +24,7 @@ from tgeom.models.adapters.common import (
     head_bias,
     is_tied,
     output_bias,
+    rotary_context,
     unembedding,
     value_heads,
 )
@@ -76,7 +77,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
         d_head=c.head_dim,
         d_mlp=c.intermediate_size,
         vocab_size=W_E.shape[0],
-        n_ctx=c.max_position_embeddings,
+        n_ctx=rotary_context(c),
         position_scheme="rotary",
         tied_embeddings=is_tied(W_E, W_U),
         norm="rmsnorm",

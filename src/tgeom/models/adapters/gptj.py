@@ -21,6 +21,7 @@ from tgeom.models.adapters.common import (
     is_tied,
     layer_norm,
     output_bias,
+    rotary_context,
     unembedding,
     value_heads,
 )
@@ -57,7 +58,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
         d_head=d_head,
         d_mlp=c.n_inner or 4 * c.n_embd,
         vocab_size=W_E.shape[0],
-        n_ctx=c.n_positions,
+        n_ctx=rotary_context(c, default=c.n_positions),
         position_scheme="rotary",
         tied_embeddings=is_tied(W_E, W_U),
         norm="layernorm",

@@ -23,6 +23,7 @@ from tgeom.models.adapters.common import (
     is_tied,
     layer_norm,
     output_bias,
+    rotary_context,
     unembedding,
     value_heads,
 )
@@ -65,7 +66,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
         d_head=attn.head_dim,
         d_mlp=c.intermediate_size,
         vocab_size=W_E.shape[0],
-        n_ctx=c.max_position_embeddings,
+        n_ctx=rotary_context(c),
         position_scheme="rotary",
         tied_embeddings=is_tied(W_E, W_U),
         norm="layernorm",

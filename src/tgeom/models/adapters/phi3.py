@@ -18,6 +18,7 @@ from tgeom.models.adapters.common import (
     base_model,
     is_tied,
     output_bias,
+    rotary_context,
     unembedding,
     value_heads,
 )
@@ -57,7 +58,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
         d_head=getattr(c, "head_dim", None) or c.hidden_size // n_heads,
         d_mlp=c.intermediate_size,
         vocab_size=W_E.shape[0],
-        n_ctx=c.max_position_embeddings,
+        n_ctx=rotary_context(c),
         position_scheme="rotary",
         tied_embeddings=is_tied(W_E, W_U),
         norm="rmsnorm",
