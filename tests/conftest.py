@@ -48,6 +48,11 @@ def smollm2() -> LoadedModel:
     return load_model("smollm2", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def gemma3() -> LoadedModel:
+    return load_model("gemma3", device="cpu")
+
+
 @pytest.fixture
 def tmp_out(tmp_path: Path) -> Path:
     return tmp_path / "out"
