@@ -33,7 +33,7 @@ and the conventions agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -279,15 +279,27 @@ def head_top_pairs(
     ``row_mask`` / ``col_mask`` [V] bool: token filters on rows and columns (applied before
     selection). ``E``: the vocabulary matrices (module docstring): ``"out"`` (default, ``W_U``
     on both sides), ``"in"`` (``W_E``), ``"tl"`` (``W_E`` in, ``W_U`` out) or a ``[V, d]``
-    tensor. ``qk_scales``: see :func:`circuit_factors`.
+    tensor. ``qk_scales``: see :func:`circuit_factors` (it then holds the masked tokens' scales).
+    Only the tokens a mask keeps are embedded (every factor row, QK-norm included, depends on its
+    own token alone), so a mask of N tokens costs N, not V, rows (Gemma 3: V = 262,144).
     """
     (E_rows, row_name), (E_cols, col_name) = circuit_embeddings(cw, circuit, E)
+    row_ids = None if row_mask is None else row_mask.to(E_rows.device).nonzero()[:, 0]
+    col_ids = None if col_mask is None else col_mask.to(E_cols.device).nonzero()[:, 0]
+    if (row_ids is not None and len(row_ids) == 0) or (col_ids is not None and len(col_ids) == 0):
+        raise TgeomError("the token filters leave no token pair; relax them.")
+    if row_ids is not None:
+        E_rows = E_rows[row_ids]
+    if col_ids is not None:
+        E_cols = E_cols[col_ids]
     A, B = circuit_factors(cw, block, head, circuit, E_rows, E_cols, qk_scales)
-    top = factored_topk(
-        A, B, k, largest=largest, row_mask=row_mask, col_mask=col_mask, chunk_size=chunk_size
-    )
+    top = factored_topk(A, B, k, largest=largest, chunk_size=chunk_size)
     if len(top) == 0:
         raise TgeomError("the token filters leave no token pair; relax them.")
+    if row_ids is not None:  # back to vocabulary ids
+        top = replace(top, rows=row_ids[top.rows.to(row_ids.device)].to(top.rows.device))
+    if col_ids is not None:
+        top = replace(top, cols=col_ids[top.cols.to(col_ids.device)].to(top.cols.device))
     rope = position_note(cw) if circuit == "qk" else None
     return InteractionPairs(
         circuit,
