@@ -231,3 +231,19 @@ def test_local_sources_make_no_network_call(tiny_model_dir, monkeypatch):
     lm = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     assert lm.summary.family == "gpt2"
     assert Path(lm.source).is_absolute()
+
+
+def test_finite_check_is_exact_when_a_weight_sum_overflows(tiny_model):
+    """The load-time check sums each tensor first; a sum that overflows on finite entries must
+    not be taken for NaN weights, and one NaN among them is still named."""
+    import dataclasses
+
+    cw = tiny_model("gpt2").weights()
+    layer = cw.layers[0]
+    huge = torch.full_like(layer.W_Q, torch.finfo(layer.W_Q.dtype).max)
+    assert not torch.isfinite(huge.sum())
+    patched = dataclasses.replace(cw, layers=[dataclasses.replace(layer, W_Q=huge), *cw.layers[1:]])
+    patched.check_finite()  # every entry finite: no error
+    huge[0, 0, 1] = float("nan")
+    with pytest.raises(TgeomError, match=r"NaN or inf in layers\.0\.W_Q"):
+        patched.check_finite()

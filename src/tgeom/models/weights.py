@@ -262,8 +262,15 @@ class CanonicalWeights:
                     yield f"layers.{index}.{f.name}", value
 
     def check_finite(self) -> None:
-        """Raise a one-line error naming the first tensor holding NaN or inf."""
+        """Raise a one-line error naming the first tensor holding NaN or inf.
+
+        One sum per tensor in the common, finite case (NaN and inf reach the sum; a
+        finite sum proves every entry finite); only a non-finite sum, which finite entries can
+        give by overflow, pays for the entrywise check (SmolLM2, best of 4 on a loaded
+        2-core machine: 4.8 s entrywise, 0.43 s by sums)."""
         for name, tensor in self.named_tensors():
+            if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+                continue
             if not torch.isfinite(tensor).all():
                 raise TgeomError(
                     f"the model's weights contain NaN or inf in {name}; the checkpoint is "
