@@ -178,3 +178,25 @@ def results_frame(
     if explode:
         frame = frame.explode(list(explode), ignore_index=True).infer_objects()
     return frame
+
+
+def per_block_frame(label: str, series: dict[str, Any]) -> pd.DataFrame:
+    """A tidy DataFrame of per-block values stored by name and then by ``label`` in
+    ``results.json`` (``series[name][g][b]``, e.g. R_k's ``overlap[group][block]``): one row per
+    (``label`` value g, block b), columns ``label``, ``block`` and each name; cells as written to
+    the file. 2-D values (``[block of A, block of B]``) give ``block_a`` and ``block_b`` instead."""
+    import pandas as pd
+
+    names = [name for name, values in series.items() if values is not None]
+    plain = {name: to_jsonable(series[name]) for name in names}
+    rows: list[dict[str, Any]] = []
+    for g, first in plain[names[0]].items():
+        if first and isinstance(first[0], list):
+            for a, row in enumerate(first):
+                for b in range(len(row)):
+                    cells = {name: plain[name][g][a][b] for name in names}
+                    rows.append({label: g, "block_a": a, "block_b": b, **cells})
+        else:
+            for b in range(len(first)):
+                rows.append({label: g, "block": b, **{n: plain[n][g][b] for n in names}})
+    return pd.DataFrame.from_records(rows)

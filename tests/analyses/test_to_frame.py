@@ -256,3 +256,39 @@ def test_cli_results_json_rows_are_the_frame_of_the_same_call(tiny_model_dir, tm
     )
     rows = read_results(tmp_path / "o")["bottom"]
     assert result.to_frame("bottom").to_dict("records") == rows
+
+
+def test_per_block_results_have_tidy_frames_of_their_results_json(tiny_model, tmp_path):  # type: ignore[no-untyped-def]
+    """R_k, Sim_k and alignment store per-block lists (and [L_A, L_B] matrices) by name and
+    group in results.json; their frames hold one row per (group, block) with those very cells."""
+    from tgeom.analyses.embedding.alignment import align_models
+    from tgeom.analyses.embedding.validation import r_k, sim_k
+
+    lm = tiny_model("gpt2")
+    cw = lm.weights()
+    ids = torch.randint(
+        3, lm.summary.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0)
+    )
+    rk = r_k(lm, ids, Runtime(torch.device("cpu"), 2), k=5, max_positions=20)
+    sk = sim_k(cw, k=10, max_pairs=8)
+    al = align_models(cw, cw, per_block=8, match_heads=False)
+    write_results(tmp_path, "test", {"r_k": rk, "sim_k": sk, "alignment": al})
+    saved = read_results(tmp_path)
+    L = lm.summary.n_blocks
+    for result, key, label, names in [
+        (rk, "r_k", "group", ("overlap", "shuffled")),
+        (sk, "sim_k", "pair", ("similarity", "shuffled")),
+    ]:
+        frame = result.to_frame()
+        assert list(frame.columns) == [label, "block", *names]
+        assert len(frame) == len(saved[key][names[0]]) * L
+        for row in frame.itertuples(index=False):
+            for name in names:
+                assert getattr(row, name) == saved[key][name][getattr(row, label)][row.block]
+    frame = al.to_frame()
+    assert list(frame.columns) == ["group", "block_a", "block_b", "similarity", "raw_similarity"]
+    assert len(frame) == len(saved["alignment"]["similarity"]) * L * L
+    for row in frame.itertuples(index=False):
+        stored = saved["alignment"]
+        assert row.similarity == stored["similarity"][row.group][row.block_a][row.block_b]
+        assert row.raw_similarity == stored["raw_similarity"][row.group][row.block_a][row.block_b]

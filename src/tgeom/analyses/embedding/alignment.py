@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -29,6 +29,10 @@ from torch import Tensor
 from tgeom.errors import TgeomError
 from tgeom.models.load import LoadedModel
 from tgeom.models.weights import CanonicalWeights, LayerWeights
+from tgeom.results import per_block_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ParameterGroup = Literal["ffn_key", "ffn_value", "W_Q", "W_K", "W_V", "W_O"]
 PARAMETER_GROUPS: tuple[ParameterGroup, ...] = (
@@ -168,6 +172,13 @@ class AlignmentResult:
     raw_block_matching: dict[str, list[tuple[int, int]]] | None
     head_matching: list[HeadMatch] = field(default_factory=list)
     options: dict[str, object] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (group, block of A, block of B): columns ``group``, ``block_a``,
+        ``block_b``, ``similarity`` and ``raw_similarity`` (absent when ``d_A != d_B``)."""
+        return per_block_frame(
+            "group", {"similarity": self.similarity, "raw_similarity": self.raw_similarity}
+        )
 
 
 def hungarian(similarity: Tensor) -> list[tuple[int, int]]:

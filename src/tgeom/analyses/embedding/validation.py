@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -63,7 +63,11 @@ from tgeom.models.reference import (
     values,
 )
 from tgeom.models.weights import CanonicalWeights
+from tgeom.results import per_block_frame
 from tgeom.runtime import Runtime
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SIM_PAIRS: dict[str, tuple[str, str]] = {
     "ffn_key_value": ("ffn_key", "ffn_value"),
@@ -146,6 +150,10 @@ class SimKResult:
     n_pairs: dict[str, int]
     definition: str = "paper"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (pair, block): columns ``pair``, ``block``, ``similarity``, ``shuffled``."""
+        return per_block_frame("pair", {"similarity": self.similarity, "shuffled": self.shuffled})
 
 
 def sim_k(
@@ -266,6 +274,11 @@ class RKResult:
     n_positions: int
     definition: str = "paper"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (parameter group, block): columns ``group``, ``block``, ``overlap``,
+        ``shuffled``."""
+        return per_block_frame("group", {"overlap": self.overlap, "shuffled": self.shuffled})
 
 
 def _batches(
