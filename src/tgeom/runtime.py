@@ -6,8 +6,52 @@ import ctypes
 import ctypes.util
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
+
+from tgeom.errors import TgeomError
+
+# The precisions a model can be loaded in (``--dtype``); float32 is the default.
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DtypeName)}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` (or ``torch.bfloat16``) -> ``torch.bfloat16``; a one-line TgeomError for
+    any precision outside :data:`DTYPES`."""
+    for name, value in DTYPES.items():
+        if dtype in (name, value):
+            return value
+    raise TgeomError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the name ``--dtype`` takes and results record)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, in one line naming both, a precision ``device`` cannot compute in: a tiny matmul
+    and softmax in ``dtype`` on ``device`` must run and give the float64 answer to within the
+    dtype's rounding (a CPU build without float16 kernels, bfloat16 on a GPU older than
+    Ampere)."""
+    a = torch.arange(1.0, 7.0, dtype=torch.float64).reshape(2, 3) / 4
+    expected = (a @ a.T).softmax(-1)
+    try:
+        x = a.to(device=device, dtype=dtype)
+        got = (x @ x.T).softmax(-1).to(device="cpu", dtype=torch.float64)
+    except (RuntimeError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TgeomError(
+            f"dtype {dtype_name(dtype)} does not run on device {device} ({reason[:120]}); "
+            "pass another --dtype (float32 runs everywhere)."
+        ) from None
+    if not torch.allclose(got, expected, rtol=0, atol=8 * torch.finfo(dtype).eps):
+        raise TgeomError(
+            f"dtype {dtype_name(dtype)} computes wrongly on device {device} (a 2x3 matmul is "
+            "off); pass another --dtype (float32 runs everywhere)."
+        )
 
 
 def default_device() -> torch.device:

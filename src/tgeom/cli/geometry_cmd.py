@@ -13,8 +13,9 @@ from typing import Any
 import typer
 
 from tgeom.cli import app
-from tgeom.cli.options import BLOCK_MEANING, HIDDEN_MEANING, renamed_layer
+from tgeom.cli.options import BLOCK_MEANING, DTYPE_OPT, HIDDEN_MEANING, renamed_layer
 from tgeom.cli.output import print_table, print_warnings
+from tgeom.runtime import DtypeName
 
 geometry_app = typer.Typer(
     help="Hidden-state geometry: positional and context parts.", no_args_is_help=True
@@ -73,6 +74,7 @@ def _collect(
     batch_size: int | None,
     keep_first: bool,
     trust_remote_code: bool,
+    dtype: str = "float32",
     need_topics: bool = False,
     checkpoint_every: int = 16,
     second_moment: bool = True,
@@ -85,7 +87,7 @@ def _collect(
     from tgeom.results import prepare_out_dir, write_results
     from tgeom.runtime import Runtime
 
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     docs = load_corpus(corpus)
     windows = make_windows(
         docs, lm.tokenizer, seq_len, max_windows_per_topic=max_windows, max_context=lm.summary.n_ctx
@@ -239,6 +241,7 @@ def collect_cmd(
     batch_size: int | None = BATCH_OPT,
     keep_first: bool = FIRST_OPT,
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
     checkpoint_every: int = typer.Option(
         16, "--checkpoint-every", help="Save a resumable checkpoint every N batches."
     ),
@@ -257,6 +260,7 @@ def collect_cmd(
         batch_size,
         keep_first,
         trust_remote_code,
+        dtype,
         checkpoint_every=checkpoint_every,
         second_moment=second_moment,
     )
@@ -301,6 +305,7 @@ def run_cmd(
     batch_size: int | None = BATCH_OPT,
     keep_first: bool = FIRST_OPT,
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
     k_subspace: int = K_OPT,
     low_freq: int = LOWF_OPT,
     drop_channels: int = DROP_OPT,
@@ -330,6 +335,7 @@ def run_cmd(
         batch_size,
         keep_first,
         trust_remote_code,
+        dtype,
         need_topics=True,
         second_moment=second_moment,
     )
@@ -359,6 +365,7 @@ def qk_cmd(
         "block B reads hidden B. Default: every block.",
     ),
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
     _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
     """Split every head's QK logits into pos-pos, pos-ctx, ctx-pos and ctx-ctx parts.
@@ -375,7 +382,7 @@ def qk_cmd(
 
     stats = GeometryStats.load(out)
     wanted_blocks = int_list(block, "--block")
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     wanted = {**stats.meta, "model": str(lm.source), "d_model": lm.summary.d_model}
     wanted["n_blocks"] = lm.summary.n_layers
     check_same_identity(stats.meta, wanted, str(out), "pass the model that collected them.")
@@ -388,7 +395,7 @@ def qk_cmd(
     by_block = {**_earlier_qk_blocks(Path(out) / "qk", stats.meta, str(lm.source)), **results}
     first = results[blocks[0]]
     payload = {
-        "model": lm.source,
+        **lm.identity,
         "windows_sha256": stats.meta.get("windows_sha256"),
         "n_blocks": n_blocks,
         "blocks": sorted(by_block),

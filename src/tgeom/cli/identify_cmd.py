@@ -8,8 +8,9 @@ from typing import Any
 import typer
 
 from tgeom.cli import app
-from tgeom.cli.options import BLOCK_MEANING, renamed_layer
+from tgeom.cli.options import BLOCK_MEANING, DTYPE_OPT, renamed_layer
 from tgeom.cli.output import print_warnings
+from tgeom.runtime import DtypeName
 
 attention_app = typer.Typer(
     help="Attention null spaces and effective attention.", no_args_is_help=True
@@ -60,6 +61,7 @@ def effective_cmd(
     block: int = typer.Option(0, "--block", help="Block (0..L-1) drawn in the figure."),
     head: int = typer.Option(0, "--head", help="Head drawn in the figure."),
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
     _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
     """Raw and effective attention of every block and head for one text."""
@@ -69,12 +71,12 @@ def effective_cmd(
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
 
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     check_index("block", block, lm.summary.n_layers)
     check_index("head", head, lm.summary.n_heads)
     result = effective_attention(lm, _text_ids(lm, text))
     out_dir = prepare_out_dir(out)
-    payload = {"model": lm.source, "text": text, **result.to_json()}
+    payload = {**lm.identity, "text": text, **result.to_json()}
     write_results(out_dir, "attention effective", payload, warnings=result.warnings)
     _save(P.plot_effective_attention(result, block, head), out_dir / "effective_attention.png")
     seq = result.sequences[0]
@@ -97,6 +99,7 @@ def nullspace_cmd(
         None, "--batch-size", help="Sequences per forward pass (default 8 on CPU, 32 on GPU)."
     ),
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Null-space dimension of every head over a corpus' windows, and Pearson vs length.
 
@@ -110,7 +113,7 @@ def nullspace_cmd(
     from tgeom.results import prepare_out_dir, write_results
     from tgeom.runtime import Runtime
 
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
     # Prefixes of the windows with lengths spread from 8 to T, wrapped in [CLS]/[SEP] (encoders)
     # or BOS (decoders), so dims and Pearson read against length and special tokens show.
@@ -125,7 +128,7 @@ def nullspace_cmd(
         out_dir,
         "attention nullspace",
         {
-            "model": lm.source,
+            **lm.identity,
             "corpus": docs.source,
             "world_size": shard.world_size,
             "null_space": nulls.to_json(),
@@ -153,6 +156,7 @@ def tokens_cmd(
     candidates: str = typer.Option("sequence", "--candidates", help="sequence or vocabulary."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split and the MLP."),
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Share of hidden tokens mapped back to their own input, per hidden state, g and distance."""
     from tgeom.analyses.identifiability import token_identifiability
@@ -160,11 +164,11 @@ def tokens_cmd(
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
 
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
     result = token_identifiability(lm, windows.token_ids, candidates=candidates, seed=seed)
     out_dir = prepare_out_dir(out)
-    payload = {"model": lm.source, "corpus": docs.source, **result.to_json()}
+    payload = {**lm.identity, "corpus": docs.source, **result.to_json()}
     write_results(out_dir, "identify tokens", payload, warnings=result.warnings)
     _save(P.plot_identifiability(result), out_dir / "identifiability.png")
     last = [r for r in result.rows if r["hidden"] == lm.summary.n_layers]
@@ -185,6 +189,7 @@ def attribution_cmd(
         None, "--hidden", help="Hidden state (0 = embeddings .. L) drawn in the figure (default L)."
     ),
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Contribution of every input token to every hidden token, at every hidden state."""
     from tgeom.analyses.identifiability import token_attribution
@@ -193,13 +198,13 @@ def attribution_cmd(
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
 
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     shown = lm.summary.n_layers if hidden is None else hidden
     check_index("hidden state", shown, lm.summary.n_layers + 1)
     result = token_attribution(lm, _text_ids(lm, text), mode=mode, samples=samples, seed=seed)
     out_dir = prepare_out_dir(out)
     write_results(
-        out_dir, "identify attribution", {"model": lm.source, "text": text, **result.to_json()}
+        out_dir, "identify attribution", {**lm.identity, "text": text, **result.to_json()}
     )
     _save(P.plot_attribution(result, shown), out_dir / "attribution.png")
     _save(P.plot_own_contribution(result), out_dir / "own_contribution.png")

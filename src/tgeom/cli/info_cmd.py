@@ -8,7 +8,9 @@ import json
 import typer
 
 from tgeom.cli import app
+from tgeom.cli.options import DTYPE_OPT
 from tgeom.cli.output import print_table
+from tgeom.runtime import DtypeName
 
 
 @app.command("info")
@@ -20,15 +22,16 @@ def info(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow custom model code from the model's author."
     ),
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Print the architecture summary: family, blocks (n_blocks), heads, widths, vocabulary,
     norms, and the special mechanisms (positions, QK-norm, sliding windows, soft-caps, parallel
     blocks)."""
     from tgeom.models import load_model
 
-    lm = load_model(model, trust_remote_code=trust_remote_code, device="cpu")
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device="cpu")
     summary = {
-        "model": lm.source,
+        **lm.identity,
         **dataclasses.asdict(lm.summary),
         "mechanisms": lm.summary.mechanisms(),
     }

@@ -1,4 +1,9 @@
-"""Options shared by several command groups: the two layer indices, named apart.
+"""Options shared by several command groups: the model's precision, and the two layer indices,
+named apart.
+
+``--dtype`` (every command that loads a model's weights): float32 (default), bfloat16 or
+float16, the precision of the weights and forward passes (statistics still accumulate in
+float64); recorded as ``dtype`` beside ``model`` in ``results.json``.
 
 ``--hidden H`` picks a hidden state (0..L: 0 the embedding output, H the output of block H-1);
 ``--block B`` picks a transformer block (0..L-1; block B reads hidden B and writes hidden B+1).
@@ -16,6 +21,15 @@ from tgeom.errors import TgeomError
 
 HIDDEN_MEANING = "a hidden state 0..L, 0 = the embedding output, H = the output of block H-1"
 BLOCK_MEANING = "a block 0..L-1; block B reads hidden state B and writes B+1"
+
+# Annotate the parameter ``dtype: DtypeName = DTYPE_OPT`` (tgeom.runtime.DtypeName, imported at
+# module level): typer offers the Literal's names as the only choices.
+DTYPE_OPT: Any = typer.Option(
+    "float32",
+    "--dtype",
+    help="Precision of the weights and forward passes: float32, bfloat16 or float16 "
+    "(statistics still accumulate in float64).",
+)
 
 
 def renamed_layer(new: str, meaning: str, flag: str = "--layer") -> Any:

@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 
 from tgeom.cli import app
+from tgeom.cli.options import DTYPE_OPT
+from tgeom.runtime import DtypeName
 
 
 @app.command("report")
@@ -21,6 +23,7 @@ def report(
     ),
     force: bool = typer.Option(False, "--force", help="Write into a non-report folder anyway."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Run the three analysis families and write a self-contained HTML report."""
     from tgeom.report.build import ReportOptions, build_report
@@ -29,7 +32,11 @@ def report(
 
     overrides = {
         k: v
-        for k, v in {"seq_len": seq_len, "windows_per_topic": windows_per_topic}.items()
+        for k, v in {
+            "seq_len": seq_len,
+            "windows_per_topic": windows_per_topic,
+            "dtype": dtype,
+        }.items()
         if v is not None
     }
     options = ReportOptions.for_device(default_device().type, **overrides)

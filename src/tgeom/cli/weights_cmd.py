@@ -14,9 +14,10 @@ import typer
 from rich.console import Console
 
 from tgeom.cli import app
-from tgeom.cli.options import BLOCK_MEANING, int_list, renamed_layer
+from tgeom.cli.options import BLOCK_MEANING, DTYPE_OPT, int_list, renamed_layer
 from tgeom.cli.output import print_table
 from tgeom.errors import TgeomError
+from tgeom.runtime import DtypeName
 
 weights_app = typer.Typer(
     help="Weights in embedding space: projections, QK/OV top pairs, atlas.", no_args_is_help=True
@@ -64,10 +65,10 @@ FREQUENT_CORPUS_OPT = typer.Option(
 )
 
 
-def _load(model: str, trust_remote_code: bool) -> Any:
+def _load(model: str, trust_remote_code: bool, dtype: str) -> Any:
     from tgeom.models import load_model
 
-    return load_model(model, trust_remote_code=trust_remote_code)
+    return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def _vocabulary(
@@ -167,6 +168,7 @@ def project(
     frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Project one parameter vector (FFN key/value or a subhead) to its top and bottom tokens."""
     from tgeom.analyses.embedding.projection import project_parameter
@@ -180,7 +182,7 @@ def project(
     else:
         block, h = _pair(head or "", "head")
         which = {"head": h, "subhead": subhead, "index": index}
-    lm = _load(model, trust_remote_code)
+    lm = _load(model, trust_remote_code, dtype)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask
     result = project_parameter(
@@ -193,7 +195,7 @@ def project(
         fold_norm=fold_norm,
     )
     payload = {
-        "model": lm.source,
+        **lm.identity,
         "k": k,
         "filters": _filters(keep_special, ascii_only, alpha_only),
         "vocabulary": vocabulary.to_json(),
@@ -229,6 +231,7 @@ def topk(
     frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
     _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
     """Exact top entries of one head's QK or OV matrix in token space (never materialised)."""
@@ -238,7 +241,7 @@ def topk(
 
     if circuit not in ("qk", "ov"):
         raise TgeomError(f"--circuit must be qk or ov, got {circuit!r}.")
-    lm = _load(model, trust_remote_code)
+    lm = _load(model, trust_remote_code, dtype)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask
     result = head_top_pairs(
@@ -254,7 +257,7 @@ def topk(
     )
     vocab = lm.vocab_strings
     payload = {
-        "model": lm.source,
+        **lm.identity,
         "family": lm.family,
         "k": k,
         "negative": negative,
@@ -297,6 +300,7 @@ def atlas(
     frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
     _layers: str | None = renamed_layer("--blocks", "comma-separated blocks 0..L-1", "--layers"),
 ) -> None:
     """Top QK and OV pairs of every chosen head, as one table (atlas.csv + results.json)."""
@@ -305,7 +309,7 @@ def atlas(
 
     chosen, chosen_heads = int_list(blocks, "--blocks"), int_list(heads, "--heads")
     circuits = _circuits(circuit)
-    lm = _load(model, trust_remote_code)
+    lm = _load(model, trust_remote_code, dtype)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask
     result = head_atlas(
@@ -324,7 +328,7 @@ def atlas(
     folder = prepare_out_dir(out)
     result.to_csv(folder / "atlas.csv")
     payload = {
-        "model": lm.source,
+        **lm.identity,
         "family": lm.family,
         "filters": _filters(keep_special, ascii_only, alpha_only),
         "vocabulary": vocabulary.to_json(),
@@ -358,19 +362,20 @@ def lens(
     frequent_corpus: str | None = FREQUENT_CORPUS_OPT,
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Logit lens: final_norm(hidden[h]) @ W_U.T at every hidden state 0..L and position."""
     from tgeom.analyses.embedding.lens import logit_lens
     from tgeom.plots.embedding import logit_lens_figure, save_figure
     from tgeom.results import prepare_out_dir, write_results
 
-    lm = _load(model, trust_remote_code)
+    lm = _load(model, trust_remote_code, dtype)
     filtered = ascii_only or alpha_only or not keep_special
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask if filtered or frequent is not None else None
     result = logit_lens(lm, text, k, mask=mask)
     payload = {
-        "model": lm.source,
+        **lm.identity,
         "family": lm.family,
         "k": k,
         "filters": _filters(keep_special, ascii_only, alpha_only),

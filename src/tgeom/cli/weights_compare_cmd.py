@@ -9,9 +9,10 @@ from typing import Any
 
 import typer
 
-from tgeom.cli.options import int_list, renamed_layer
+from tgeom.cli.options import DTYPE_OPT, int_list, renamed_layer
 from tgeom.cli.weights_cmd import weights_app
 from tgeom.errors import TgeomError
+from tgeom.runtime import DtypeName
 
 MODEL_HELP = "Alias (minilm, smollm2, gemma3), local folder, .gguf or hub id."
 CORPUS_HELP = "Corpus: 'builtin', a text file, a folder of text files, or JSONL."
@@ -87,6 +88,7 @@ def validate(
     ),
     keep_special: bool = typer.Option(False, "--keep-special", help="Keep special tokens."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled baselines."),
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """R_k (active neurons vs hidden states) and Sim_k (related parameter pairs), per block."""
     from tgeom.analyses.embedding.validation import check_definition, r_k, sim_k
@@ -104,7 +106,7 @@ def validate(
     if rank_by and rk_definition != "tgeom":
         raise TgeomError("--rank-by applies to the tgeom definition of R_k only; drop it.")
     out = prepare_out_dir(out)
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype)
     windows = _windows(corpus, lm.tokenizer, seq_len, max_windows)
     exclude = [] if keep_special else lm.special_token_ids()
     rk = r_k(
@@ -128,7 +130,7 @@ def validate(
         max_pairs=max_pairs or None,
     )
     payload = {
-        "model": lm.source,
+        **lm.identity,
         "corpus": corpus,
         "n_windows": int(windows.token_ids.shape[0]),
         "seq_len": seq_len,
@@ -159,6 +161,7 @@ def align(
     seed: int = typer.Option(0, "--seed", help="Seed of the subsampling."),
     embedding: str = typer.Option("out", "--embedding", help=EMBEDDING_HELP),
     _per_layer: str | None = renamed_layer("--per-block", "vectors per block", "--per-layer"),
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Block-by-block similarity of two models in vocabulary space, with Hungarian matching."""
     from tgeom.analyses.embedding.alignment import align_models, check_shared_vocabulary
@@ -169,7 +172,7 @@ def align(
     if per_block < 1:
         raise TgeomError(f"--per-block {per_block} must be at least 1.")
     out = prepare_out_dir(out)
-    lm_a, lm_b = load_model(model_a), load_model(model_b)
+    lm_a, lm_b = load_model(model_a, dtype=dtype), load_model(model_b, dtype=dtype)
     check_shared_vocabulary(lm_a, lm_b, "alignment")
     result = align_models(
         lm_a.weights(),
@@ -179,7 +182,14 @@ def align(
         embedding=_check_embedding(embedding),
     )
     write_results(
-        out, "weights align", {"model_a": lm_a.source, "model_b": lm_b.source, "alignment": result}
+        out,
+        "weights align",
+        {
+            "model_a": lm_a.source,
+            "model_b": lm_b.source,
+            "dtype": lm_a.identity["dtype"],
+            "alignment": result,
+        },
     )
     _save_figure(plot_alignment(result), out, "alignment.png")
     typer.echo(

@@ -1,8 +1,10 @@
-"""GGUF files: converted once to a cached float32 safetensors folder (SPEC section 1).
+"""GGUF files: converted once to a cached safetensors folder (SPEC section 1).
 
-transformers dequantises GGUF weights to float32 on load (~14 s for SmolLM2-135M on 2 cores);
-the converted folder loads in well under 2 s. The cache lives in ``$TGEOM_CACHE`` (default
-``~/.cache/tgeom``), keyed by the file's absolute path, size and modification time. The
+transformers dequantises GGUF weights on load (~14 s for SmolLM2-135M on 2 cores); the
+converted folder loads in well under 2 s. Its weights are written in the dtype the model is
+loaded in (float32 by default; bfloat16 halves the disk a large quantised model takes). The
+cache lives in ``$TGEOM_CACHE`` (default ``~/.cache/tgeom``), keyed by the file's absolute
+path, size and modification time, and by the dtype (a float32 folder keeps its old name). The
 architecture is read from the file's header first, and one tgeom cannot analyse is refused
 before anything is converted; the folder is written to a temporary folder then renamed, so a
 conversion that fails or is interrupted leaves nothing half-written.
@@ -16,9 +18,12 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
+import torch
+
 from tgeom.errors import TgeomError
 from tgeom.models.adapters import supported_model_types
 from tgeom.results import atomic_replace
+from tgeom.runtime import dtype_name
 
 GGUF_MAGIC = b"GGUF"
 # GGUF metadata value types (GGUF spec, `gguf_type`): fixed sizes; 8 = string, 9 = array
@@ -30,11 +35,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("TGEOM_CACHE", Path.home() / ".cache" / "tgeom")).expanduser()
 
 
-def cached_folder(path: Path) -> Path:
+def cached_folder(path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The cache folder of ``path`` converted to ``dtype``: ``STEM-DIGEST`` for float32 (the
+    name caches written before dtypes had), ``STEM-DIGEST-bfloat16`` etc. otherwise."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{path.stem}-{digest}"
+    suffix = "" if dtype == torch.float32 else f"-{dtype_name(dtype)}"
+    return cache_root() / "gguf" / f"{path.stem}-{digest}{suffix}"
 
 
 def gguf_architecture(path: Path) -> str:
@@ -125,9 +133,10 @@ def convertible_architectures() -> list[str]:
     return sorted(a for a in known if _MODEL_TYPES.get(a, a) in handled)
 
 
-def convert_gguf(path: Path) -> Path:
-    """The cached float32 safetensors folder for the GGUF file ``path`` (converting if needed)."""
-    target = cached_folder(path)
+def convert_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The cached safetensors folder for the GGUF file ``path`` with its weights in ``dtype``
+    (converting if needed)."""
+    target = cached_folder(path, dtype)
     if (target / "config.json").is_file():
         return target
     architecture = gguf_architecture(path)
@@ -140,7 +149,7 @@ def convert_gguf(path: Path) -> Path:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype="float32", local_files_only=True
+            path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(
             path.parent, gguf_file=path.name, local_files_only=True
@@ -151,7 +160,7 @@ def convert_gguf(path: Path) -> Path:
             f"cannot read GGUF file {path} ({reason[:200]}); the file is corrupt, truncated or "
             "quantised in a way transformers cannot read: re-download it."
         ) from None
-    # The weights are now dense float32: drop what marks them as quantised.
+    # The weights are now dense: drop what marks them as quantised.
     for holder in (model, model.config):
         for attr in ("quantization_config", "hf_quantizer"):
             if hasattr(holder, attr):

@@ -1,8 +1,10 @@
 """The one way to load a model: alias | local folder | ``.gguf`` file | hub id -> LoadedModel.
 
 Local sources and aliases never touch the network. Weights are read from safetensors or GGUF
-only; a folder holding only pickle checkpoints is refused. Models come back in float32, eval
-mode, with eager attention (SDPA returns no attention probabilities). ``trust_remote_code`` is
+only; a folder holding only pickle checkpoints is refused. Models come back in the ``dtype``
+asked for (float32 by default; bfloat16 or float16 for the forward passes, every statistic
+still accumulating in float64), eval mode, with eager attention (SDPA returns no attention
+probabilities). ``trust_remote_code`` is
 off unless the caller asks for it.
 """
 
@@ -23,7 +25,7 @@ from tgeom.models.adapters.common import base_model
 from tgeom.models.gguf import convert_gguf
 from tgeom.models.offline import OFFLINE_MODELS, offline_model_path
 from tgeom.models.weights import ArchitectureSummary, CanonicalWeights
-from tgeom.runtime import default_device
+from tgeom.runtime import check_dtype_runs, default_device, dtype_name, resolve_dtype
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -49,6 +51,16 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the model was loaded in (its forward passes run in it)."""
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What ``results.json`` records of the model: ``{"model": source, "dtype": name}``."""
+        return {"model": self.source, "dtype": dtype_name(self.dtype)}
 
     @property
     def body(self) -> nn.Module:
@@ -125,11 +137,22 @@ def tokenizer_special_ids(tokenizer: Any) -> list[int]:
 
 
 def load_model(
-    source: str, *, trust_remote_code: bool = False, device: str | torch.device | None = None
+    source: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> LoadedModel:
-    """Load ``source`` (alias, local folder, ``.gguf`` file or hub id) for analysis."""
+    """Load ``source`` (alias, local folder, ``.gguf`` file or hub id) for analysis.
+
+    ``dtype``: ``float32`` (default), ``bfloat16`` or ``float16`` (a name or a torch dtype): the
+    precision of the weights and the forward passes. One the device cannot compute in is
+    refused in one line before any weight is read."""
     _quiet_transformers()
-    folder, local, identity = resolve_source(source)
+    torch_dtype = resolve_dtype(dtype)
+    target = torch.device(device) if device is not None else default_device()
+    check_dtype_runs(torch_dtype, target)
+    folder, local, identity = resolve_source(source, dtype=torch_dtype)
     config = _load_config(folder, local, trust_remote_code)
     adapter = adapter_for(config.model_type)
     model_class = _model_class(config)
@@ -137,7 +160,7 @@ def load_model(
         hf = model_class.from_pretrained(
             folder,
             config=config,
-            dtype=torch.float32,
+            dtype=torch_dtype,
             attn_implementation="eager",
             use_safetensors=True,
             local_files_only=local,
@@ -146,7 +169,7 @@ def load_model(
     except OSError as exc:
         raise TgeomError(f"cannot load the weights of {source}: {_first_line(exc)}") from None
     hf.eval().requires_grad_(False)
-    hf.to(torch.device(device) if device is not None else default_device())
+    hf.to(target)
     tokenizer = _load_tokenizer(folder, local, trust_remote_code)
     lm = LoadedModel(hf, tokenizer, identity, adapter, adapter.summarize(hf))
     lm.weights()  # extract once now so that NaN/inf weights fail at load time, in one line
@@ -162,8 +185,9 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
     return _load_tokenizer(folder, local, trust_remote_code)
 
 
-def resolve_source(source: str) -> tuple[str, bool, str]:
-    """``(folder or hub id, is_local, identity)``; converts a ``.gguf`` once to a cached folder."""
+def resolve_source(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[str, bool, str]:
+    """``(folder or hub id, is_local, identity)``; converts a ``.gguf`` once to a cached folder
+    (its weights in ``dtype``)."""
     if source in OFFLINE_MODELS:
         path = offline_model_path(source)
         identity = source
@@ -183,7 +207,7 @@ def resolve_source(source: str) -> tuple[str, bool, str]:
                 f"{path} is not a model tgeom can read: pass a Hugging Face folder with "
                 "config.json and safetensors weights, or a .gguf file."
             )
-        return str(convert_gguf(path)), True, identity
+        return str(convert_gguf(path, dtype=dtype)), True, identity
     _check_folder(path)
     return str(path), True, identity
 

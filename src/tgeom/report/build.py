@@ -43,6 +43,7 @@ class ReportOptions:
     attribution_mode: str = "estimate"  # exact costs T * d JVPs: the GPU default
     attribution_samples: int = 8
     seed: int = 0
+    dtype: str = "float32"  # the model's precision (--dtype); statistics stay float64
 
     @classmethod
     def for_device(cls, device_type: str, **overrides: Any) -> ReportOptions:
@@ -91,7 +92,7 @@ class ReportContext:
         from tgeom.models import load_model
 
         with self.progress.stage(f"loading {self.model_source}"):
-            return load_model(self.model_source)
+            return load_model(self.model_source, dtype=self.options.dtype)
 
     @cached_property
     def windows(self) -> Any:
@@ -191,6 +192,7 @@ def build_report(
         "report",
         {
             "model": model,
+            "dtype": options.dtype,
             "corpus": corpus,
             "options": asdict(options),
             "environment": environment(),

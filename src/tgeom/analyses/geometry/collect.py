@@ -36,6 +36,7 @@ def stats_identity(lm: Any, windows: Any, keep_first: bool, corpus: str | None) 
     """What a statistics file must agree on to be resumed or compared."""
     return {
         "model": str(lm.source),
+        "dtype": str(lm.identity["dtype"]),
         "n_blocks": int(lm.summary.n_layers),
         "n_hidden": int(lm.summary.n_layers) + 1,
         "d_model": int(lm.summary.d_model),
@@ -58,6 +59,7 @@ def check_same_identity(
     """Raise a one-line TgeomError naming the first field where two identities differ."""
     names = {
         "model": "model",
+        "dtype": "--dtype",
         "seq_len": "--seq-len",
         "options": "options (--keep-first)",
         "corpus": "corpus",
@@ -66,11 +68,16 @@ def check_same_identity(
         "n_blocks": "number of blocks",
     }
     for key, label in names.items():
-        if found.get(key) != wanted.get(key):
+        was, now = found.get(key, _BEFORE.get(key)), wanted.get(key, _BEFORE.get(key))
+        if was != now:
             raise TgeomError(
-                f"the statistics at {where} come from another {label} "
-                f"({found.get(key)!r}, here {wanted.get(key)!r}); {fix}"
+                f"the statistics at {where} come from another {label} ({was!r}, here {now!r}); "
+                f"{fix}"
             )
+
+
+# What an identity written before a field existed meant by its absence
+_BEFORE = {"dtype": "float32"}
 
 
 @torch.no_grad()
