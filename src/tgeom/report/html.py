@@ -27,6 +27,7 @@ figure{margin:12px 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:13px;color:#4b5563;margin-top:4px;max-width:900px}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #e1e4ea;padding:3px 7px;
 text-align:left}th{background:#f0f2f6;cursor:pointer;user-select:none}
+th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre;background:#f3f4f6;
 padding:0 3px;border-radius:3px}
@@ -38,26 +39,63 @@ padding:0 3px;border-radius:3px}
 """
 
 TABLE_JS = """
+function tgeomTerms(q){
+  var out=[],re=/"([^"]*)"|(\\S+)/g,m;
+  while((m=re.exec(q))!==null){out.push(m[1]!==undefined?m[1]:m[2]);}
+  return out;
+}
+function tgeomColumn(table,name){
+  var ths=table.tHead.rows[0].cells;name=name.toLowerCase();
+  for(var i=0;i<ths.length;i++){
+    if((ths[i].dataset.col||ths[i].textContent).trim().toLowerCase()===name)return i;}
+  return -1;
+}
+function tgeomFilter(table,q){
+  var tests=tgeomTerms(q.toLowerCase()).map(function(term){
+    var m=/^([a-z_][\\w]*)(>=|<=|!=|==|=|>|<)(-?[0-9.]+(?:e[-+]?[0-9]+)?)$/.exec(term);
+    var col=m?tgeomColumn(table,m[1]):-1;
+    if(col<0)return function(r){return r.textContent.toLowerCase().indexOf(term)>=0;};
+    var op=m[2],ref=parseFloat(m[3]);
+    return function(r){
+      var v=parseFloat(r.cells[col].dataset.v);if(isNaN(v))return op==='!=';
+      return op==='>'?v>ref:op==='<'?v<ref:op==='>='?v>=ref:op==='<='?v<=ref:
+        op==='!='?v!==ref:v===ref;};
+  });
+  var shown=0,rows=table.tBodies[0].rows;
+  for(var i=0;i<rows.length;i++){
+    var ok=tests.every(function(t){return t(rows[i]);});
+    rows[i].style.display=ok?'':'none';if(ok)shown++;}
+  document.querySelectorAll('.shown[data-table="'+table.id+'"]').forEach(function(s){
+    s.textContent=shown+' of '+rows.length+' rows shown';});
+}
 document.querySelectorAll('input.search').forEach(function(box){
   box.addEventListener('input',function(){
-    var q=box.value.toLowerCase();
-    var rows=document.querySelectorAll('#'+box.dataset.table+' tbody tr');
-    rows.forEach(function(r){r.style.display=r.textContent.toLowerCase().indexOf(q)>=0?'':'none';});
-  });
+    tgeomFilter(document.getElementById(box.dataset.table),box.value);});
 });
+function tgeomKey(cell){
+  if(cell.dataset.v===undefined)return cell.textContent;
+  var n=parseFloat(cell.dataset.v);return isNaN(n)?null:n;
+}
 document.querySelectorAll('table.sortable th').forEach(function(th){
   th.addEventListener('click',function(){
     var table=th.closest('table'),body=table.tBodies[0],i=th.cellIndex;
-    var asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
+    var asc=th.getAttribute('aria-sort')!=='ascending';
+    th.parentNode.querySelectorAll('th').forEach(function(o){o.removeAttribute('aria-sort');});
+    th.setAttribute('aria-sort',asc?'ascending':'descending');
     var rows=Array.prototype.slice.call(body.rows);
     rows.sort(function(a,b){
-      var x=a.cells[i].dataset.v||a.cells[i].textContent;
-      var y=b.cells[i].dataset.v||b.cells[i].textContent;
-      var nx=parseFloat(x),ny=parseFloat(y);
-      var c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?c:-c;});
+      var x=tgeomKey(a.cells[i]),y=tgeomKey(b.cells[i]);
+      if(x===null||y===null)return (x===null)-(y===null);  /* missing values last */
+      var c=(typeof x==='number'&&typeof y==='number')?x-y:String(x).localeCompare(String(y));
+      return asc?c:-c;});
     rows.forEach(function(r){body.appendChild(r);});
   });
 });
+function tgeomOpenTarget(){
+  var id=decodeURIComponent(location.hash.slice(1)),el=id&&document.getElementById(id);
+  if(el&&el.tagName==='DETAILS'){el.open=true;el.scrollIntoView();}
+}
+window.addEventListener('hashchange',tgeomOpenTarget);tgeomOpenTarget();
 """
 
 
@@ -85,27 +123,38 @@ def table(
     searchable: bool = False,
     token_columns: Iterable[int] = (),
     scroll: bool = False,
+    row_links: Sequence[str | None] | None = None,
+    placeholder: str = "search tokens, blocks, heads",
 ) -> str:
-    """A sortable table; ``token_columns`` are shown as verbatim token strings."""
+    """A sortable table; ``token_columns`` are shown as verbatim token strings.
+
+    ``searchable``: a filter box above it (words match a row's text; ``column>0.5`` style terms
+    compare a numeric column). ``row_links``: per row, a fragment (``#id``) the first cell links
+    to. Numeric cells keep their full value in ``data-v`` for sorting and filtering.
+    """
     token_set = set(token_columns)
     tid = esc(table_id) if table_id else ""
     parts = []
     if searchable and table_id:
         parts.append(
-            f'<input class="search" data-table="{tid}" placeholder="search tokens, blocks, heads"'
-            f' aria-label="search {tid}">'
+            f'<div><input class="search" data-table="{tid}" placeholder="{esc(placeholder)}"'
+            f' aria-label="filter {tid}"> <span class="shown note" data-table="{tid}">'
+            f"{len(rows)} rows</span></div>"
         )
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    head = "".join(f'<th data-col="{esc(h)}">{esc(h)}</th>' for h in header)
     body = []
-    for row in rows:
+    for r, row in enumerate(rows):
         cells = []
         for i, value in enumerate(row):
-            if i in token_set:
-                cells.append(f"<td>{token_span(str(value))}</td>")
-            elif isinstance(value, int | float):
-                cells.append(f'<td class="num" data-v="{esc(value)}">{esc(fmt(value))}</td>')
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            text = token_span(str(value)) if i in token_set else esc(fmt(value))
+            link = row_links[r] if row_links is not None and i == 0 else None
+            if link:
+                text = f'<a href="{esc(link)}">{text}</a>'
+            if numeric and i not in token_set:
+                cells.append(f'<td class="num" data-v="{esc(value)}">{text}</td>')
             else:
-                cells.append(f"<td>{esc(value)}</td>")
+                cells.append(f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     id_attr = f' id="{tid}"' if tid else ""
     t = (
@@ -149,16 +198,19 @@ def page(title: str, sections: Sequence[tuple[str, str, str]], *, with_plotly: b
     body = "".join(
         f'<section id="{esc(a)}"><h2>{esc(h)}</h2>{inner}</section>' for a, h, inner in sections
     )
-    plotly_js = ""
+    plotly_js = scatter_js = ""
     if with_plotly:
         from plotly.offline import get_plotlyjs
 
+        from tgeom.report.interactive import SCATTER_JS
+
         plotly_js = f"<script>{get_plotlyjs()}</script>"
+        scatter_js = f"<script>{SCATTER_JS}</script>"
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{PAGE_CSS}</style>{plotly_js}</head><body>"
         f"<header><h1>{esc(title)}</h1></header><nav>{nav}</nav><main>{body}</main>"
-        f"<script>{TABLE_JS}</script></body></html>"
+        f"<script>{TABLE_JS}</script>{scatter_js}</body></html>"
     )
 
 
