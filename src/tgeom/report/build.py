@@ -85,7 +85,15 @@ class ReportContext:
     ) -> None:
         self.model_source, self.corpus_source = model, corpus
         self.options, self.out, self.progress = options, out, progress
+        self._shared: dict[str, Any] = {}
         (out / "figures").mkdir(exist_ok=True)
+
+    def shared(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per run under ``name``: what one section computes and a later
+        one reuses (the corpus statistics, the weights' top pairs)."""
+        if name not in self._shared:
+            self._shared[name] = compute()
+        return self._shared[name]
 
     @cached_property
     def lm(self) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tgeom.report import html as H
 from tgeom.report.build import ReportContext, Section
 
@@ -25,18 +27,40 @@ HIDDEN_COLUMNS = (
 )
 
 
+def shown_hidden(n_blocks: int) -> int:
+    """The representative upper-middle hidden state (of 0..L) that gets its own plots."""
+    return (n_blocks + 1) * 2 // 3
+
+
+def qk_split_block(n_blocks: int) -> int:
+    """The block whose heads' QK split the section tabulates (it reads that hidden state)."""
+    return min(shown_hidden(n_blocks), n_blocks - 1)
+
+
+def corpus_statistics(ctx: ReportContext) -> Any:
+    """The [SZ] running sums of every hidden state over the report's windows (one forward pass
+    per batch), computed once per run and shared with the head atlas."""
+    from tgeom.analyses.geometry import collect_statistics
+
+    def collect() -> Any:
+        windows = ctx.windows
+        with ctx.progress.stage(f"geometry: forward passes over {len(windows.token_ids)} windows"):
+            return collect_statistics(ctx.lm, windows, progress=not ctx.progress.quiet)
+
+    return ctx.shared("geometry_statistics", collect)
+
+
 def geometry_section(ctx: ReportContext) -> Section:
-    from tgeom.analyses.geometry import collect_statistics, measure
+    from tgeom.analyses.geometry import measure
     from tgeom.plots import geometry as P
 
-    lm, windows = ctx.lm, ctx.windows
-    with ctx.progress.stage(f"geometry: forward passes over {len(windows.token_ids)} windows"):
-        stats = collect_statistics(lm, windows, progress=not ctx.progress.quiet)
+    lm = ctx.lm
+    stats = corpus_statistics(ctx)
     with ctx.progress.stage("geometry: measurements"):
         result = measure(stats, seed=ctx.options.seed)
     data = result.to_json()
     rows = data["by_hidden"]
-    shown = len(rows) * 2 // 3  # a representative upper-middle hidden state for its own plots
+    shown = shown_hidden(len(rows) - 1)  # rows: hidden states 0..L
     table_rows = [[row.get(key) for key, _ in HIDDEN_COLUMNS] for row in rows]
     parts = [
         '<p class="note">Each hidden state h[c, t] (hidden 0 = the embedding output, hidden l '
@@ -94,7 +118,7 @@ def geometry_section(ctx: ReportContext) -> Section:
     ]
     from tgeom.analyses.geometry.attention import qk_logit_parts
 
-    qk_block = min(shown, lm.summary.n_layers - 1)  # it reads hidden state qk_block
+    qk_block = qk_split_block(lm.summary.n_layers)
     qk = qk_logit_parts(stats, lm.weights(), qk_block)
     parts += [
         f"<h3>Attention logits of block {qk_block} (reading hidden state {qk_block}): "

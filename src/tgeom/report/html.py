@@ -91,6 +91,13 @@ document.querySelectorAll('table.sortable th').forEach(function(th){
     rows.forEach(function(r){body.appendChild(r);});
   });
 });
+document.querySelectorAll('a[data-filter]').forEach(function(a){
+  a.addEventListener('click',function(){
+    var id=a.getAttribute('href').slice(1);
+    var box=document.querySelector('input.search[data-table="'+id+'"]');
+    if(box){box.value=a.dataset.filter;tgeomFilter(document.getElementById(id),box.value);}
+  });
+});
 function tgeomOpenTarget(){
   var id=decodeURIComponent(location.hash.slice(1)),el=id&&document.getElementById(id);
   if(el&&el.tagName==='DETAILS'){el.open=true;el.scrollIntoView();}

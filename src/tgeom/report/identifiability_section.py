@@ -7,6 +7,11 @@ from typing import Any
 from tgeom.report.build import ReportContext, Section
 
 
+def effective_figure_block(n_blocks: int) -> int:
+    """The block whose head 0 gets the raw vs effective attention figure: the last."""
+    return n_blocks - 1
+
+
 def identifiability_section(ctx: ReportContext) -> Section:
     from tgeom.analyses.identifiability import (
         NullSpaceResult,
@@ -33,7 +38,7 @@ def identifiability_section(ctx: ReportContext) -> Section:
             samples=opts.attribution_samples,
             seed=opts.seed,
         )
-    block = lm.summary.n_layers - 1  # the last block; it writes hidden state L, shown below
+    block = effective_figure_block(lm.summary.n_layers)  # it writes hidden L, shown below
     hidden = block + 1
     parts = [
         '<p class="note">Brunner et al. (2020): when a sequence is longer than the head '

@@ -44,14 +44,20 @@ document.querySelectorAll('.frame-scatter').forEach(function(box){
 
 
 def numeric_columns(frame: pd.DataFrame) -> list[str]:
-    """The frame's numeric columns (booleans excluded), in frame order."""
+    """The frame's numeric columns, in frame order: a numeric dtype (booleans excluded), or
+    numbers with missing values as None (how ``results_frame`` gives NaN)."""
     import pandas as pd
 
-    return [
-        str(c)
-        for c in frame.columns
-        if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
-    ]
+    def numeric(column: pd.Series) -> bool:
+        if pd.api.types.is_bool_dtype(column):
+            return False
+        if pd.api.types.is_numeric_dtype(column):
+            return True
+        return all(
+            v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in column
+        )
+
+    return [str(c) for c in frame.columns if numeric(frame[c])]
 
 
 def frame_table(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tgeom.report import html as H
 from tgeom.report.build import ReportContext, Section
+
+if TYPE_CHECKING:
+    from tgeom.analyses.embedding.atlas import HeadAtlas
 
 ATLAS_NOTE = (
     "Top entries of each head's QK (row = query token, column = key token) and OV (row = "
@@ -15,9 +20,45 @@ ATLAS_NOTE = (
 )
 
 
-def weights_section(ctx: ReportContext) -> Section:
-    from tgeom.analyses.embedding.atlas import head_atlas
+def pairs_figure_block(n_blocks: int) -> int:
+    """The block whose head 0 gets the top-pairs figures."""
+    return n_blocks // 2
+
+
+def atlas_vocabulary(ctx: ReportContext) -> tuple[list[int] | None, torch.Tensor]:
+    """The atlas' tokens: the ids of the ``atlas_vocab`` most frequent corpus tokens (None: the
+    whole vocabulary) and the ``[V]`` bool mask of them, special tokens dropped."""
     from tgeom.analyses.embedding.filters import frequent_token_ids, token_mask
+
+    include = None
+    if ctx.options.atlas_vocab is not None:
+        include = frequent_token_ids(ctx.windows, ctx.options.atlas_vocab).tolist()
+    return include, token_mask(ctx.lm, include_ids=include)
+
+
+def weights_atlas(ctx: ReportContext) -> HeadAtlas:
+    """The exact top ``atlas_k`` QK and OV pairs of every head over :func:`atlas_vocabulary`,
+    computed once per run and shared with the head atlas."""
+    from tgeom.analyses.embedding.atlas import head_atlas
+
+    def compute() -> HeadAtlas:
+        mask = atlas_vocabulary(ctx)[1]
+        with ctx.progress.stage("head atlas (exact QK/OV top pairs)"):
+            return head_atlas(
+                ctx.lm.weights(),
+                ctx.options.atlas_k,
+                vocab=ctx.lm.vocab_strings,
+                blocks=ctx.options.atlas_blocks,
+                row_mask=mask,
+                col_mask=mask,
+                quiet=ctx.progress.quiet,
+            )
+
+    return ctx.shared("weights_atlas", compute)
+
+
+def weights_section(ctx: ReportContext) -> Section:
+    from tgeom.analyses.embedding.filters import token_mask
     from tgeom.analyses.embedding.interaction import head_top_pairs
     from tgeom.analyses.embedding.lens import logit_lens
     from tgeom.analyses.embedding.projection import project_parameter
@@ -26,21 +67,9 @@ def weights_section(ctx: ReportContext) -> Section:
     lm, opts = ctx.lm, ctx.options
     cw = lm.weights()
     vocab = lm.vocab_strings
-    include = None
-    if opts.atlas_vocab is not None:
-        include = frequent_token_ids(ctx.windows, opts.atlas_vocab).tolist()
-    mask = token_mask(lm, include_ids=include)
+    include, mask = atlas_vocabulary(ctx)
     no_special = token_mask(lm)
-    with ctx.progress.stage("head atlas (exact QK/OV top pairs)"):
-        atlas = head_atlas(
-            cw,
-            opts.atlas_k,
-            vocab=vocab,
-            blocks=opts.atlas_blocks,
-            row_mask=mask,
-            col_mask=mask,
-            quiet=ctx.progress.quiet,
-        )
+    atlas = weights_atlas(ctx)
     rows = [
         (r.block, r.head, r.circuit, r.rank, r.row_token, r.col_token, r.value) for r in atlas.rows
     ]
@@ -67,7 +96,7 @@ def weights_section(ctx: ReportContext) -> Section:
             scroll=True,
         )
     )
-    block = len(cw.layers) // 2
+    block = pairs_figure_block(len(cw.layers))
     for circuit in ("qk", "ov"):
         pairs = head_top_pairs(cw, block, 0, circuit, 20, row_mask=mask, col_mask=mask)
         parts.append(
