@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tgeom.errors import TgeomError
-from tgeom.linalg.topk import factored_topk
+from tgeom.linalg.topk import _Screen, factored_topk
 
 
 def dense_reference(A, B, k, largest=True, row_mask=None, col_mask=None):
@@ -226,3 +226,54 @@ def test_screening_in_the_eigenbasis_keeps_the_exact_result(r, largest):
         )
         assert [(i, j) for i, j, _ in as_list(got)] == [(i, j) for i, j, _ in want]
         assert_matches(as_list(got), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("screen_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("r", [6, 40])
+@pytest.mark.parametrize("largest", [True, False])
+def test_low_precision_screen_keeps_the_exact_result(screen_dtype, r, largest):
+    """Screens in bfloat16 / float16 (r = 6: the plain screen; r = 40: rotated, p = 16) over
+    many small tiles: the same pairs, in the same order, as the unscreened float64 path and the
+    dense float64 sort; factors given in bfloat16 screen in it by default."""
+    g = torch.Generator().manual_seed(r + 1)
+    spectrum = torch.logspace(1, -2, r, dtype=torch.float64)
+    A = torch.randn(300, r, generator=g, dtype=torch.float64) * spectrum
+    B = torch.randn(250, r, generator=g, dtype=torch.float64) * spectrum
+    B[:20] = 3 * A[:20]  # parallel rows: entries equal to their Cauchy-Schwarz bound
+    A = A * torch.rand(300, 1, generator=g, dtype=torch.float64)
+    full = factored_topk(A, B, 60, largest=largest, prune=False)
+    got = factored_topk(
+        A, B, 60, largest=largest, chunk_size=7, col_chunk_size=11, screen_dtype=screen_dtype
+    )
+    # float64 values of a tile product and of a gathered entry may differ in the last bit
+    assert [(i, j) for i, j, _ in as_list(got)] == [(i, j) for i, j, _ in as_list(full)]
+    want = dense_reference(A, B, 60, largest)
+    assert [(i, j) for i, j, _ in as_list(got)] == [(i, j) for i, j, _ in want]
+    assert_matches(as_list(got), want, atol=1e-12)
+    low_A, low_B = A.to(screen_dtype), B.to(screen_dtype)
+    own = factored_topk(low_A, low_B, 60, largest=largest, chunk_size=7, col_chunk_size=11)
+    assert own.values.dtype == torch.float32
+    want = dense_reference(low_A, low_B, 60, largest)
+    assert [(i, j) for i, j, _ in as_list(own)] == [(i, j) for i, j, _ in want]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("r", [8, 64])
+def test_screen_in_a_low_precision_bounds_every_entry(dtype, r):
+    """The stated bound: the screening product computed in ``dtype`` is at least every exact
+    entry (scaled, minus the underflow allowance), over the whole matrix, parallel rows (where
+    Cauchy-Schwarz is tight) included; without the rounding margin bfloat16 breaks it."""
+    g = torch.Generator().manual_seed(r)
+    spectrum = torch.logspace(0, -1, r, dtype=torch.float64)
+    A = torch.randn(400, r, generator=g, dtype=torch.float64) * spectrum
+    B = torch.randn(300, r, generator=g, dtype=torch.float64) * spectrum
+    B[:100] = A[:100] * torch.rand(100, 1, generator=g, dtype=torch.float64)
+    screen = _Screen(A, B, A.norm(dim=1), B.norm(dim=1), dtype)
+    assert screen.SA.dtype == dtype
+    bound = (screen.SA @ screen.SB.T).double() * screen.scale
+    exact = A @ B.T  # float64 factors: the values the top-k compares
+    assert bool((bound + screen.underflow * screen.scale >= exact).all())
+    if dtype == torch.bfloat16:  # the same factors rounded without the margin fall short
+        scale = float(A.norm(dim=1).max() * B.norm(dim=1).max())
+        bare = (A / A.norm(dim=1).max()).to(dtype) @ (B / B.norm(dim=1).max()).to(dtype).T
+        assert bool((bare.double() * scale < exact).any())

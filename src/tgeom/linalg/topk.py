@@ -4,15 +4,16 @@
 products of two ``[V, d_head]`` factors, through their largest entries (SPEC section 3). With
 V ~ 50k the dense matrix holds 2.5e9 entries; :func:`factored_topk` walks it in tiles of
 ``chunk_size`` rows x ``col_chunk_size`` columns instead, keeping a running top-k, so the extra
-memory is bounded by one tile (16 MB of float32 bounds plus 32 MB of float64 values by default)
-whatever V is.
+memory is bounded by one tile (16 MB of float32 bounds, 8 MB in bfloat16, plus 32 MB of
+float64 values by default) whatever V is.
 
 Exactness. The result is what dense materialisation followed by a full sort gives:
 
 - each value is the dot product ``A[i] . B[j]`` accumulated in float64 (products of float32
-  numbers are exact in float64) and rounded once to the dtype of the inputs (float32 unless both
-  factors are float64), so values match a dense float64 product to float32 rounding and the
-  selected pairs are those of the dense float64 matrix except at ties closer than that;
+  numbers are exact in float64) and rounded once to the compute dtype (float64 when both
+  factors are float64, else float32: bfloat16 and float16 factors are rescored in float32 or
+  better, never in their own dtype), so values match a dense float64 product to that rounding
+  and the selected pairs are those of the dense float64 matrix except at ties closer than that;
 - order is value (best first), ties broken by smaller row, then smaller column;
 - masked rows and columns are removed *before* selection, so ``k' = min(k, allowed entries)``
   pairs always come back;
@@ -20,14 +21,31 @@ Exactness. The result is what dense materialisation followed by a full sort give
 
 Speed: screening with a proven upper bound. Rows and columns are visited in decreasing norm.
 Once ``k`` pairs are held, each tile is first screened with the cheap product of
-``[a U_p, ||a U_rest||, s ||a||]`` and ``[b U_p, ||b U_rest||, s ||b||]`` (``U`` the eigenbasis
-of the factors' normalised Gram matrices, ``p = max(24, r/2)`` leading directions, ``s^2``
-a rounding margin of a few ulps times ``r + p``): by Cauchy-Schwarz on the trailing directions
-this is an upper bound of every entry, so only entries whose bound reaches the current k-th value
-are evaluated exactly (a tile with more than 1/8 of its entries left is evaluated densely).
-A tile whose whole Cauchy-Schwarz bound ``max ||a|| max ||b||`` is below the k-th value is
-skipped. Screening never changes the result; ``prune=False`` evaluates every entry
-exactly (the reference path).
+``[a U_p, ||a U_rest||, s ||a||] / max ||a||`` and ``[b U_p, ||b U_rest||, s ||b||] / max ||b||``
+(``U`` the eigenbasis of the factors' normalised Gram matrices, ``p`` leading directions, ``s^2``
+the rounding margin below): by Cauchy-Schwarz on the trailing directions this is an upper bound
+of every entry, so only entries whose bound reaches the current k-th value are evaluated exactly
+(a tile with more than 1/8 of its entries left is evaluated densely). A tile whose whole
+Cauchy-Schwarz bound ``max ||a|| max ||b||`` is below the k-th value is skipped. Screening never
+changes the result; ``prune=False`` evaluates every entry exactly (the reference path).
+
+Screening in a low precision (``screen_dtype``; bfloat16 / float16 weights screen in their own
+dtype, ``p = 16``; float32 and float64 screen in the compute dtype, ``p = max(24, r/2)``). With
+``u`` the screen dtype's unit roundoff and ``q`` the screening width (``p + 2``), a screening
+product computed in that dtype, by any kernel in any summation order (accumulating in the dtype
+itself or wider), is within ``delta ||SA|| ||SB||`` of the exact product of the unrounded
+screening vectors, ``delta = (2u + u^2) + gamma_q (1 + u)^2``, ``gamma_q = q u / (1 - q u)``
+(the inputs' rounding to the dtype, then Higham's bound of ``q`` products and sums). The margin
+``s^2 = (delta + e) / (1 - delta - e)``, ``e`` the error of an exact value (float64 sum, one
+rounding to the compute dtype), makes the computed screen at least the stored exact value of
+every entry: ``SA . SB >= a.b + s^2 ||a|| ||b||`` and ``||SA|| ||SB|| = (1 + s^2) ||a|| ||b||``
+(both scaled). Dividing by the largest norms keeps every screening number at most ~1 (no
+float16 overflow); results below the dtype's normal range add at most ``2 (q + 1)`` times its
+smallest subnormal spacing, taken off the cut. bfloat16 (``u = 2^-8``, ``q = 18``):
+``delta ~ 0.084`` and the bound widens by ``s^2 ~ 0.092`` of ``||a|| ||b||``, so more candidates
+reach the exact rescoring, which alone decides the result. Kernels that accumulate in float32
+err far less (~``3u``); the bound does not count on it (on GPUs a split-K reduction may run in
+bfloat16).
 
 NaN policy: factors holding NaN or inf raise :class:`~tgeom.errors.TgeomError` naming the factor
 and its first bad row, as does a product that could overflow the compute dtype.
@@ -46,6 +64,8 @@ from tgeom.errors import TgeomError
 TILE_ENTRIES = 2**22  # entries per tile by default (4096 columns x 1024 rows)
 DEFAULT_COL_CHUNK = 4096
 SCREEN_RANK = 24  # at least this many leading directions kept exactly in the screening bound
+LOW_SCREEN_RANK = 16  # the leading directions of a bfloat16 / float16 screen (module docstring)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 VERIFY_BATCH = 2**15  # candidate entries evaluated at once (64 MB of gathered float64 rows)
 
 
@@ -73,21 +93,29 @@ def factored_topk(
     chunk_size: int | None = None,
     col_chunk_size: int | None = None,
     prune: bool = True,
+    screen_dtype: torch.dtype | None = None,
 ) -> TopPairs:
     """The ``k`` largest (or most negative) entries of ``A [R, r] @ B [C, r].T``.
 
     ``row_mask [R]`` / ``col_mask [C]`` (bool): entries outside them are never selected.
     ``chunk_size``: rows per tile (default ``TILE_ENTRIES // col_chunk_size``);
     ``col_chunk_size``: columns per tile (default 4096). ``prune=False`` evaluates every entry
-    exactly (same result, slower: the reference path). Runs on ``A``'s device.
+    exactly (same result, slower: the reference path). ``screen_dtype``: the dtype the
+    screening products run in (default: the factors' own when both are bfloat16 or float16,
+    else the compute dtype); the result does not depend on it. Runs on ``A``'s device.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise TgeomError(f"k must be a positive integer, got {k!r}; pass k >= 1.")
     for name, size in (("chunk_size", chunk_size), ("col_chunk_size", col_chunk_size)):
         if size is not None and (not isinstance(size, int) or size <= 0):
             raise TgeomError(f"{name} must be a positive integer, got {size!r}.")
+    if screen_dtype is None and A.dtype == B.dtype and A.dtype in LOW_PRECISION:
+        screen_dtype = A.dtype
+    if screen_dtype not in (None, *LOW_PRECISION, torch.float32, torch.float64):
+        raise TgeomError(f"screen_dtype must be a floating dtype, got {screen_dtype}.")
     A, B = _check_factors(A, B)
     dtype, device = A.dtype, A.device
+    screen_dtype = screen_dtype or dtype
     R, C = A.shape[0], B.shape[0]
     rows = _allowed(row_mask, R, "row_mask", device)
     cols = _allowed(col_mask, C, "col_mask", device)
@@ -99,7 +127,7 @@ def factored_topk(
     row_norm, col_norm = A.double().norm(dim=1), B.double().norm(dim=1)
     _check_overflow(row_norm, col_norm, dtype)
     margin = 1.0 + 4 * (A.shape[1] + 8) * torch.finfo(dtype).eps
-    SA, SB = _screening_factors(A, B) if prune else (A, B)
+    screening = _Screen(A, B, row_norm, col_norm, screen_dtype) if prune else None
 
     # Visit rows and columns by decreasing norm, in blocks; inside a block, indices ascend so
     # that row-major order within a tile is (row, col) order (needed for the tie rule).
@@ -109,7 +137,7 @@ def factored_topk(
     rc = chunk_size or max(1, TILE_ENTRIES // cc)
     col_blocks = [torch.sort(cols[s : s + cc]).values for s in range(0, cols.numel(), cc)]
     col_bound = [float(col_norm[b].max()) for b in col_blocks]
-    SB_blocks = [SB[b] for b in col_blocks]
+    SB_blocks = [screening.SB[b] for b in col_blocks] if screening else [None] * len(col_blocks)
 
     best = _Running(k, C, dtype, device)
     for start in range(0, rows.numel(), rc):
@@ -117,16 +145,15 @@ def factored_topk(
         row_bound = float(row_norm[rb].max())
         if prune and best.full and row_bound * col_bound[0] * margin < best.threshold:
             break  # later row blocks have smaller norms: nothing left can enter
-        SA_block = SA[rb]
+        SA_block = screening.SA[rb] if screening else None
         for cb, SB_block, bound in zip(col_blocks, SB_blocks, col_bound, strict=True):
             if prune and best.full and row_bound * bound * margin < best.threshold:
                 break  # later column blocks have smaller norms
-            if not (prune and best.full):
+            if screening is None or SA_block is None or SB_block is None or not best.full:
                 best.offer_tile(_exact_tile(A, B, rb, cb), rb, cb)
                 continue
-            screen = SA_block @ SB_block.T  # an upper bound of every entry of the tile
-            pos = (screen.reshape(-1) >= best.threshold).nonzero().squeeze(1)
-            if pos.numel() > screen.numel() // 8:
+            pos = screening.candidates(SA_block, SB_block, best.threshold)
+            if pos.numel() > rb.numel() * cb.numel() // 8:
                 best.offer_tile(_exact_tile(A, B, rb, cb), rb, cb)
             elif pos.numel() > 0:
                 ri, cj = rb[pos // cb.numel()], cb[pos % cb.numel()]
@@ -135,32 +162,90 @@ def factored_topk(
     return TopPairs(r_out, c_out, values if largest else -values)
 
 
-def _screening_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """``SA [R, q], SB [C, q]`` (input dtype) with ``SA[i] . SB[j] >= A[i] . B[j]`` after
-    rounding: the leading ``p`` coordinates in the eigenbasis ``U``, the norm of the rest, and a
-    rounding margin ``s ||.||`` (float64 arithmetic, rounded once at the end)."""
-    r = A.shape[1]
-    p = min(r, max(SCREEN_RANK, r // 2))
-    s = math.sqrt(4 * (p + r + 8) * torch.finfo(A.dtype).eps)
-    U = None
-    if r > p + 1:
-        gram = torch.zeros(r, r, dtype=torch.float64, device=A.device)
-        for F in (A, B):
+class _Screen:
+    """Screening factors ``SA [R, q], SB [C, q]`` in ``dtype`` whose product, computed in
+    ``dtype`` by any kernel, bounds every exact entry from above (module docstring, "Screening
+    in a low precision"): the leading ``p`` coordinates in the eigenbasis ``U`` of the factors'
+    normalised Gram matrices, the norm of the rest, a margin ``s ||.||``, all divided by the
+    largest row (column) norm (float64 arithmetic, rounded once to ``dtype``)."""
+
+    def __init__(
+        self, A: Tensor, B: Tensor, row_norm: Tensor, col_norm: Tensor, dtype: torch.dtype
+    ) -> None:
+        r = A.shape[1]
+        p = min(r, LOW_SCREEN_RANK if dtype in LOW_PRECISION else max(SCREEN_RANK, r // 2))
+        rotate = r > p + 1
+        q = p + 2 if rotate else r + 1  # columns of the screening factors
+        delta = _screen_error(q, dtype) + _exact_error(r, A.dtype)  # < 0.09 for q <= 18
+        s = math.sqrt(delta / (1 - delta))
+        U = None
+        if rotate:
+            gram = torch.zeros(r, r, dtype=torch.float64, device=A.device)
+            for F in (A, B):
+                F64 = F.double()
+                energy = float(F64.pow(2).sum())
+                if energy > 0:
+                    gram += F64.T @ F64 / energy
+            U = torch.linalg.eigh(gram).eigenvectors.flip(-1)  # leading directions first
+        self.dtype = dtype
+        self.scale = 1.0
+        factors = []
+        for F, norms in ((A, row_norm), (B, col_norm)):
             F64 = F.double()
-            energy = float(F64.pow(2).sum())
-            if energy > 0:
-                gram += F64.T @ F64 / energy
-        U = torch.linalg.eigh(gram).eigenvectors.flip(-1)  # leading directions first
+            parts = [F64]
+            if U is not None:
+                FU = F64 @ U
+                parts = [FU[:, :p], FU[:, p:].norm(dim=1, keepdim=True)]
+            top = float(norms.max()) if norms.numel() else 0.0
+            top = top if top > 0 else 1.0
+            self.scale *= top
+            screen = torch.cat([*parts, s * F64.norm(dim=1, keepdim=True)], dim=1) / top
+            factors.append(screen.to(dtype))
+        self.SA, self.SB = factors
+        # Absolute error of results below the normal range (each of q products and sums)
+        info = torch.finfo(dtype)
+        self.underflow = 2 * (q + 1) * info.smallest_normal * info.eps
 
-    def screen(F: Tensor) -> Tensor:
-        F64 = F.double()
-        parts = [F64]
-        if U is not None:
-            FU = F64 @ U
-            parts = [FU[:, :p], FU[:, p:].norm(dim=1, keepdim=True)]
-        return torch.cat([*parts, s * F64.norm(dim=1, keepdim=True)], dim=1).to(F.dtype)
+    def candidates(self, SA_block: Tensor, SB_block: Tensor, threshold: float) -> Tensor:
+        """Flat positions in the tile ``SA_block @ SB_block.T`` whose bound reaches
+        ``threshold`` (an entry value): a superset of the entries that can enter the top-k."""
+        cut = _round_down(threshold / self.scale - self.underflow, self.dtype)
+        screen = (SA_block @ SB_block.T).reshape(-1)
+        return (screen >= torch.tensor(cut, dtype=self.dtype, device=screen.device)).nonzero()[:, 0]
 
-    return screen(A), screen(B)
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) / 2
+
+
+def _gamma(n: int, u: float) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative bound of ``n`` roundings (used
+    where ``n u`` is small: q <= 18 in bfloat16, q <= 2^20 in float32)."""
+    return n * u / (1 - n * u)
+
+
+def _screen_error(q: int, dtype: torch.dtype) -> float:
+    """Relative error (of ``||SA|| ||SB||``) of a ``q``-term screening product in ``dtype``:
+    its inputs rounded to ``dtype`` (``(1 + u)^2 - 1``) and the products and sums rounded in
+    ``dtype`` in any order (``gamma_q``), whatever wider accumulator a kernel may use."""
+    u = _unit_roundoff(dtype)
+    return (2 * u + u * u) + _gamma(q, u) * (1 + u) ** 2
+
+
+def _exact_error(r: int, dtype: torch.dtype) -> float:
+    """Relative error (of ``||a|| ||b||``) of an exact value: ``r`` terms accumulated in
+    float64, then rounded once to ``dtype``; doubled, with float64 slack for the rotation."""
+    return 2 * (_gamma(r + 2, _unit_roundoff(torch.float64)) + _unit_roundoff(dtype)) + 64 * (
+        r + 8
+    ) * _unit_roundoff(torch.float64)
+
+
+def _round_down(x: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` at most ``x``."""
+    value = torch.tensor(x, dtype=torch.float64).to(dtype)
+    if float(value) > x:
+        value = torch.nextafter(value, torch.tensor(-math.inf, dtype=dtype))
+    return float(value)
 
 
 def _exact_tile(A: Tensor, B: Tensor, rb: Tensor, cb: Tensor) -> Tensor:

@@ -7,6 +7,11 @@ in the output) are ``[V, V]``; each is the product of two ``[V, d_head]`` factor
 Raw parameters, no biases, no attention scale. For rotary models the token-only QK ignores the
 position-dependent rotation; results carry a ``rope_note`` saying so.
 
+Precision: for bfloat16 / float16 weights the factors are computed in float64 from those
+weights (a product of two such numbers is exact in float64), a few thousand vocabulary rows at a
+time (no float64 copy of ``E``); the top-k screens in the weights' own dtype and rescores in
+float64, so the pairs are those of the dense float64 product of the same weights.
+
 QK-norm heads (Qwen 3, OLMo 2; SPEC section 1) read the normalised factors
 ``F_Q[v] = n_q(E[v] W_Q)[h]`` and ``F_K[v] = n_k(E[v] W_K)[h]``: each token's projection divided
 by its own RMS (over the head's ``d_head`` coordinates, or over all heads' projection for OLMo 2),
@@ -93,7 +98,7 @@ class InteractionPairs:
     head: int
     rows: Tensor  # [k'] int64 token ids
     cols: Tensor  # [k'] int64 token ids
-    values: Tensor  # [k'] float32
+    values: Tensor  # [k'] float32 (float64 for bfloat16 / float16 weights)
     largest: bool
     row_embedding: str  # the matrix embedding the row tokens: "W_U" | "W_E" | "custom"
     col_embedding: str  # the matrix embedding the column tokens
@@ -195,13 +200,33 @@ def softcap_note(cw: CanonicalWeights) -> str | None:
     return None if cap is None else SOFTCAP_NOTE.format(cap=cap)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def wide(t: Tensor) -> Tensor:
+    """float64 for a bfloat16 / float16 tensor (the factors of its exact top pairs), else
+    ``t`` itself."""
+    return t.double() if t.dtype in LOW_PRECISION else t
+
+
+def project_rows(E: Tensor, W: Tensor, chunk_rows: int = 4096) -> Tensor:
+    """``E @ W`` (``E [V, d]``, ``W [d, n]``) -> ``[V, n]``; for bfloat16 / float16 inputs in
+    float64, ``chunk_rows`` rows of ``E`` at a time."""
+    if E.dtype not in LOW_PRECISION and W.dtype not in LOW_PRECISION:
+        return E @ W
+    W64 = W.double()
+    return torch.cat([chunk.double() @ W64 for chunk in E.split(chunk_rows)])
+
+
 def qk_token_scales(E: Tensor, W: Tensor, norm: QKNorm, chunk_rows: int = 4096) -> Tensor:
     """``[V, 1]``: each token's QK-norm factor ``1 / sqrt(mean(x^2) + eps)`` over its projection
     ``x = E[v] W`` on every head (scope ``"all"``; ``E [V, d]``, ``W [H, d, d_head]``), computed
     ``chunk_rows`` tokens at a time so at most ``chunk_rows x H d_head`` numbers are held. The
     same for every head of a block."""
-    chunks = E.split(chunk_rows)
-    return torch.cat([norm.inverse_scale(torch.einsum("vd,hde->hve", c, W))[0] for c in chunks])
+    chunks, Ww = E.split(chunk_rows), wide(W)
+    return torch.cat(
+        [norm.inverse_scale(torch.einsum("vd,hde->hve", wide(c), Ww))[0] for c in chunks]
+    )
 
 
 def qk_factor(
@@ -216,8 +241,9 @@ def qk_factor(
     d_head]``), or with QK-norm ``n(E W)[head]``: each token's projection normalised as the model
     normalises it, by the RMS of its own ``d_head`` coordinates (scope ``"head"``) or of its
     projection on every head (``"all"``: :func:`qk_token_scales`, or ``scales`` when the caller
-    already has them), times the gain."""
-    x = E @ W[head]
+    already has them), times the gain. float64 for bfloat16 / float16 weights
+    (:func:`project_rows`)."""
+    x = project_rows(E, W[head], chunk_rows)
     if norm is None:
         return x
     if norm.scope == "head":
@@ -256,7 +282,7 @@ def circuit_factors(
 
         return side(E, lw.W_Q, lw.q_norm, "q"), side(cols, lw.W_K, lw.k_norm, "k")
     if circuit == "ov":
-        return E @ lw.W_V[head], cols @ lw.W_O[head].T
+        return project_rows(E, lw.W_V[head]), project_rows(cols, lw.W_O[head].T)
     raise TgeomError(f"circuit must be qk or ov, got {circuit!r}.")
 
 
@@ -293,7 +319,9 @@ def head_top_pairs(
     if col_ids is not None:
         E_cols = E_cols[col_ids]
     A, B = circuit_factors(cw, block, head, circuit, E_rows, E_cols, qk_scales)
-    top = factored_topk(A, B, k, largest=largest, chunk_size=chunk_size)
+    weights = cw.layers[block].W_V.dtype
+    screen = weights if weights in LOW_PRECISION else None  # in the model's own precision
+    top = factored_topk(A, B, k, largest=largest, chunk_size=chunk_size, screen_dtype=screen)
     if len(top) == 0:
         raise TgeomError("the token filters leave no token pair; relax them.")
     if row_ids is not None:  # back to vocabulary ids
