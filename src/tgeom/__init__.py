@@ -1,7 +1,7 @@
 """tgeom: read a trained transformer geometrically, in the space of its vocabulary.
 
 The public entry points are :func:`load_model` and :func:`load_corpus`; the analyses live in
-``tgeom.analyses`` and return plain data.
+``tgeom.analyses`` and return plain data; :func:`heads` builds the head atlas (SPEC section 7).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from tgeom.analyses.heads import heads
     from tgeom.corpus import load_corpus
     from tgeom.models import load_model
 
-__all__ = ["__version__", "load_corpus", "load_model"]
+__all__ = ["__version__", "heads", "load_corpus", "load_model"]
 
 
 def __getattr__(name: str) -> Any:
@@ -27,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from tgeom.corpus import load_corpus
 
         return load_corpus
+    if name == "heads":
+        from tgeom.analyses.heads import heads
+
+        return heads
     raise AttributeError(name)

@@ -172,3 +172,42 @@ def test_two_gloo_ranks_survey_null_spaces_like_one_process(tiny_model_dir, corp
         for x, y in zip(rows, b["effective"]["token_type_attention"][name], strict=True):
             assert x.keys() == y.keys()
             assert all(abs(x[k] - y[k]) <= 1e-12 for k in x), (name, x, y)
+
+
+def heads_args(model: Path, corpus: Path, out: Path) -> list[str]:
+    return [
+        *("-m", "tgeom", "heads", str(model), "--corpus", str(corpus), "--out", str(out)),
+        *("--seq-len", "20", "--max-windows-per-topic", "3", "--batch-size", "2"),
+        *("--frequent", "0", "--quiet"),
+    ]
+
+
+def test_two_gloo_ranks_give_the_head_atlas_of_one_process(tiny_model_dir, corpus, tmp_path):
+    """tgeom heads sharded: geometry sums all-reduced (layer atlas to 1e-9), the attention
+    pass by whole batches (null dims and Pearson per sequence bit for bit, so their means
+    equal), behaviour and first-token sums all-reduced (1e-12)."""
+    import json
+
+    model = tiny_model_dir("llama")
+    run_tgeom(heads_args(model, corpus, tmp_path / "single"))
+    run_tgeom(heads_args(model, corpus, tmp_path / "sharded"), 2, tmp_path / "logs")
+    a = json.loads((tmp_path / "single" / "results.json").read_text())
+    b = json.loads((tmp_path / "sharded" / "results.json").read_text())
+    assert (a["corpus_pass"]["world_size"], b["corpus_pass"]["world_size"]) == (1, 2)
+    assert a["columns"] == b["columns"] and len(a["rows"]) == len(b["rows"]) == 2 * 4
+    for x, y in zip(a["rows"], b["rows"], strict=True):
+        assert (x["null_dim"], x["pearson_raw_effective"]) == (
+            y["null_dim"],
+            y["pearson_raw_effective"],
+        )
+        for name, value in x.items():
+            if isinstance(value, float):
+                assert abs(value - y[name]) <= 1e-12, (name, x, y)
+            else:
+                assert value == y[name], name
+    for x, y in zip(a["layer_atlas"], b["layer_atlas"], strict=True):
+        for tx, ty in zip(x["topics"], y["topics"], strict=True):
+            assert [p["token_id"] for p in tx["promotes"]] == [
+                p["token_id"] for p in ty["promotes"]
+            ]
+            assert abs(tx["norm"] - ty["norm"]) <= 1e-9

@@ -26,6 +26,7 @@ app = typer.Typer(
 from tgeom.cli import (  # noqa: E402, F401
     corpus_cmd,
     geometry_cmd,
+    heads_cmd,
     identify_cmd,
     info_cmd,
     report_cmd,

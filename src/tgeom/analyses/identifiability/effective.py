@@ -152,6 +152,45 @@ def effective_attention_batch(
     (``token_ids [B, T]``, right padding marked by ``attention_mask``); ``rtol`` is the relative
     rank tolerance (default ``max(n, d) * eps`` of the stored values' dtype).
 
+    One forward pass of its own; :func:`effective_attention_hooks` gives the same from a forward
+    pass shared with other analyses."""
+    hooks = effective_attention_hooks(
+        lm, token_ids, attention_mask, need_attention=need_attention, rtol=rtol
+    )
+    stream_hidden(
+        lm,
+        token_ids,
+        lambda *_: None,
+        attention_mask,
+        attentions=need_attention,
+        values=hooks.values,
+        attention_weights=hooks.attention if need_attention else None,
+    )
+    return hooks.finish()
+
+
+class EffectiveHooks(NamedTuple):
+    """What :func:`effective_attention_hooks` returns: hand ``values`` and ``attention`` to
+    :func:`tgeom.capture.stream_hidden` (``values=``, ``attention_weights=``; the latter only
+    when the attention is needed), then call ``finish()`` once after the forward pass for the
+    sequences' :class:`SequenceAttention`."""
+
+    values: Callable[[int, Tensor], None]
+    attention: Callable[[int, Tensor], None]
+    finish: Callable[[], list[SequenceAttention]]
+
+
+def effective_attention_hooks(
+    lm: Any,
+    token_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    need_attention: bool = True,
+    rtol: float | None = None,
+) -> EffectiveHooks:
+    """The work of :func:`effective_attention_batch`, as hooks on a forward pass the caller
+    runs (so one pass can feed other analyses too); same arguments, same results.
+
     One forward pass; each layer's attention probabilities are taken as soon as they exist,
     the sequences of each length together (float64): nothing of size ``[L, B, H, T, T]`` is
     stacked. Bidirectional heads, processed there (the attention and the value vectors still
@@ -279,29 +318,23 @@ def effective_attention_batch(
         )[1][..., -1]  # the last query's prefix is the whole sequence
         ranks[members, layer] = rank.cpu()
 
-    stream_hidden(
-        lm,
-        token_ids,
-        lambda *_: None,
-        attention_mask,
-        attentions=need_attention,
-        values=keep_values,
-        attention_weights=process if need_attention else None,
-    )
-    if deferred:
-        _project_on_workers(deferred)
-    empty = torch.empty(0, dtype=torch.float64)
-    ids = token_ids.tolist()
-    return [
-        SequenceAttention(
-            ids[b][:n],
-            raw[b].cpu() if need_attention else empty,
-            eff[b].cpu() if need_attention else empty,
-            torch.where(nulls[b] >= 0, nulls[b], n - ranks[b]),
-            ranks[b],
-        )
-        for b, n in enumerate(lengths)
-    ]
+    def finish() -> list[SequenceAttention]:
+        if deferred:
+            _project_on_workers(deferred)
+        empty = torch.empty(0, dtype=torch.float64)
+        ids = token_ids.tolist()
+        return [
+            SequenceAttention(
+                ids[b][:n],
+                raw[b].cpu() if need_attention else empty,
+                eff[b].cpu() if need_attention else empty,
+                torch.where(nulls[b] >= 0, nulls[b], n - ranks[b]),
+                ranks[b],
+            )
+            for b, n in enumerate(lengths)
+        ]
+
+    return EffectiveHooks(keep_values, process, finish)
 
 
 def _project_on_workers(jobs: list[Callable[[], None]]) -> None:
@@ -616,6 +649,11 @@ def effective_attention(
         stop = start + runtime.batch_size
         mask = attention_mask[start:stop] if attention_mask is not None else None
         sequences += effective_attention_batch(lm, token_ids[start:stop], mask)
+    return effective_result(lm, sequences)
+
+
+def effective_result(lm: Any, sequences: list[SequenceAttention]) -> EffectiveAttentionResult:
+    """``sequences`` of ``lm`` with their token strings and types, as a result."""
     tokens = [lm.token_strings(s.token_ids) for s in sequences]
     types = [
         [token_type(t, i, lm) for t, i in zip(toks, s.token_ids, strict=True)]
