@@ -25,6 +25,8 @@ from tgeom.capture import stream_hidden
 from tgeom.capture.distributed import Shard
 from tgeom.runtime import Runtime
 
+SPLIT_PARTS = ("positional", "content", "scale", "cross")
+
 
 class BlockAccumulator(Protocol):
     """A streaming per-head statistic fed block by block during the shared forward pass."""
@@ -79,12 +81,36 @@ def behaviour_accumulator(lm: Any) -> BlockAccumulator:
     return _Behaviour(lm)
 
 
+class _KeySide:
+    """The key-side split's accumulator (``KeySideSplit`` of analyses/geometry/keyside.py,
+    issue 20 part A) as a :class:`BlockAccumulator` over every block."""
+
+    def __init__(self, split: Any) -> None:
+        self.split = split
+
+    def update(self, block: int, tensor: Tensor) -> None:
+        self.split.update(block, tensor)
+
+    def running_sums(self) -> dict[str, Tensor]:
+        return {"sums": self.split.sums}
+
+    def scores(self) -> dict[str, Tensor]:
+        shares = self.split.shares()
+        blocks = sorted(shares)
+        return {part: torch.stack([shares[b][part] for b in blocks]) for part in self.split.parts}
+
+
 def key_split_accumulator(lm: Any, stats: GeometryStats) -> BlockAccumulator | None:
-    """INTEGRATION POINT (issue 20 part A, ``qksplit``): the key-side variance split
-    accumulator of analyses/geometry/attention.py (``positional``, ``content``, ``scale``,
-    ``cross``, and ``alibi`` for ALiBi models), fed with each block's input hidden states.
-    None until it lands."""
-    return None
+    """The key-side variance split (``positional``, ``content``, ``scale``, ``cross``, and
+    ``alibi`` for ALiBi models) of every block, fed with each block's input hidden states and
+    read against ``stats``. INTEGRATION POINT: None until analyses/geometry/keyside.py
+    (issue 20 part A) lands on main."""
+    try:
+        from tgeom.analyses.geometry.keyside import KeySideSplit  # type: ignore[import-not-found]
+    except ModuleNotFoundError:
+        return None
+    cw = lm.weights()
+    return _KeySide(KeySideSplit(cw, stats, list(range(len(cw.layers)))))
 
 
 @torch.no_grad()
@@ -144,15 +170,12 @@ def corpus_pass(
         "first_token_effective": first["effective"] / n_queries,
     }
     warnings = list(nulls.warnings)
-    for what, acc, names in (
-        ("behaviour scores (issue 20 B)", behaviour, ("prev_token", "first_token", "entropy")),
-        ("key-side split (issue 20 A)", split, ("positional", "content", "scale", "cross")),
-    ):
-        if acc is None:
-            columns |= {name: torch.full((L, H), float("nan")) for name in names}
-            warnings.append(f"the {what} are not in this build: their columns are empty")
-        else:
-            columns |= {k: v.double() for k, v in acc.scores().items()}
+    columns |= behaviour.scores()
+    if split is None:  # until issue 20 part A lands
+        columns |= {name: torch.full((L, H), float("nan")) for name in SPLIT_PARTS}
+        warnings.append("the key-side split is not in this build: its columns are empty")
+    else:
+        columns |= split.scores()
     return CorpusHeadScores(
         columns, nulls, effective, int(token_ids.shape[0]), int(token_ids.shape[1]), warnings
     )
