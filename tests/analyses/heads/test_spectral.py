@@ -141,3 +141,15 @@ def test_bad_mask_is_one_line(tiny_model):
         spectral_scores(cw, mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(TgeomError, match="out of range"):
         spectral_scores(cw, blocks=[7])
+
+
+def test_eigenvalues_leave_the_thread_setting_as_it_was():
+    from tgeom.analyses.heads.spectral import eigenvalues
+
+    before = torch.get_num_threads()
+    core = torch.randn(3, 6, 6, dtype=torch.float64)
+    lam = eigenvalues(core)
+    assert torch.get_num_threads() == before
+    traces = lam.sum(-1)
+    assert torch.allclose(traces.real, core.diagonal(dim1=-2, dim2=-1).sum(-1), atol=1e-10)
+    assert torch.allclose(traces.imag, torch.zeros(3, dtype=torch.float64), atol=1e-10)
