@@ -22,13 +22,14 @@ from tgeom.analyses.embedding.projection import project_parameter
 from tgeom.analyses.embedding.stitching import stitch
 from tgeom.analyses.geometry import collect_statistics
 from tgeom.analyses.geometry.measure import measure
+from tgeom.analyses.geometry.qk import qk_split
 from tgeom.analyses.identifiability import (
     effective_attention,
     token_attribution,
     token_identifiability,
 )
 from tgeom.analyses.identifiability.survey import attention_survey
-from tgeom.corpus import load_corpus, make_windows
+from tgeom.corpus import Windows, load_corpus, make_windows
 from tgeom.errors import TgeomError
 from tgeom.results import read_results, write_results
 from tgeom.runtime import Runtime
@@ -97,6 +98,25 @@ def geometry_case(tiny_model: Any, tmp_path: Path) -> Case:
     return result.to_json(), [
         (result.to_frame(), lambda doc: doc["by_hidden"]),
         (result.to_frame("massive_channels"), lambda doc: doc["massive_channels"]),
+    ]
+
+
+def qk_case(tiny_model: Any, tmp_path: Path) -> Case:
+    lm = tiny_model("bloom")  # ALiBi: the split has its own alibi column
+    ids = windows_of(6, 10)
+    windows = Windows(ids, torch.arange(6) % 2, ["a", "b"], [str(i) for i in range(6)], 10, 0)
+    stats = collect_statistics(lm, windows, Runtime(torch.device("cpu"), 8), progress=False)
+    result = qk_split(lm, stats, ids, [0, 1], Runtime(torch.device("cpu"), 8))
+
+    def heads(doc: dict[str, Any]) -> Rows:
+        return [{"block": e["block"], **h} for e in doc["by_block"] for h in e["heads"]]
+
+    def picture(doc: dict[str, Any]) -> Rows:
+        return [h for e in doc["by_block"] for h in e["four_part_picture"]["heads"]]
+
+    return result.to_json(), [
+        (result.to_frame(), heads),
+        (result.to_frame("four_part_picture"), picture),
     ]
 
 
@@ -188,6 +208,7 @@ CASES = {
     "HeadAtlas": atlas_case,
     "LogitLens": lens_case,
     "GeometryResult": geometry_case,
+    "QKResult": qk_case,
     "IdentifiabilityResult": tokens_case,
     "NullSpaceResult+EffectiveSummary": survey_case,
     "EffectiveAttentionResult": effective_case,

@@ -243,11 +243,15 @@ def test_run_on_one_topic_leaves_no_output(
 def test_qk_covers_every_block_in_one_call_and_keeps_earlier_blocks(
     tiny_model_dir: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`geometry qk` without --block writes every block (shares sum to 1, each entry equal to
-    qk_logit_parts of that block); a later call for some blocks keeps the others; a bad block
-    list or stats from another model exit 2 with one line."""
+    """`geometry qk` without --block reads the recorded corpus again and writes every block's
+    key-side split (shares and cross sum to 1, each entry equal to qk_split of that block; the
+    four-part picture as captioned figure data, never shares), its figures and the summary; a
+    later call for some blocks keeps the others; a bad block list, another corpus or stats from
+    another model exit 2 with one line."""
     from tgeom.analyses.geometry import GeometryStats
-    from tgeom.analyses.geometry.attention import PARTS, qk_logit_parts
+    from tgeom.analyses.geometry.attention import PARTS, four_part_picture
+    from tgeom.analyses.geometry.qk import qk_split
+    from tgeom.corpus import load_corpus, make_windows
     from tgeom.models import load_model
 
     corpus = tmp_path / "c"
@@ -261,15 +265,29 @@ def test_qk_covers_every_block_in_one_call_and_keeps_earlier_blocks(
     assert run_main(["geometry", "qk", model, str(out)], capsys)[0] == 0
     results = json.loads((out / "qk" / "results.json").read_text())
     assert results["blocks"] == [0, 1] and [e["block"] for e in results["by_block"]] == [0, 1]
-    stats, cw = GeometryStats.load(out), load_model(model, device="cpu").weights()
-    for entry in results["by_block"]:
+    second = results["key_side_split"]["second_pass"]
+    assert second["sample"] == "every window" and second["windows"] == second["of"] > 1
+    assert {"key_side_split.png", "four_part_picture.png"} <= set(results["figures"])
+    assert "not shares" in results["figures"]["four_part_picture.png"]
+    for name in results["figures"]:
+        assert (out / "qk" / name).stat().st_size > 0
+    stats, lm = GeometryStats.load(out), load_model(model, device="cpu")
+    windows = make_windows(load_corpus(str(corpus)), lm.tokenizer, 16)
+    reference = qk_split(lm, stats, windows.token_ids, [0, 1])
+    for entry, ref in zip(results["by_block"], reference.by_block, strict=True):
         assert entry["mask"] == "causal (s <= t)" and entry["attention_window"] == 0
-        reference = qk_logit_parts(stats, cw, entry["block"])["heads"]
-        assert len(entry["heads"]) == len(reference) == 4
-        for row, ref in zip(entry["heads"], reference, strict=True):
-            assert sum(row[f"share_{p}"] for p in PARTS) == pytest.approx(1.0, abs=1e-9)
+        assert entry["parts"] == ["positional", "content", "scale", "cross"]
+        assert len(entry["heads"]) == len(ref["heads"]) == 4
+        for row, want in zip(entry["heads"], ref["heads"], strict=True):
+            assert sum(row[p] for p in entry["parts"]) == pytest.approx(1.0, abs=1e-9)
+            for p in entry["parts"]:
+                assert row[p] == pytest.approx(want[p], rel=1e-9, abs=1e-12)
+        picture = entry["four_part_picture"]
+        assert not any(k.startswith("share_") for h in picture["heads"] for k in h)
+        drawn = four_part_picture(stats, lm.weights(), entry["block"])["heads"]
+        for row, want in zip(picture["heads"], drawn, strict=True):
             for p in PARTS:
-                assert row[f"share_{p}"] == pytest.approx(ref[f"share_{p}"], rel=1e-12)
+                assert row[f"rms_{p}"] == pytest.approx(want[f"rms_{p}"], rel=1e-12)
     # one block per call, in two calls: neither overwrites the other
     (out / "qk" / "results.json").unlink()
     assert run_main(["geometry", "qk", model, str(out), "--block", "1"], capsys)[0] == 0
@@ -277,9 +295,14 @@ def test_qk_covers_every_block_in_one_call_and_keeps_earlier_blocks(
     assert run_main(["geometry", "qk", model, str(out), "--block", "0"], capsys)[0] == 0
     again = json.loads((out / "qk" / "results.json").read_text())
     assert again["by_block"] == results["by_block"]
+    other_corpus = tmp_path / "other"
+    (other_corpus / "z").mkdir(parents=True)
+    (other_corpus / "z" / "y.txt").write_text("quite different text here " * 40)
     for argv, message in (
         (["--block", "0,5"], "block 5 is out of range"),
         (["--block", "one"], "--block must be comma-separated integers"),
+        (["--corpus", str(other_corpus)], "does not give the windows"),
+        (["--max-windows", "0"], "--max-windows must be at least 1"),
     ):
         code, err = run_main(["geometry", "qk", model, str(out), *argv], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -364,24 +364,42 @@ def qk_cmd(
         help="Blocks (0..L-1, comma-separated, e.g. 0,5) whose attention logits are split; "
         "block B reads hidden B. Default: every block.",
     ),
+    corpus: str | None = typer.Option(
+        None,
+        "--corpus",
+        help="The corpus that collected the statistics (default: the one they record); it is "
+        "read a second time.",
+    ),
+    max_windows: int | None = typer.Option(
+        None,
+        "--max-windows",
+        help="Read an evenly spaced sample of this many windows (default: every window).",
+    ),
+    batch_size: int | None = BATCH_OPT,
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
     _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
-    """Split every head's QK logits into pos-pos, pos-ctx, ctx-pos and ctx-ctx parts.
+    """Split every head's QK logits over the keys it sees: positional, content, scale, cross.
 
-    The model is loaded once for all blocks; OUT/qk/results.json holds one entry per block
-    (``by_block``), and blocks measured by an earlier call on the same statistics are kept."""
+    The exact key-side variance split (SPEC 4): a second pass over the corpus that collected
+    the statistics. OUT/qk/results.json holds one entry per block (``by_block``), with the
+    paper's four-part picture as figure data; blocks measured by an earlier call on the same
+    statistics, model and windows are kept."""
     from tgeom.analyses.geometry import GeometryStats
-    from tgeom.analyses.geometry.attention import qk_logit_parts
     from tgeom.analyses.geometry.collect import check_same_identity
+    from tgeom.analyses.geometry.qk import QKResult, qk_split
     from tgeom.cli.options import int_list
-    from tgeom.errors import check_index
+    from tgeom.errors import TgeomError, check_index
     from tgeom.models import load_model
+    from tgeom.plots import qk as figs
     from tgeom.results import write_results
+    from tgeom.runtime import Runtime
 
     stats = GeometryStats.load(out)
     wanted_blocks = int_list(block, "--block")
+    if max_windows is not None and max_windows < 1:
+        raise TgeomError(f"--max-windows must be at least 1 (got {max_windows}).")
     lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     wanted = {**stats.meta, "model": str(lm.source), "d_model": lm.summary.d_model}
     wanted["n_blocks"] = lm.summary.n_layers
@@ -390,29 +408,62 @@ def qk_cmd(
     blocks = list(range(n_blocks)) if wanted_blocks is None else wanted_blocks
     for b in blocks:  # all refused before any work
         check_index("block", b, n_blocks)
-    cw = lm.weights()
-    results = {b: qk_logit_parts(stats, cw, b) for b in blocks}
-    by_block = {**_earlier_qk_blocks(Path(out) / "qk", stats.meta, str(lm.source)), **results}
-    first = results[blocks[0]]
-    payload = {
-        **lm.identity,
-        "windows_sha256": stats.meta.get("windows_sha256"),
-        "n_blocks": n_blocks,
-        "blocks": sorted(by_block),
-        "norm_linearisation": first["norm_linearisation"],
-        "rotary_applied": first["rotary_applied"],
-        "by_block": [
-            {k: v for k, v in by_block[b].items() if k not in ("norm_linearisation", "n_blocks")}
-            for b in sorted(by_block)
-        ],
+    windows = _collected_windows(lm, stats, corpus, str(out))
+    result = qk_split(
+        lm, stats, windows.token_ids, blocks, Runtime.auto(batch_size), max_windows=max_windows
+    )
+    earlier = _earlier_qk_blocks(Path(out) / "qk", result)
+    by_block = {**earlier, **{entry["block"]: entry for entry in result.by_block}}
+    result.by_block = [by_block[b] for b in sorted(by_block)]
+    folder = Path(out) / "qk"
+    figures = {
+        "key_side_split.png": (figs.plot_key_side_split(result), figs.split_caption(result)),
+        "four_part_picture.png": (
+            figs.plot_four_part_picture(result),
+            result.by_block[0]["four_part_picture"]["caption"],
+        ),
     }
-    write_results(Path(out) / "qk", "geometry qk", payload)
-    _print_qk_summary([results[b] for b in blocks])
+    figure_captions = {n: c for n, (_, c) in figures.items()}
+    payload = {**result.to_json(), **lm.identity, "figures": figure_captions}
+    write_results(folder, "geometry qk", payload)
+    for name, (fig, _) in figures.items():
+        fig.savefig(folder / name, dpi=110)
+        figs.close(fig)
+    _print_qk_summary(QKResult(**{**result.__dict__, "by_block": [by_block[b] for b in blocks]}))
 
 
-def _earlier_qk_blocks(folder: Path, meta: dict[str, Any], model: str) -> dict[int, Any]:
-    """The per-block entries of an earlier ``geometry qk`` on the same statistics and model
-    (``folder/results.json``), by block; empty when there is none or it came from others."""
+def _collected_windows(lm: Any, stats: Any, corpus: str | None, where: str) -> Any:
+    """The windows that collected ``stats``, cut again from ``corpus`` (default: the corpus the
+    statistics record) and checked against their fingerprint."""
+    import torch
+
+    from tgeom.analyses.geometry.collect import windows_fingerprint
+    from tgeom.corpus import load_corpus, make_windows
+    from tgeom.errors import TgeomError
+
+    source = corpus if corpus is not None else stats.meta.get("corpus")
+    if source is None:
+        raise TgeomError(f"the statistics at {where} record no corpus; pass --corpus.")
+    per_topic = torch.bincount(stats.topic_ids) if len(stats.topic_ids) else torch.ones(1)
+    windows = make_windows(
+        load_corpus(source),
+        lm.tokenizer,
+        int(stats.meta["seq_len"]),
+        max_windows_per_topic=int(per_topic.max()),  # the cap the collection used, or none
+        max_context=lm.summary.n_ctx,
+    )
+    if windows_fingerprint(windows.token_ids) != stats.meta.get("windows_sha256"):
+        raise TgeomError(
+            f"the corpus {source} does not give the windows that collected the statistics at "
+            f"{where}; pass --corpus with the corpus that did."
+        )
+    return windows
+
+
+def _earlier_qk_blocks(folder: Path, result: Any) -> dict[int, Any]:
+    """The per-block entries of an earlier ``geometry qk`` on the same statistics, model and
+    second-pass windows (``folder/results.json``), by block; empty when there is none or it
+    came from others."""
     import json
 
     path = folder / "results.json"
@@ -420,34 +471,42 @@ def _earlier_qk_blocks(folder: Path, meta: dict[str, Any], model: str) -> dict[i
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    same = earlier.get("windows_sha256") == meta.get("windows_sha256")
-    if not same or str(earlier.get("model")) != model or "by_block" not in earlier:
+    same = (
+        earlier.get("windows_sha256") == result.windows_sha256
+        and str(earlier.get("model")) == result.model
+        and earlier.get("key_side_split", {}).get("second_pass") == result.second_pass
+    )
+    if not same or "by_block" not in earlier:
         return {}
-    # rows without a mask predate sliding windows (their windowed blocks averaged unseen pairs)
-    return {int(row["block"]): row for row in earlier["by_block"] if "mask" in row}
+    return {int(row["block"]): row for row in earlier["by_block"] if "four_part_picture" in row}
 
 
-def _print_qk_summary(blocks: list[dict[str, Any]]) -> None:
-    """One row per block: the parts' shares (the four, and ALiBi's where the model has it)
-    averaged over heads, and the head with the largest pos-pos share."""
-    from tgeom.analyses.geometry.attention import PARTS
-
-    names = blocks[0].get("parts", PARTS)
+def _print_qk_summary(result: Any) -> None:
+    """One row per block: each part's share averaged over heads, and the most positional and
+    most content-driven heads."""
+    names = result.by_block[0]["parts"]
     rows = []
-    for entry in blocks:
-        heads = entry["heads"]
-        means = [sum(h[f"share_{p}"] for h in heads) / len(heads) for p in names]
-        top = max(heads, key=lambda h: h["share_pos-pos"])
+    for entry in result.by_block:
+        heads = [h for h in entry["heads"] if h["positional"] is not None]
+        if not heads:
+            rows.append([str(entry["block"]), *("-" for _ in names), "-", "-"])
+            continue
+        means = [sum(h[p] for h in heads) / len(heads) for p in names]
+        top_pos = max(heads, key=lambda h: h["positional"])
+        top_content = max(heads, key=lambda h: h["content"])
         rows.append(
             [
                 str(entry["block"]),
                 *(f"{m:.2f}" for m in means),
-                f"{top['head']} ({top['share_pos-pos']:.2f})",
+                f"{top_pos['head']} ({top_pos['positional']:.2f})",
+                f"{top_content['head']} ({top_content['content']:.2f})",
             ]
         )
-    columns = ["block", *names, "most pos-pos head"]
+    columns = ["block", *names, "most positional", "most content"]
+    sample = result.second_pass
     print_table(
-        "QK logit parts: share of the summed squares, mean over heads",
+        "QK logits, key-side split: share of Var_s(logit), mean over heads "
+        f"({sample['windows']} of {sample['of']} windows read again)",
         columns,
         rows,
         right=[True] * len(columns),

@@ -7,6 +7,8 @@ from typing import Any
 from tgeom.report import html as H
 from tgeom.report.build import ReportContext, Section
 
+QK_WINDOWS = 32  # windows read a second time for the key-side QK split (an evenly spaced sample)
+
 HIDDEN_COLUMNS = (
     ("hidden", "hidden"),
     ("var_share_pos", "pos share"),
@@ -116,28 +118,42 @@ def geometry_section(ctx: ReportContext) -> Section:
             "stored incoherently.",
         ),
     ]
-    from tgeom.analyses.geometry.attention import qk_logit_parts
+    from tgeom.analyses.geometry.qk import qk_split
+    from tgeom.plots import qk as Q
 
-    qk_block = qk_split_block(lm.summary.n_layers)
-    qk = qk_logit_parts(stats, lm.weights(), qk_block)
+    qk_block = qk_split_block(lm.summary.n_layers)  # it reads hidden state qk_block
+    with ctx.progress.stage(f"geometry: key-side QK split of block {qk_block}"):
+        qk = qk_split(lm, stats, ctx.windows.token_ids, [qk_block], max_windows=QK_WINDOWS)
+    entry = qk.by_block[0]
+    sample = qk.second_pass
     parts += [
         f"<h3>Attention logits of block {qk_block} (reading hidden state {qk_block}): "
-        "positional and context parts</h3>",
-        '<p class="note">Share of each head\'s squared QK logits coming from query/key '
-        "positional parts (global mean + pos) and context parts, with the norm linearised at "
-        "the corpus scale; the last column is the share of ||W_QK||^2 inside the top-3 "
-        "positional subspace. Song &amp; Zhong found heads dominated by pos-pos terms "
-        "(positional attention patterns) beside context-driven ones.</p>",
+        "what the logits vary with over the keys</h3>",
+        '<p class="note">For each query, the variance of its logits over the keys it sees, '
+        "split exactly into the keys' positional means (positional), their residuals "
+        "(content) and the window's mean and context seen through each key's own norm scale "
+        "(scale); cross = 1 - the others. Averaged over queries; "
+        f"{sample['windows']} of {sample['of']} windows read a second time. The last column "
+        "is the share of ||W_QK||^2 inside the top-3 positional subspace.</p>",
         H.table(
             [
-                [r["head"], *(r[f"share_{p}"] for p in qk["parts"]), r["wqk_positional_share"]]
-                for r in qk["heads"]
+                [
+                    r["head"],
+                    *(r[p] for p in entry["parts"]),
+                    pic["wqk_positional_share"],
+                ]
+                for r, pic in zip(entry["heads"], entry["four_part_picture"]["heads"], strict=True)
             ],
-            ["head", *qk["parts"], "W_QK positional share"],
+            ["head", *entry["parts"], "W_QK positional share"],
             table_id="qk-split",
         ),
+        ctx.save_figure(
+            Q.plot_four_part_picture(qk),
+            f"qk-four-part-block{qk_block}",
+            entry["four_part_picture"]["caption"],
+        ),
     ]
-    data["qk_split"] = qk
+    data["qk_split"] = qk.to_json()
     return Section(
         "geometry",
         "Hidden-state geometry",

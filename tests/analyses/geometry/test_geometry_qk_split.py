@@ -1,4 +1,5 @@
-"""The QK-logit split into pos-pos / pos-ctx / ctx-pos / ctx-ctx parts [SZ]."""
+"""The paper's four-part picture of the QK logits (pos-pos / pos-ctx / ctx-pos / ctx-ctx) [SZ]:
+figure data, its parts RMS values, never shares."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from tgeom.analyses.embedding.classifier import map_weights
 from tgeom.analyses.geometry import GeometryStats
 from tgeom.analyses.geometry.attention import (
     PARTS,
+    four_part_picture,
     logit_parts,
     positional_share,
-    qk_logit_parts,
     split_inputs,
 )
 from tgeom.models.reference import attention_bias, block_attention
@@ -110,18 +111,19 @@ def test_qk_norm_parts_sum_to_the_models_own_attention_logits(tiny_model):
         assert torch.allclose(torch.softmax(logits + bias, dim=-1), want, atol=1e-12)
 
 
-def test_summary_shares_and_rms(tiny_model):
+def test_picture_rms_and_no_shares(tiny_model):
     lm = tiny_model("llama")
     cw = lm.weights()
     stats = planted_stats(lm, seed=3)
     parts = logit_parts(stats, cw, 0)
-    summary = qk_logit_parts(stats, cw, 0, heads=[1])
+    summary = four_part_picture(stats, cw, 0, heads=[1])
     (row,) = summary["heads"]
     allowed = attention_bias(cw, None, 1, parts["pos-pos"].shape[-1])[0, 0] == 0
     for name in PARTS:
         rms = float((parts[name][:, 1][:, allowed] ** 2).mean()) ** 0.5
         assert abs(row[f"rms_{name}"] - rms) < 1e-12 * max(1.0, rms)
-    assert abs(sum(row[f"share_{p}"] for p in PARTS) - 1) < 1e-12
+    assert not any(key.startswith("share_") for key in row)  # the parts are not shares
+    assert "not shares" in summary["caption"]
     assert summary["rotary_applied"]
 
 
@@ -138,7 +140,7 @@ def test_positional_share_matches_dense_computation():
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
 def test_windowed_blocks_summarise_only_the_pairs_the_model_computes(tiny_model, family):
-    """In a sliding-window block every RMS and share is over the (t, s) pairs with
+    """In a sliding-window block every RMS is over the (t, s) pairs with
     ``t - w < s <= t`` only: equal to a slow float64 sum over those pairs, different from the
     all-causal average, and the mask is the one the reference forward uses (its attention is
     zero exactly off it). Global blocks keep the causal average bit for bit."""
@@ -150,7 +152,7 @@ def test_windowed_blocks_summarise_only_the_pairs_the_model_computes(tiny_model,
     for block, window in enumerate(windows):
         parts = logit_parts(stats, cw, block)
         n_ctx, _, T, _ = parts["pos-pos"].shape
-        summary = qk_logit_parts(stats, cw, block)
+        summary = four_part_picture(stats, cw, block)
         assert summary["attention_window"] == window
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         if not window:
@@ -178,10 +180,8 @@ def test_windowed_blocks_summarise_only_the_pairs_the_model_computes(tiny_model,
                 values = parts[p][:, h]
                 total = sum(float(values[c, t, s]) ** 2 for c in range(n_ctx) for t, s in seen)
                 brute[p] = total / (n_ctx * len(seen))
-            every = sum(brute.values())
             for p in PARTS:
                 assert row[f"rms_{p}"] == pytest.approx(brute[p] ** 0.5, rel=1e-12, abs=1e-15)
-                assert row[f"share_{p}"] == pytest.approx(brute[p] / every, rel=1e-12, abs=1e-15)
             all_causal = float((parts["ctx-ctx"][:, h][:, causal] ** 2).mean()) ** 0.5
             assert abs(row["rms_ctx-ctx"] - all_causal) > 1e-3 * all_causal
 
@@ -189,7 +189,7 @@ def test_windowed_blocks_summarise_only_the_pairs_the_model_computes(tiny_model,
 def test_alibi_part_is_the_reference_forwards_bias(tiny_model):
     """BLOOM: the alibi part is, for every context, the bias the reference forward adds (proven
     against the model's hidden states) on the allowed (t, s) pairs, and the summary reports it
-    as its own share, the shares of the five parts summing to 1."""
+    as its own part."""
     lm = tiny_model("bloom")
     cw = lm.weights()
     stats = planted_stats(lm, n_positions=9)
@@ -200,8 +200,8 @@ def test_alibi_part_is_the_reference_forwards_bias(tiny_model):
     for c in range(parts["alibi"].shape[0]):
         assert torch.allclose(parts["alibi"][c][:, allowed], bias[:, allowed].double(), atol=1e-6)
     assert float(parts["alibi"][:, :, allowed].abs().max()) > 1.0  # slope 0.5, distances to 8
-    summary = qk_logit_parts(stats, cw, 0)
+    summary = four_part_picture(stats, cw, 0)
     assert summary["parts"] == [*PARTS, "alibi"]
     for row in summary["heads"]:
-        assert abs(sum(row[f"share_{p}"] for p in summary["parts"]) - 1) < 1e-12
-        assert row["share_alibi"] > 0
+        rms = float((parts["alibi"][:, row["head"]][:, allowed] ** 2).mean()) ** 0.5
+        assert row["rms_alibi"] == pytest.approx(rms, rel=1e-12) and rms > 0

@@ -1,4 +1,11 @@
-"""Attention logits split into positional and context parts [SZ] (SPEC section 4, "Attention").
+"""The paper's four-part picture of the QK logits [SZ] (SPEC section 4, "Attention"): a figure.
+
+Its parts do not add up to shares of anything a head does (the global mean and the biases sit
+on the positional side and the squares of a sum are not the sum of the squares): on MiniLM's
+block 2 pos-pos carried 0.90-1.00 of the summed squares for all 12 heads. The numbers
+``tgeom geometry qk`` reports are the exact key-side variance split
+(:mod:`tgeom.analyses.geometry.keyside`); this module draws the picture beside it, and its
+parts are never reported as shares.
 
 Block ``b`` (0-based) reads hidden state ``b``: its attention input is ``norm(hidden[b])``
 (pre-LN; post-LN models read ``hidden[b]`` directly). With ``h[c, t] = mu + pos_t + ctx_c +
@@ -20,7 +27,7 @@ The norm is not linear; we use its corpus-level linearisation: ``lin(h) = gamma 
 with ``s`` the root-mean-square norm of hidden state ``b``'s vectors over the whole corpus
 (``center`` removes the channel mean for LayerNorm and is the identity for RMSNorm). This choice
 is recorded in the results. Parts are summarised by their root-mean-square over contexts and
-the position pairs the block computes, and by their share of the summed squares: a query sees
+the position pairs the block computes: a query sees
 keys ``s <= t`` in a causal model, and in a sliding-window block only the keys of its window
 (``t - w < s <= t``, :func:`tgeom.models.weights.window_keys`, the reference forward's mask), so
 a query weighs in by its number of visible keys (SPEC section 1, "Sliding windows"). Positions
@@ -144,13 +151,21 @@ def logit_parts(stats: GeometryStats, cw: CanonicalWeights, block: int) -> dict[
     return parts
 
 
-def qk_logit_parts(
+PICTURE_CAPTION = (
+    "The paper's four-part picture (pos-pos, pos-ctx, ctx-pos, ctx-ctx; the global mean and the "
+    "biases on the positional side, the norm linearised at the corpus scale): the RMS of each "
+    "part over contexts and the (t, s) pairs the block computes. The parts do not add up and "
+    "are not shares; the key-side split is the decomposition that does."
+)
+
+
+def four_part_picture(
     stats: GeometryStats, cw: CanonicalWeights, block: int, heads: list[int] | None = None
 ) -> dict[str, Any]:
-    """Per head of block ``block`` (0-based; it reads hidden state ``block``): RMS and share of
-    the logit parts (``parts``: the four, and ``alibi`` for ALiBi models) over contexts and the
-    (query t, key s) pairs the block computes (:func:`visible_pairs`), float64; ``mask`` names
-    them."""
+    """Per head of block ``block`` (0-based; it reads hidden state ``block``): the RMS of the
+    paper's logit parts (``parts``: the four, and ``alibi`` for ALiBi models) over contexts and
+    the (query t, key s) pairs the block computes (:func:`visible_pairs`), float64; ``mask``
+    names them. Figure data: the parts do not add up and are not shares (``caption``)."""
     check_index("block", block, len(cw.layers))
     lw = cw.layers[block]
     parts = logit_parts(stats, cw, block)
@@ -163,19 +178,18 @@ def qk_logit_parts(
     heads_out = []
     for h in chosen:
         squares = {name: float((v[:, h][:, allowed] ** 2).mean()) for name, v in parts.items()}
-        total = sum(squares.values()) or 1.0
         heads_out.append(
             {
                 "block": block,
                 "head": h,
                 **{f"rms_{name}": squares[name] ** 0.5 for name in parts},
-                **{f"share_{name}": squares[name] / total for name in parts},
                 "wqk_positional_share": positional_share(
                     _gained(lw.W_Q[h], lw.q_norm, h), _gained(lw.W_K[h], lw.k_norm, h), P
                 ),
             }
         )
     return {
+        "caption": PICTURE_CAPTION,
         "block": block,
         "input_hidden": block,
         "n_blocks": len(cw.layers),
