@@ -425,11 +425,12 @@ def qk_cmd(
     }
     figure_captions = {n: c for n, (_, c) in figures.items()}
     payload = {**result.to_json(), **lm.identity, "figures": figure_captions}
-    write_results(folder, "geometry qk", payload)
+    write_results(folder, "geometry qk", payload, warnings=result.warnings)
     for name, (fig, _) in figures.items():
         fig.savefig(folder / name, dpi=110)
         figs.close(fig)
     _print_qk_summary(QKResult(**{**result.__dict__, "by_block": [by_block[b] for b in blocks]}))
+    print_warnings(result.warnings)
 
 
 def _collected_windows(lm: Any, stats: Any, corpus: str | None, where: str) -> Any:

@@ -160,5 +160,5 @@ def geometry_section(ctx: ReportContext) -> Section:
         "".join(parts),
         data,
         uses_plotly=True,
-        warnings=list(result.warnings),
+        warnings=[*result.warnings, *qk.warnings],
     )

@@ -337,3 +337,34 @@ def test_real_models_parts_sum_to_the_logits(name: str, request: pytest.FixtureR
         full = logits_by_hand(cw, block, hidden)[..., 1:]
         on = visible[:, None].expand_as(total)
         assert float((total[on] - full[on]).abs().max()) <= 1e-10 * float(full[on].abs().max())
+
+
+def test_sums_add_over_windows_as_ranks_all_reduce_them(tmp_path: Path):
+    """The state is sums: two accumulators fed disjoint windows add up to one fed them all
+    (what the all-reduce under torchrun relies on), to 1e-12."""
+    lm = tiny("qwen3", tmp_path)
+    ids = random_ids(5, 10, seed=6)
+    stats = collect_statistics(lm, windows_of(ids), CPU, progress=False)
+    hidden = capture(lm, ids).hidden
+    whole, first, second = (KeySideSplit(lm.weights(), stats, [0, 1]) for _ in range(3))
+    for block in (0, 1):
+        whole.update(block, hidden[block])
+        first.update(block, hidden[block][:2])
+        second.update(block, hidden[block][2:])
+    assert torch.allclose(first.sums + second.sums, whole.sums, rtol=1e-12, atol=1e-12)
+
+
+def test_results_warn_where_parts_cancel(tmp_path: Path):
+    """A head whose positional and content parts cancel (cross < -1) is named in the result's
+    warnings; a split whose heads partition the variance has none."""
+    from tgeom.analyses.geometry.qk import qk_split
+
+    lm = planted_gpt2(tmp_path, "positions")
+    ids = random_ids(12, 16, seed=4)
+    stats = collect_statistics(lm, windows_of(ids), CPU, progress=False)
+    result = qk_split(lm, stats, ids, [0], CPU)
+    assert result.warnings == []
+    entry = result.by_block[0]
+    entry["heads"][1] = {**entry["heads"][1], "positional": 3.0, "content": 2.0, "cross": -4.0}
+    (line,) = result.warnings
+    assert line.startswith("block 0: heads [1] have cross < -1")

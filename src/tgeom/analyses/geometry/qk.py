@@ -51,6 +51,28 @@ class QKResult:
     def blocks(self) -> list[int]:
         return [int(entry["block"]) for entry in self.by_block]
 
+    @property
+    def warnings(self) -> list[str]:
+        """One line per block whose heads' shares cannot be read as a partition: parts that
+        cancel (``cross < -1``: the parts vary more than the logit) or no usable query."""
+        out = []
+        for entry in self.by_block:
+            heads = entry["heads"]
+            cancel = [h["head"] for h in heads if h["cross"] is not None and h["cross"] < -1]
+            empty = [h["head"] for h in heads if h["cross"] is None]
+            if cancel:
+                out.append(
+                    f"block {entry['block']}: heads {cancel} have cross < -1: their parts vary "
+                    "more than the logit and cancel, so their shares exceed 1 and do not "
+                    "partition the logit's variance"
+                )
+            if empty:
+                out.append(
+                    f"block {entry['block']}: heads {empty} have no query with a varying logit "
+                    "over 2 or more keys; their shares are null"
+                )
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model,
