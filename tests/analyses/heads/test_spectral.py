@@ -10,6 +10,7 @@ import torch
 from tgeom.analyses.embedding.filters import token_mask
 from tgeom.analyses.heads.spectral import (
     eigen_ratio,
+    eigenvalues,
     ov_eigenvalues,
     spectral_scores,
     vocabulary_gram,
@@ -43,7 +44,7 @@ def dense_circuits(cw, block, head, E_qk, E_ov):
 
 
 def dense_ratio(M):
-    lam = torch.linalg.eigvals(M)
+    lam = eigenvalues(M)  # torch.linalg.eigvals on one thread (fast on shared cores)
     return float(lam.real.sum() / lam.abs().sum())
 
 
@@ -144,8 +145,6 @@ def test_bad_mask_is_one_line(tiny_model):
 
 
 def test_eigenvalues_leave_the_thread_setting_as_it_was():
-    from tgeom.analyses.heads.spectral import eigenvalues
-
     before = torch.get_num_threads()
     core = torch.randn(3, 6, 6, dtype=torch.float64)
     lam = eigenvalues(core)
@@ -153,3 +152,24 @@ def test_eigenvalues_leave_the_thread_setting_as_it_was():
     traces = lam.sum(-1)
     assert torch.allclose(traces.real, core.diagonal(dim1=-2, dim2=-1).sum(-1), atol=1e-10)
     assert torch.allclose(traces.imag, torch.zeros(3, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_real_models_equal_the_dense_eigenvalues_on_a_token_subset(request, name):
+    """On real weights (SmolLM2: grouped KV), 300 seeded non-special tokens: [300, 300] dense."""
+    lm = request.getfixturevalue(name)
+    cw = lm.weights()
+    keep_all = token_mask(lm).nonzero()[:, 0]
+    chosen = keep_all[torch.randperm(len(keep_all), generator=torch.Generator().manual_seed(0))]
+    mask = torch.zeros(cw.W_U.shape[0], dtype=torch.bool)
+    mask[chosen[:300]] = True
+    E = cw.W_U.double()[mask]
+    block = len(cw.layers) - 2
+    result = spectral_scores(cw, mask=mask, blocks=[block])
+    for head in range(cw.summary.n_heads):
+        QK, OV = dense_circuits(cw, block, head, (E, E), (E, E))
+        assert result.score("qk_same_token", block, head) == pytest.approx(
+            dense_ratio(QK), abs=1e-8
+        )
+        assert result.score("ov_copying", block, head) == pytest.approx(dense_ratio(OV), abs=1e-8)
