@@ -74,17 +74,24 @@ class TextBehaviour:
         n_heads = self.sums.shape[1]
         if T != T2 or n_heads != H:
             raise TgeomError(f"attention probabilities must be [B, {n_heads}, T, T].")
-        A = attentions.detach().double()
+        A = attentions.detach()
         real = _check_mask(attention_mask, B, T, A.device)  # [B, T]
         pairs = real[:, 1:] * real[:, :-1]  # query t >= 1 and key t - 1 both real
-        prev = (A.diagonal(offset=-1, dim1=-2, dim2=-1) * pairs[:, None]).sum((0, 2))  # [H]
-        first = (A[..., 0] * real[:, None] * real[:, :1, None]).sum((0, 2))
-        rows_entropy = -torch.special.xlogy(A, A).sum(-1)  # [B, H, T]
-        entropy = (rows_entropy * real[:, None]).sum((0, 2))
+        diagonal = A.diagonal(offset=-1, dim1=-2, dim2=-1).double()  # [B, H, T - 1]
+        prev = (diagonal * pairs[:, None]).sum((0, 2))  # [H]
+        first = (A[..., 0].double() * real[:, None] * real[:, :1, None]).sum((0, 2))
+        entropy = torch.stack([self._entropy(A[:, h].double(), real) for h in range(H)])
         n_pairs, n_rows = pairs.sum(), (real * real[:, :1]).sum()
         counts = torch.stack([n_pairs, n_rows, real.sum()]).expand(H, 3)
         part = torch.stack([prev, counts[:, 0], first, counts[:, 1], entropy, counts[:, 2]], -1)
         self.sums[block] += part.to(self.sums.device)
+
+    @staticmethod
+    def _entropy(A: Tensor, real: Tensor) -> Tensor:
+        """Sum of the row entropies of one head's ``A [B, T, T]`` (float64) over the real query
+        rows ``real [B, T]``; one head at a time, so the float64 copy is ``B T^2``, not
+        ``B H T^2``."""
+        return -(torch.special.xlogy(A, A).sum(-1) * real).sum()
 
     def scores(self) -> dict[str, Tensor]:
         """``{"prev_token", "first_token", "entropy"}``, each ``[L, H]`` float64 (NaN where no
