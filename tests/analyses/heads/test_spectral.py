@@ -173,3 +173,12 @@ def test_real_models_equal_the_dense_eigenvalues_on_a_token_subset(request, name
             dense_ratio(QK), abs=1e-8
         )
         assert result.score("ov_copying", block, head) == pytest.approx(dense_ratio(OV), abs=1e-8)
+
+
+def test_results_say_what_the_token_only_qk_leaves_out(tiny_model):
+    rotary = spectral_scores(tiny_model("llama").weights(), blocks=[0]).to_json()
+    assert "rotary" in rotary["position_note"]
+    assert spectral_scores(tiny_model("gpt2").weights(), blocks=[0]).position_note is None
+    qk_norm = spectral_scores(tiny_model("qwen3").weights(), blocks=[0])
+    assert qk_norm.qk_norm_note is not None and "per head" in qk_norm.qk_norm_note
+    assert rotary["embedding"] == {"qk": "W_U", "ov": "W_U"}

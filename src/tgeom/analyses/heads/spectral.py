@@ -17,7 +17,10 @@ The score of a circuit is ``sum(Re lambda) / sum(|lambda|)`` over its eigenvalue
 ``[-1, 1]``: 1 when every eigenvalue is real and positive (an OV that is the identity on the
 vocabulary; a QK that is positive semi-definite), -1 for the negated circuit; NaN where every
 eigenvalue is zero (a head that writes nothing into the tokens' span). ``ov_copying`` is the
-OV score, ``qk_same_token`` the QK score.
+OV score, ``qk_same_token`` the QK score. The ratio is scale-free: a circuit that is tiny next
+to the head's other circuits (e.g. an OV writing almost only outside the span of the
+embeddings) still gets a score in ``[-1, 1]``. For rotary and ALiBi models the token-only QK
+leaves positions out, as in ``weights topk`` (``position_note``).
 
 The vocabulary matrices and token filtering are those of ``weights topk``
 (:func:`~tgeom.analyses.embedding.interaction.circuit_embeddings`, ``E`` = ``"out"`` by
@@ -41,6 +44,7 @@ from tgeom.analyses.embedding.interaction import (
     circuit_embeddings,
     describe_sides,
     embedding_convention,
+    position_note,
     qk_factor,
     qk_norm_note,
     qk_token_scales,
@@ -174,6 +178,7 @@ class SpectralScores:
     sides: dict[str, dict[str, str]]
     n_tokens: int
     qk_norm_note: str | None = None
+    position_note: str | None = None  # what the token-only QK leaves out (RoPE, ALiBi)
     options: dict[str, Any] = field(default_factory=dict)
 
     def score(self, name: str, block: int, head: int) -> float:
@@ -201,6 +206,7 @@ class SpectralScores:
             "embedding": {c: describe_sides(s["rows"], s["cols"]) for c, s in self.sides.items()},
             "n_tokens": self.n_tokens,
             "qk_norm_note": self.qk_norm_note,
+            "position_note": self.position_note,
             "blocks": self.blocks,
             "ov_copying": self.ov_copying.tolist(),
             "qk_same_token": self.qk_same_token.tolist(),
@@ -255,6 +261,7 @@ def spectral_scores(
         sides=sides,
         n_tokens=V if ids is None else len(ids),
         qk_norm_note=qk_norm_note(cw),
+        position_note=position_note(cw),
     )
 
 
