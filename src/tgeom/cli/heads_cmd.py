@@ -116,15 +116,12 @@ def heads_cmd(
 
 
 def _top_heads(result: Any, name: str) -> str:
-    scored = [r for r in result.rows if r[name] == r[name]]  # NaN != NaN
-    best = sorted(scored, key=lambda r: -r[name])[:TOP_PER_SCORE]
-    return ", ".join(f"{r['layer']}:{r['head']} ({r[name]:.3g})" for r in best) or "-"
+    best = result.top_heads(name, TOP_PER_SCORE)
+    return ", ".join(f"{r['layer']}:{r['head']} ({r['value']:.3g})" for r in best) or "-"
 
 
 def _print_summary(result: Any, out: Path) -> None:
-    from tgeom.analyses.heads.atlas import TOP_PAIRS
-
-    scores = [c for c in result.columns[2:] if c not in TOP_PAIRS]
+    scores = result.scores()
     print_table(
         f"{result.meta['model']}: top heads per score (layer:head), "
         f"{result.meta['corpus_pass']['n_windows']} windows of {result.meta['seq_len']} tokens",

@@ -221,3 +221,24 @@ def test_behaviour_and_spectral_columns_equal_their_own_passes(atlas, corpus):
         assert row["qk_same_token"] == pytest.approx(float(spectral.qk_same_token[b, h]), abs=1e-12)
         assert row["induction"] == pytest.approx(float(induction[b, h]), abs=1e-12)
     assert all(r["prev_token"] == r["prev_token"] for r in result.rows)  # no NaN left
+
+
+def test_top_heads_and_correlations_across_heads(atlas):
+    import numpy as np
+
+    _, result = atlas
+    values = [r["first_token_raw"] for r in result.rows]
+    best = max(range(len(values)), key=lambda i: values[i])
+    top = result.top_heads("first_token_raw", 2)
+    assert (top[0]["layer"], top[0]["head"]) == (
+        result.rows[best]["layer"],
+        result.rows[best]["head"],
+    )
+    assert top[0]["value"] >= top[1]["value"]
+    corr = result.correlations("pearson")
+    x = np.array([r["first_token_raw"] for r in result.rows])
+    y = np.array([r["pearson_raw_effective"] for r in result.rows])
+    assert x.std() > 0
+    want = float(np.corrcoef(x, y)[0, 1])
+    assert corr.loc["first_token_raw", "pearson_raw_effective"] == pytest.approx(want, abs=1e-12)
+    assert list(corr.columns) == result.scores()

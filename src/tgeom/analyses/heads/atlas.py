@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +92,22 @@ class HeadsResult:
         """One row per (layer, head), the columns of heads.csv."""
         return results_frame({"rows": self.rows}, "rows", ("rows",))
 
+    def scores(self) -> list[str]:
+        """The numeric score columns (all but ``layer``, ``head`` and the top pairs)."""
+        return [c for c in self.columns[2:] if c not in TOP_PAIRS]
+
+    def top_heads(self, name: str, n: int = 3) -> list[dict[str, Any]]:
+        """The ``n`` heads with the largest ``name`` (NaN left out): ``[{layer, head, value}]``."""
+        scored = [r for r in self.rows if r[name] == r[name]]  # NaN != NaN
+        best = sorted(scored, key=lambda r: -r[name])[:n]
+        return [{"layer": r["layer"], "head": r["head"], "value": r[name]} for r in best]
+
+    def correlations(self, method: str = "spearman") -> pd.DataFrame:
+        """Correlation across heads between every two score columns (``spearman``, ``pearson``
+        or ``kendall``; pairwise, NaN cells left out): a square DataFrame."""
+        frame = self.to_frame()[self.scores()].astype(float)
+        return frame.corr(method=method)  # type: ignore[arg-type]
+
     def to_csv(self, path: str | Path | None = None) -> str:
         """heads.csv's text (header, then one line per head; an empty cell where a score is
         NaN); written atomically to ``path`` when given."""
@@ -149,6 +169,22 @@ def _top_pairs(atlas: HeadAtlas) -> dict[tuple[int, int, str], list[dict[str, An
             }
         )
     return found
+
+
+class _Stages:
+    """``with stage(name):`` times a stage into ``timings[name]`` (seconds) and, when
+    ``verbose``, names it on stderr as it starts."""
+
+    def __init__(self, timings: dict[str, float], verbose: bool) -> None:
+        self.timings, self.verbose = timings, verbose
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.verbose:
+            print(f"heads: {name}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
 
 
 def heads(
@@ -238,33 +274,40 @@ def heads(
             "directions only; pass a folder with a sub-folder per topic or builtin"
         )
     source = docs.source if docs is not None else None
-    stats = collect_statistics(
-        lm,
-        windows,
-        runtime,
-        checkpoint_path=checkpoint_path,
-        progress=progress and shard.is_main,
-        corpus=source,
-        shard=shard,
-        second_moment=False,
-    )
-    scores = corpus_pass(lm, windows.token_ids[rows_used], stats, runtime, shard)
+    timings: dict[str, float] = {}
+    stage = _Stages(timings, progress and shard.is_main)
+    with stage("geometry collection"):
+        stats = collect_statistics(
+            lm,
+            windows,
+            runtime,
+            checkpoint_path=checkpoint_path,
+            progress=progress and shard.is_main,
+            corpus=source,
+            shard=shard,
+            second_moment=False,
+        )
+    with stage("attention pass (survey, behaviour, key-side split)"):
+        scores = corpus_pass(lm, windows.token_ids[rows_used], stats, runtime, shard)
     warnings += scores.warnings
     columns = dict(scores.columns)
     cw = lm.weights()
     H = int(lm.summary.n_heads)
-    spectral = spectral_scores(cw)  # whole vocabulary, as SPEC 7 defines them
+    with stage("spectral scores"):
+        spectral = spectral_scores(cw)  # whole vocabulary, as SPEC 7 defines them
     columns |= {"ov_copying": spectral.ov_copying, "qk_same_token": spectral.qk_same_token}
-    columns["induction"] = induction_scores(lm, repeated, runtime).scores()
-    atlas = head_atlas(
-        cw,
-        k,
-        vocab=lm.vocab_strings,
-        blocks=chosen,
-        row_mask=vocabulary.mask,
-        col_mask=vocabulary.mask,
-        quiet=not (progress and shard.is_main),
-    )
+    with stage("induction batch"):
+        columns["induction"] = induction_scores(lm, repeated, runtime).scores()
+    with stage("top pairs"):
+        atlas = head_atlas(
+            cw,
+            k,
+            vocab=lm.vocab_strings,
+            blocks=chosen,
+            row_mask=vocabulary.mask,
+            col_mask=vocabulary.mask,
+            quiet=not (progress and shard.is_main),
+        )
     pairs = _top_pairs(atlas)
     alibi = cw.alibi_slopes is not None
     names = columns_of(alibi)
@@ -282,14 +325,15 @@ def heads(
         {"layer": b, "head": h, "circuit": c, "pairs": found}
         for (b, h, c), found in sorted(pairs.items())
     ]
-    readings = layer_atlas(
-        stats,
-        cw,
-        chosen,
-        mask=vocabulary.mask,
-        vocab=lm.vocab_strings,
-        with_topics=len(topics) >= 2,
-    )
+    with stage("layer atlas"):
+        readings = layer_atlas(
+            stats,
+            cw,
+            chosen,
+            mask=vocabulary.mask,
+            vocab=lm.vocab_strings,
+            with_topics=len(topics) >= 2,
+        )
     meta = {
         "model": lm.source,
         "family": lm.family,
@@ -324,6 +368,7 @@ def heads(
         "qk_norm_note": atlas.qk_norm_note,
         "softcap_note": atlas.softcap_note,
         "top_pairs_embedding": atlas.embedding,
+        "timings_s": timings,
     }
     options = {
         "seq_len": seq_len,
