@@ -63,7 +63,7 @@ def heads_cmd(
     frequent: int = typer.Option(
         2048,
         "--frequent",
-        help="Top pairs and the layer atlas range over the N most frequent corpus tokens "
+        help="Top pairs and the layer atlas range over the N most frequent tokens of the windows "
         "(0: the whole vocabulary); special tokens are always dropped.",
     ),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Windows per forward pass."),

@@ -242,3 +242,25 @@ def test_top_heads_and_correlations_across_heads(atlas):
     want = float(np.corrcoef(x, y)[0, 1])
     assert corr.loc["first_token_raw", "pearson_raw_effective"] == pytest.approx(want, abs=1e-12)
     assert list(corr.columns) == result.scores()
+
+
+def test_frequent_tokens_of_the_windows_limit_the_top_pairs(tiny_model, corpus):
+    from tgeom.analyses.embedding.filters import frequent_token_ids
+
+    lm = tiny_model("gpt2")
+    result = heads(
+        lm,
+        str(corpus),
+        seq_len=20,
+        max_windows_per_topic=2,
+        frequent=12,
+        blocks=[0],
+        runtime=RUNTIME,
+        shard=Shard(),
+    )
+    kept = frequent_token_ids(windows_of(lm, corpus, per_topic=2), 12).tolist()
+    mask = token_mask(lm, include_ids=kept)
+    for row in result.rows:
+        pairs = head_top_pairs(lm.weights(), 0, row["head"], "ov", 5, row_mask=mask, col_mask=mask)
+        assert row["top_ov"] == pair_text(pairs.pairs(lm.vocab_strings))
+    assert result.meta["vocabulary"]["n_frequent"] == 12

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from tgeom.analyses.embedding.filters import VocabularySubset
 from tgeom.errors import TgeomError, check_index
 from tgeom.results import atomic_write_text, prepare_out_dir, results_frame, to_jsonable
 
@@ -150,6 +151,24 @@ def sample_rows(n: int, wanted: int | None) -> Tensor:
     return torch.linspace(0, n - 1, wanted).round().long().unique()
 
 
+def window_vocabulary(lm: Any, windows: Any, frequent: int | None) -> VocabularySubset:
+    """The tokens top pairs and the layer atlas range over: special tokens dropped and, with
+    ``frequent``, only the ``frequent`` most frequent tokens of the windows themselves."""
+    from tgeom.analyses.embedding.filters import frequent_token_ids, special_ids, token_mask
+
+    include = None if frequent is None else frequent_token_ids(windows, frequent)
+    mask = token_mask(lm, include_ids=None if include is None else include.tolist())
+    return VocabularySubset(
+        mask=mask,
+        size=int(mask.numel()),
+        drop_special=True,
+        n_special=len(special_ids(lm)),
+        frequent=frequent,
+        corpus=None if include is None else "the analysed windows",
+        n_frequent=None if include is None else int(include.numel()),
+    )
+
+
 def pair_text(pairs: list[dict[str, Any]]) -> str:
     """Top pairs as one readable cell: ``'row'→'col'`` (tokens quoted, spaces and newlines
     visible), best first, joined by ``; ``."""
@@ -215,12 +234,11 @@ def heads(
     ``pass_windows``: the shared forward pass reads this many evenly spaced windows (all when
     None). ``induction_length`` R (default 25, less for short contexts) and
     ``induction_sequences``: the induction batch. ``blocks``: the layers reported (all when
-    None). ``k``: top pairs per head and circuit, over the ``frequent`` most frequent corpus
-    tokens (None: the whole vocabulary), special tokens dropped. ``shard``: a torchrun job's
-    rank (default: from the environment). ``checkpoint_path``: where the geometry statistics
-    are saved (and resumed from)."""
+    None). ``k``: top pairs per head and circuit, over the ``frequent`` most frequent tokens
+    of the windows (None: the whole vocabulary), special tokens dropped. ``shard``: a
+    torchrun job's rank (default: from the environment). ``checkpoint_path``: where the
+    geometry statistics are saved (and resumed from)."""
     from tgeom.analyses.embedding.atlas import head_atlas
-    from tgeom.analyses.embedding.filters import vocabulary_subset
     from tgeom.analyses.geometry.collect import collect_statistics
     from tgeom.analyses.heads.behaviour import induction_batch, induction_scores
     from tgeom.analyses.heads.corpus_pass import corpus_pass
@@ -258,9 +276,7 @@ def heads(
             "--max-windows-per-topic."
         )
     rows_used = sample_rows(len(windows), pass_windows)
-    vocabulary = vocabulary_subset(
-        lm, frequent=frequent, corpus=docs if docs is not None else "builtin"
-    )
+    vocabulary = window_vocabulary(lm, windows, frequent)
     runtime = runtime or Runtime.auto()
     shard = shard if shard is not None else shard_from_env()
     if checkpoint_path is not None and shard.is_main:  # only once the inputs are known good
