@@ -264,3 +264,39 @@ def test_frequent_tokens_of_the_windows_limit_the_top_pairs(tiny_model, corpus):
         pairs = head_top_pairs(lm.weights(), 0, row["head"], "ov", 5, row_mask=mask, col_mask=mask)
         assert row["top_ov"] == pair_text(pairs.pairs(lm.vocab_strings))
     assert result.meta["vocabulary"]["n_frequent"] == 12
+
+
+def test_key_side_split_columns_equal_geometry_qk_on_the_same_windows(atlas, corpus):
+    """geometry qk's split (its own second pass over the windows that collected the
+    statistics) gives the shared pass' positional, content, scale and cross (1e-12)."""
+    from tgeom.analyses.geometry.collect import collect_statistics
+    from tgeom.analyses.geometry.qk import qk_split
+
+    lm, result = atlas
+    windows = windows_of(lm, corpus)
+    stats = collect_statistics(
+        lm, windows, RUNTIME, progress=False, shard=Shard(), second_moment=False
+    )
+    qk = qk_split(lm, stats, windows.token_ids, runtime=RUNTIME)
+    by = {(e["block"], h["head"]): h for e in qk.by_block for h in e["heads"]}
+    for row in result.rows:
+        want = by[(row["layer"], row["head"])]
+        for part in ("positional", "content", "scale", "cross"):
+            assert row[part] == pytest.approx(want[part], abs=1e-12), part
+    assert all(r["positional"] == r["positional"] for r in result.rows)  # no NaN
+
+
+def test_alibi_models_get_an_alibi_column(tiny_model, corpus):
+    lm = tiny_model("bloom")
+    result = heads(
+        lm,
+        str(corpus),
+        seq_len=20,
+        max_windows_per_topic=2,
+        frequent=None,
+        runtime=RUNTIME,
+        shard=Shard(),
+    )
+    assert result.columns == list(columns_of(True))
+    assert result.columns.index("alibi") == result.columns.index("cross") + 1
+    assert all(0 <= r["alibi"] <= 1 for r in result.rows)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from tgeom.analyses.geometry.keyside import KeySideSplit
 from tgeom.analyses.geometry.stats import GeometryStats
 from tgeom.analyses.heads.behaviour import TextBehaviour
 from tgeom.analyses.identifiability.effective import EffectiveSummary, effective_attention_hooks
@@ -82,10 +83,10 @@ def behaviour_accumulator(lm: Any) -> BlockAccumulator:
 
 
 class _KeySide:
-    """The key-side split's accumulator (``KeySideSplit`` of analyses/geometry/keyside.py,
-    issue 20 part A) as a :class:`BlockAccumulator` over every block."""
+    """:class:`~tgeom.analyses.geometry.keyside.KeySideSplit` as a :class:`BlockAccumulator`
+    (windows have no padding)."""
 
-    def __init__(self, split: Any) -> None:
+    def __init__(self, split: KeySideSplit) -> None:
         self.split = split
 
     def update(self, block: int, tensor: Tensor) -> None:
@@ -100,15 +101,10 @@ class _KeySide:
         return {part: torch.stack([shares[b][part] for b in blocks]) for part in self.split.parts}
 
 
-def key_split_accumulator(lm: Any, stats: GeometryStats) -> BlockAccumulator | None:
+def key_split_accumulator(lm: Any, stats: GeometryStats) -> BlockAccumulator:
     """The key-side variance split (``positional``, ``content``, ``scale``, ``cross``, and
     ``alibi`` for ALiBi models) of every block, fed with each block's input hidden states and
-    read against ``stats``. INTEGRATION POINT: None until analyses/geometry/keyside.py
-    (issue 20 part A) lands on main."""
-    try:
-        from tgeom.analyses.geometry.keyside import KeySideSplit  # type: ignore[import-not-found]
-    except ModuleNotFoundError:
-        return None
+    read against ``stats`` (:class:`~tgeom.analyses.geometry.keyside.KeySideSplit`)."""
     cw = lm.weights()
     return _KeySide(KeySideSplit(cw, stats, list(range(len(cw.layers)))))
 
@@ -171,9 +167,8 @@ def corpus_pass(
     }
     warnings = list(nulls.warnings)
     columns |= behaviour.scores()
-    if split is None:  # until issue 20 part A lands
+    if split is None:  # no statistics given
         columns |= {name: torch.full((L, H), float("nan")) for name in SPLIT_PARTS}
-        warnings.append("the key-side split is not in this build: its columns are empty")
     else:
         columns |= split.scores()
     return CorpusHeadScores(
