@@ -50,9 +50,10 @@ def stream_hidden(
     values: Callable[[int, Tensor], None] | None = None,
     attention_weights: Callable[[int, Tensor], None] | None = None,
 ) -> Any:
-    """Run ``lm`` on ``input_ids [B, T]`` and hand each ``hidden[l] [B, T, d]`` (float32, on the
-    model's device, ``l = 0..L``) to ``fold(l, hidden_l)`` as soon as it exists (block ``l - 1``
-    writes it).
+    """Run ``lm`` on ``input_ids [B, T]`` and hand each ``hidden[l] [B, T, d]`` (float32;
+    ``l = 0..L``) to ``fold(l, hidden_l)`` as soon as it exists (block ``l - 1`` writes it). Each
+    lies on the device of the block that wrote it (under ``device_map="auto"`` not always the
+    model's): a fold moves it to its own accumulator's device.
 
     Nothing is kept: a running statistic folds each hidden state while it is still in cache and
     the allocator can reuse its memory. ``attention_mask [B, T]`` is 1 for real tokens (right
@@ -132,23 +133,25 @@ def capture(
     attentions: bool = False,
     values: bool = False,
 ) -> Captured:
-    """Run ``lm`` on ``input_ids [B, T]`` (int64) and capture the residual stream.
+    """Run ``lm`` on ``input_ids [B, T]`` (int64) and capture the residual stream, on the
+    model's (input) device whichever devices its blocks run on.
 
     ``attention_mask [B, T]`` is 1 for real tokens (right padding).
     """
     hidden: list[Tensor | None] = [None] * (int(lm.summary.n_layers) + 1)
     per_layer: list[Tensor | None] = [None] * int(lm.summary.n_layers)
+    device = lm.device
 
     def keep(layer: int, h: Tensor) -> None:
-        hidden[layer] = h
+        hidden[layer] = h.to(device)
 
     def keep_values(layer: int, v: Tensor) -> None:
-        per_layer[layer] = v
+        per_layer[layer] = v.to(device)
 
     sink = keep_values if values else None
     output = stream_hidden(lm, input_ids, keep, attention_mask, attentions=attentions, values=sink)
     stacked = torch.stack([h for h in hidden if h is not None])
-    probs = torch.stack(list(output.attentions)) if attentions else None
+    probs = torch.stack([a.to(device) for a in output.attentions]) if attentions else None
     return Captured(
         hidden=stacked,
         attentions=probs,

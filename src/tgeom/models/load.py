@@ -24,6 +24,14 @@ from tgeom.models.adapters import adapter_for
 from tgeom.models.adapters.common import base_model
 from tgeom.models.gguf import convert_gguf
 from tgeom.models.offline import OFFLINE_MODELS, offline_model_path
+from tgeom.models.placement import (
+    DEVICE_MAPS,
+    available_bytes,
+    check_fits,
+    does_not_fit,
+    onloaded,
+    weight_bytes,
+)
 from tgeom.models.weights import ArchitectureSummary, CanonicalWeights
 from tgeom.runtime import check_dtype_runs, default_device, dtype_name, resolve_dtype
 
@@ -50,7 +58,15 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the input embedding's device (its execution device when
+        ``device_map="auto"`` offloaded it); with one device, the model's."""
+        hf: Any = self.hf
+        embedding = hf.get_input_embeddings()
+        hook = getattr(embedding, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+        return embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,9 +86,13 @@ class LoadedModel:
         return base_model(self.hf)
 
     def weights(self) -> CanonicalWeights:
-        """Canonical weights (SPEC section 0), extracted once and checked for NaN/inf."""
+        """Canonical weights (SPEC section 0): the model-wide tensors extracted once, each block
+        read when indexed (``layers``, a :class:`~tgeom.models.weights.LayerSequence`: views of
+        the parameters, no second copy of the model), checked for NaN/inf block by block on the
+        first call."""
         if self._weights is None:
-            cw = self.adapter.extract(self.hf, self.summary)
+            with onloaded(self.hf, skip=self.blocks()):
+                cw = self.adapter.extract(self.hf, self.summary)
             cw.check_finite()
             self._weights = cw
         return self._weights
@@ -142,13 +162,23 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    device_map: str | None = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> LoadedModel:
     """Load ``source`` (alias, local folder, ``.gguf`` file or hub id) for analysis.
 
     ``dtype``: ``float32`` (default), ``bfloat16`` or ``float16`` (a name or a torch dtype): the
     precision of the weights and the forward passes. One the device cannot compute in is
-    refused in one line before any weight is read."""
+    refused in one line before any weight is read. ``device_map="auto"`` (accelerate) spreads a
+    model larger than one device over the GPUs, then the CPU (``max_memory``, accelerate's
+    format, caps each device); hidden states and canonical weights then live where their blocks
+    do. A model whose weights exceed the memory of its device(s) is refused in one line before
+    any weight is read."""
     _quiet_transformers()
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise TgeomError(f"device_map must be 'auto' or None, got {device_map!r}.")
+    if device_map is not None and device is not None:
+        raise TgeomError("pass either device or device_map='auto', not both.")
     torch_dtype = resolve_dtype(dtype)
     target = torch.device(device) if device is not None else default_device()
     check_dtype_runs(torch_dtype, target)
@@ -156,6 +186,12 @@ def load_model(
     config = _load_config(folder, local, trust_remote_code)
     adapter = adapter_for(config.model_type)
     model_class = _model_class(config)
+    needed = weight_bytes(folder, torch_dtype) if local else 0
+    available = available_bytes(device_map, target, max_memory)
+    check_fits(needed, available, torch_dtype, auto=device_map is not None)
+    placement: dict[str, Any] = (
+        {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
+    )
     try:
         hf = model_class.from_pretrained(
             folder,
@@ -165,14 +201,22 @@ def load_model(
             use_safetensors=True,
             local_files_only=local,
             trust_remote_code=trust_remote_code,
+            **placement,
         )
     except OSError as exc:
         raise TgeomError(f"cannot load the weights of {source}: {_first_line(exc)}") from None
+    except ValueError as exc:
+        if "offload" not in str(exc):  # accelerate would offload to disk: tgeom does not
+            raise
+        raise does_not_fit(needed, available, torch_dtype, auto=True) from None
     hf.eval().requires_grad_(False)
-    hf.to(target)
+    if device_map is None:
+        hf.to(target)
     tokenizer = _load_tokenizer(folder, local, trust_remote_code)
-    lm = LoadedModel(hf, tokenizer, identity, adapter, adapter.summarize(hf))
-    lm.weights()  # extract once now so that NaN/inf weights fail at load time, in one line
+    with onloaded(hf, skip=adapter.blocks(hf)):
+        summary = adapter.summarize(hf)
+    lm = LoadedModel(hf, tokenizer, identity, adapter, summary)
+    lm.weights()  # the model-wide tensors now, and every block checked for NaN/inf, in one line
     return lm
 
 

@@ -5,14 +5,19 @@ Shapes follow TransformerLens, row-vector convention (``x @ W``):
 ``W_in, W_gate: [d_model, d_mlp]``, ``W_out: [d_mlp, d_model]``, ``W_E, W_U: [vocab, d_model]``.
 Grouped-query attention is expanded to one K/V per query head (head ``h`` reads KV group
 ``h // (n_heads // n_kv_heads)``, as Hugging Face's ``repeat_kv`` does).
+
+Canonical weights hold no second copy of the model: a block's tensors are read when the block is
+indexed (:class:`LayerSequence`), as views of the Hugging Face parameters where the layout allows
+and as copies of that one block otherwise (grouped K/V expanded per query head, a folded scale).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -218,6 +223,48 @@ class LayerWeights:
     rotary: Rotary | None = None  # Gemma 3: local layers have their own RoPE base
 
 
+class LayerSequence(Sequence[LayerWeights]):
+    """The blocks' canonical weights, each read when indexed: ``read(i)`` builds block ``i``'s
+    :class:`LayerWeights` (views of the model's parameters where the layout allows, one block's
+    copies otherwise), so no second copy of the whole model is ever held. The last ``keep``
+    blocks read stay cached, so that loops over a block's heads do not read it again."""
+
+    def __init__(self, n_blocks: int, read: Callable[[int], LayerWeights], keep: int = 2) -> None:
+        self._n = n_blocks
+        self._read = read
+        self._keep = keep
+        self._cache: OrderedDict[int, LayerWeights] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, index: int) -> LayerWeights: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[LayerWeights]: ...
+
+    def __getitem__(self, index: int | slice) -> LayerWeights | list[LayerWeights]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        i = index + self._n if index < 0 else index
+        if not 0 <= i < self._n:
+            raise IndexError(f"block {index} out of range for {self._n} blocks")
+        layer = self._cache.pop(i, None)
+        if layer is None:
+            layer = self._read(i)
+        self._cache[i] = layer
+        while len(self._cache) > self._keep:
+            self._cache.popitem(last=False)
+        return layer
+
+    def __iter__(self) -> Iterator[LayerWeights]:
+        return (self[i] for i in range(self._n))
+
+    def __repr__(self) -> str:
+        return f"LayerSequence({self._n} blocks, read on demand)"
+
+
 @dataclass
 class CanonicalWeights:
     """The whole model in canonical form: what every analysis reads instead of HF modules."""
@@ -233,7 +280,8 @@ class CanonicalWeights:
     rotary: Rotary | None
     activation: Callable[[Tensor], Tensor]
     attn_scale: float  # multiplies q.k
-    layers: list[LayerWeights] = field(default_factory=list)
+    # Block i's weights, read when indexed (:class:`LayerSequence`) or any sequence of them.
+    layers: Sequence[LayerWeights] = field(default_factory=list)
     embed_scale: float = 1.0  # hidden[0] = embed_scale * W_E[ids] (+ ...): sqrt(d) for Gemma
     # ALiBi (BLOOM): head h adds alibi_slopes[h] * (s - t) to the score of query t for key s
     # (t, s counted over real tokens; :func:`tgeom.models.reference.attention_bias`).
@@ -264,10 +312,11 @@ class CanonicalWeights:
     def check_finite(self) -> None:
         """Raise a one-line error naming the first tensor holding NaN or inf.
 
-        One sum per tensor in the common, finite case (NaN and inf reach the sum; a
-        finite sum proves every entry finite); only a non-finite sum, which finite entries can
-        give by overflow, pays for the entrywise check (SmolLM2, best of 4 on a loaded
-        2-core machine: 4.8 s entrywise, 0.43 s by sums)."""
+        Streamed: blocks are read one at a time (:class:`LayerSequence`), so the check holds at
+        most one block's copies besides the model. One sum per tensor in the common, finite case
+        (NaN and inf reach the sum; a finite sum proves every entry finite); only a non-finite
+        sum, which finite entries can give by overflow, pays for the entrywise check (SmolLM2,
+        best of 4 on a loaded 2-core machine: 4.8 s entrywise, 0.43 s by sums)."""
         for name, tensor in self.named_tensors():
             if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
                 continue
@@ -335,19 +384,23 @@ def learned_positions(table: Tensor, offset: int) -> Tensor:
 
 
 def split_heads_in(weight: Tensor, n_heads: int) -> Tensor:
-    """An nn.Linear weight ``[n_heads * dh, d]`` -> ``[n_heads, d, dh]``."""
+    """An nn.Linear weight ``[n_heads * dh, d]`` -> ``[n_heads, d, dh]`` (a view of a contiguous
+    ``weight``)."""
     out_features, d = weight.shape
     return weight.reshape(n_heads, out_features // n_heads, d).transpose(1, 2)
 
 
 def split_heads_out(weight: Tensor, n_heads: int) -> Tensor:
-    """An nn.Linear output-projection weight ``[d, n_heads * dh]`` -> ``[n_heads, dh, d]``."""
+    """An nn.Linear output-projection weight ``[d, n_heads * dh]`` -> ``[n_heads, dh, d]`` (a view
+    of a contiguous ``weight``: splitting the transposed first axis needs no copy)."""
     d, in_features = weight.shape
     return weight.T.reshape(n_heads, in_features // n_heads, d)
 
 
 def expand_kv(tensor: Tensor, n_heads: int) -> Tensor:
-    """Repeat KV heads ``[n_kv, ...]`` to ``[n_heads, ...]`` (query head h reads h // group)."""
+    """Repeat KV heads ``[n_kv, ...]`` to ``[n_heads, ...]`` (query head h reads h // group):
+    ``tensor`` itself without grouping, else a copy (the repeated heads cannot be a strided view of
+    one tensor), made for one block when that block is read (:class:`LayerSequence`)."""
     n_kv = tensor.shape[0]
     return tensor if n_kv == n_heads else tensor.repeat_interleave(n_heads // n_kv, dim=0)
 

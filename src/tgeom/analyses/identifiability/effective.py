@@ -118,13 +118,17 @@ def output_factors(lm: Any, device: torch.device) -> OutputFactors:
 
     Cached per model; the key holds each ``W_O``'s storage and version counter, so an in-place
     edit of a weight (as in a test planting a rank-deficient head) recomputes it."""
-    W_Os = [lw.W_O for lw in lm.weights().layers]
-    key = (str(device), *((w.data_ptr(), w._version) for w in W_Os))
+    key = (str(device), *((lw.W_O.data_ptr(), lw.W_O._version) for lw in lm.weights().layers))
     cached = _FACTORS.get(id(lm))
     if cached is not None and cached[0]() is lm and cached[1] == key:
         return cached[2]
-    W_O = torch.stack(W_Os).to(device, torch.float64)
-    R = torch.linalg.qr(W_O.transpose(-1, -2), mode="reduced").R  # [L, H, dh, dh]
+    # one block's W_O in float64 at a time (all of them: 8 L d^2 bytes, a third of a 1B model)
+    R = torch.stack(
+        [
+            torch.linalg.qr(lw.W_O.to(device, torch.float64).transpose(-1, -2), mode="reduced").R
+            for lw in lm.weights().layers
+        ]
+    )  # [L, H, dh, dh]
     s = torch.linalg.svdvals(R)
     cond2 = torch.where(s[..., -1] > 0, (s[..., 0] / s[..., -1]) ** 2, torch.inf)
     factors = OutputFactors(R.transpose(-1, -2), cond2, s[..., -1])
@@ -257,6 +261,7 @@ def effective_attention_hooks(
     )
 
     def keep_values(layer: int, V: Tensor) -> None:
+        V = V.to(device)  # the block's device under device_map="auto"
         if need_attention:
             values[layer] = V
             return
@@ -274,6 +279,7 @@ def effective_attention_hooks(
         V = values[layer]
         assert V is not None
         values[layer] = None
+        attention = attention.to(device)
         for n, members, idx, tol, Vn in by_length(V):
             if causal:
                 raw_block = blocks[n][0][layer].copy_(attention[idx, :, :n, :n])  # [g, H, n, n]

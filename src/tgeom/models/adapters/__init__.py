@@ -2,7 +2,10 @@
 
 An adapter module defines ``FAMILY``, ``MODEL_TYPES`` (the transformers ``model_type`` values it
 handles), ``summarize(hf) -> ArchitectureSummary``, ``extract(hf, summary) -> CanonicalWeights``
-and ``blocks(hf) -> nn.ModuleList`` (the residual blocks, whose outputs are ``hidden[1..L]``).
+(the model-wide tensors, and ``layers`` from :func:`common.layer_sequence`),
+``extract_layer(hf, summary, index) -> LayerWeights`` (one block, read when indexed: views of
+its parameters where the layout allows) and ``blocks(hf) -> nn.ModuleList`` (the residual blocks,
+whose outputs are ``hidden[1..L]``).
 Adding an architecture means adding one module here and listing it in :data:`ADAPTERS`
 (``docs/adapters.md``).
 """

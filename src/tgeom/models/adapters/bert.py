@@ -22,6 +22,7 @@ from tgeom.models.adapters.common import (
     head_bias,
     is_tied,
     layer_norm,
+    layer_sequence,
     output_bias,
     unembedding,
     value_heads,
@@ -115,34 +116,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     c = hf.config
-    base = base_model(hf)
-    H, dh = summary.n_heads, summary.d_head
-    paths = _paths(c)
-    layers = []
-    for layer in blocks(hf):
-        q, k, v, o, fc_in, fc_out = (
-            _module(layer, paths[name]) for name in ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
-        )
-        layers.append(
-            LayerWeights(
-                W_Q=split_heads_in(q.weight.detach(), H),
-                W_K=split_heads_in(k.weight.detach(), H),
-                W_V=split_heads_in(v.weight.detach(), H),
-                W_O=split_heads_out(o.weight.detach(), H),
-                b_Q=head_bias(q, H, dh),
-                b_K=head_bias(k, H, dh),
-                b_V=head_bias(v, H, dh),
-                b_O=output_bias(o),
-                W_in=fc_in.weight.detach().T,
-                b_in=detached(fc_in.bias),
-                W_gate=None,
-                W_out=fc_out.weight.detach().T,
-                b_out=detached(fc_out.bias),
-                ln_attn=layer_norm(_module(layer, paths["ln_attn"]), q.weight),
-                ln_mlp=layer_norm(_module(layer, paths["ln_mlp"]), q.weight),
-            )
-        )
-    emb = base.embeddings
+    emb = base_model(hf).embeddings
     W_E = emb.word_embeddings.weight.detach()
     W_U, b_U, _ = unembedding(hf, W_E)
     types = getattr(emb, "token_type_embeddings", None)
@@ -157,8 +131,35 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=None,
         rotary=None,
         activation=activation(summary.activation),
-        attn_scale=1.0 / math.sqrt(dh),
-        layers=layers,
+        attn_scale=1.0 / math.sqrt(summary.d_head),
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its parameters)."""
+    H, dh = summary.n_heads, summary.d_head
+    paths = _paths(hf.config)
+    layer = blocks(hf)[index]
+    q, k, v, o, fc_in, fc_out = (
+        _module(layer, paths[name]) for name in ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
+    )
+    return LayerWeights(
+        W_Q=split_heads_in(q.weight.detach(), H),
+        W_K=split_heads_in(k.weight.detach(), H),
+        W_V=split_heads_in(v.weight.detach(), H),
+        W_O=split_heads_out(o.weight.detach(), H),
+        b_Q=head_bias(q, H, dh),
+        b_K=head_bias(k, H, dh),
+        b_V=head_bias(v, H, dh),
+        b_O=output_bias(o),
+        W_in=fc_in.weight.detach().T,
+        b_in=detached(fc_in.bias),
+        W_gate=None,
+        W_out=fc_out.weight.detach().T,
+        b_out=detached(fc_out.bias),
+        ln_attn=layer_norm(_module(layer, paths["ln_attn"]), q.weight),
+        ln_mlp=layer_norm(_module(layer, paths["ln_mlp"]), q.weight),
     )
 
 

@@ -21,6 +21,7 @@ from tgeom.models.adapters.common import (
     base_model,
     is_tied,
     layer_norm,
+    layer_sequence,
     unembedding,
 )
 from tgeom.models.weights import (
@@ -75,31 +76,6 @@ def summarize(hf: Any) -> ArchitectureSummary:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
-    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
-    layers = []
-    for layer in base.h:
-        attn, mlp = layer.self_attention, layer.mlp
-        w = attn.query_key_value.weight.detach().reshape(H, 3, dh, d).transpose(2, 3)
-        b = attn.query_key_value.bias.detach().reshape(H, 3, dh)
-        layers.append(
-            LayerWeights(
-                W_Q=w[:, 0],
-                W_K=w[:, 1],
-                W_V=w[:, 2],
-                W_O=split_heads_out(attn.dense.weight.detach(), H),
-                b_Q=b[:, 0],
-                b_K=b[:, 1],
-                b_V=b[:, 2],
-                b_O=attn.dense.bias.detach(),
-                W_in=mlp.dense_h_to_4h.weight.detach().T,
-                b_in=mlp.dense_h_to_4h.bias.detach(),
-                W_gate=None,
-                W_out=mlp.dense_4h_to_h.weight.detach().T,
-                b_out=mlp.dense_4h_to_h.bias.detach(),
-                ln_attn=layer_norm(layer.input_layernorm, w),
-                ln_mlp=layer_norm(layer.post_attention_layernorm, w),
-            )
-        )
     W_E = base.word_embeddings.weight.detach()
     W_U, b_U, _ = unembedding(hf, W_E)
     return CanonicalWeights(
@@ -113,9 +89,35 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=layer_norm(base.ln_f, W_E),
         rotary=None,
         activation=activation(ACTIVATION),
-        attn_scale=dh**-0.5,
-        layers=layers,
-        alibi_slopes=alibi_slopes(H).to(device=W_E.device, dtype=W_E.dtype),
+        attn_scale=summary.d_head**-0.5,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+        alibi_slopes=alibi_slopes(summary.n_heads).to(device=W_E.device, dtype=W_E.dtype),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its parameters)."""
+    layer = base_model(hf).h[index]
+    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
+    attn, mlp = layer.self_attention, layer.mlp
+    w = attn.query_key_value.weight.detach().reshape(H, 3, dh, d).transpose(2, 3)
+    b = attn.query_key_value.bias.detach().reshape(H, 3, dh)
+    return LayerWeights(
+        W_Q=w[:, 0],
+        W_K=w[:, 1],
+        W_V=w[:, 2],
+        W_O=split_heads_out(attn.dense.weight.detach(), H),
+        b_Q=b[:, 0],
+        b_K=b[:, 1],
+        b_V=b[:, 2],
+        b_O=attn.dense.bias.detach(),
+        W_in=mlp.dense_h_to_4h.weight.detach().T,
+        b_in=mlp.dense_h_to_4h.bias.detach(),
+        W_gate=None,
+        W_out=mlp.dense_4h_to_h.weight.detach().T,
+        b_out=mlp.dense_4h_to_h.bias.detach(),
+        ln_attn=layer_norm(layer.input_layernorm, w),
+        ln_mlp=layer_norm(layer.post_attention_layernorm, w),
     )
 
 

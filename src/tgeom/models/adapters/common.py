@@ -6,10 +6,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from tgeom.models.weights import Norm, zeros_bias
+from tgeom.models.placement import onloaded
+from tgeom.models.weights import (
+    ArchitectureSummary,
+    LayerSequence,
+    LayerWeights,
+    Norm,
+    zeros_bias,
+)
 
 ValueHeads = Callable[[Tensor], Tensor]
 """Maps the output of a block's value-producing module to ``V [B, H, T, d_head]``."""
@@ -18,6 +25,22 @@ ValueHeads = Callable[[Tensor], Tensor]
 def base_model(hf: Any) -> Any:
     """The bare transformer under any task head (``GPT2LMHeadModel`` -> ``GPT2Model``)."""
     return getattr(hf, "base_model", hf)
+
+
+def layer_sequence(
+    hf: Any,
+    summary: ArchitectureSummary,
+    blocks: nn.ModuleList,
+    read: Callable[[Any, ArchitectureSummary, int], LayerWeights],
+) -> LayerSequence:
+    """The blocks' canonical weights, block ``i`` read by ``read(hf, summary, i)`` when indexed,
+    with its offloaded parameters (``device_map="auto"``) on their execution device meanwhile."""
+
+    def one(index: int) -> LayerWeights:
+        with onloaded(blocks[index]):
+            return read(hf, summary, index)
+
+    return LayerSequence(summary.n_blocks, one)
 
 
 def unembedding(hf: Any, W_E: Tensor) -> tuple[Tensor, Tensor | None, bool]:

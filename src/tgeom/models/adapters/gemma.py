@@ -23,6 +23,7 @@ from tgeom.models.adapters.common import (
     base_model,
     head_bias,
     is_tied,
+    layer_sequence,
     output_bias,
     rotary_context,
     unembedding,
@@ -126,41 +127,7 @@ def _qk_norm(module: Any, n_heads: int) -> QKNorm:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
-    H, K, dh = summary.n_heads, summary.n_kv_heads, summary.d_head
-    sandwich, _, _, _ = FLAGS[summary.model_type]
-    global_rope, local_rope = _rotaries(hf)
-    layer_types = getattr(hf.config, "layer_types", None) or ()
-    layers = []
-    for index, layer in enumerate(base.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        qk_norm = hasattr(attn, "q_norm")
-        local = local_rope is not None and layer_types[index] == "sliding_attention"
-        layers.append(
-            LayerWeights(
-                W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-                W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
-                W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
-                W_O=split_heads_out(attn.o_proj.weight.detach(), H),
-                b_Q=head_bias(attn.q_proj, H, dh),
-                b_K=expand_kv(head_bias(attn.k_proj, K, dh), H),
-                b_V=expand_kv(head_bias(attn.v_proj, K, dh), H),
-                b_O=output_bias(attn.o_proj),
-                W_in=mlp.up_proj.weight.detach().T,
-                b_in=None,
-                W_gate=mlp.gate_proj.weight.detach().T,
-                W_out=mlp.down_proj.weight.detach().T,
-                b_out=None,
-                ln_attn=_norm(layer.input_layernorm),
-                ln_mlp=_norm(
-                    layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
-                ),
-                q_norm=_qk_norm(attn.q_norm, H) if qk_norm else None,
-                k_norm=_qk_norm(attn.k_norm, H) if qk_norm else None,
-                ln_attn_out=_norm(layer.post_attention_layernorm) if sandwich else None,
-                ln_mlp_out=_norm(layer.post_feedforward_layernorm) if sandwich else None,
-                rotary=local_rope if local else None,
-            )
-        )
+    global_rope, _ = _rotaries(hf)
     W_E = base.embed_tokens.weight.detach()
     W_U, b_U, _ = unembedding(hf, W_E)
     return CanonicalWeights(
@@ -174,10 +141,47 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=_norm(base.norm),
         rotary=global_rope,
         activation=activation(summary.activation),
-        attn_scale=float(getattr(hf.config, "query_pre_attn_scalar", None) or dh) ** -0.5,
-        layers=layers,
+        attn_scale=float(getattr(hf.config, "query_pre_attn_scalar", None) or summary.d_head)
+        ** -0.5,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
         # The model rounds sqrt(d) to the weights' dtype (bfloat16: sqrt(3072) -> 55.5).
         embed_scale=float(base.embed_tokens.embed_scale.to(W_E.dtype)),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its projections; K/V expanded per head)."""
+    layer = base_model(hf).layers[index]
+    H, K, dh = summary.n_heads, summary.n_kv_heads, summary.d_head
+    sandwich, _, _, _ = FLAGS[summary.model_type]
+    _, local_rope = _rotaries(hf)
+    layer_types = getattr(hf.config, "layer_types", None) or ()
+    attn, mlp = layer.self_attn, layer.mlp
+    qk_norm = hasattr(attn, "q_norm")
+    local = local_rope is not None and layer_types[index] == "sliding_attention"
+    return LayerWeights(
+        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
+        W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
+        W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
+        W_O=split_heads_out(attn.o_proj.weight.detach(), H),
+        b_Q=head_bias(attn.q_proj, H, dh),
+        b_K=expand_kv(head_bias(attn.k_proj, K, dh), H),
+        b_V=expand_kv(head_bias(attn.v_proj, K, dh), H),
+        b_O=output_bias(attn.o_proj),
+        W_in=mlp.up_proj.weight.detach().T,
+        b_in=None,
+        W_gate=mlp.gate_proj.weight.detach().T,
+        W_out=mlp.down_proj.weight.detach().T,
+        b_out=None,
+        ln_attn=_norm(layer.input_layernorm),
+        ln_mlp=_norm(
+            layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+        ),
+        q_norm=_qk_norm(attn.q_norm, H) if qk_norm else None,
+        k_norm=_qk_norm(attn.k_norm, H) if qk_norm else None,
+        ln_attn_out=_norm(layer.post_attention_layernorm) if sandwich else None,
+        ln_mlp_out=_norm(layer.post_feedforward_layernorm) if sandwich else None,
+        rotary=local_rope if local else None,
     )
 
 

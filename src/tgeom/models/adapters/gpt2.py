@@ -13,6 +13,7 @@ from tgeom.models.adapters.common import (
     base_model,
     detached,
     is_tied,
+    layer_sequence,
     unembedding,
 )
 from tgeom.models.weights import ArchitectureSummary, CanonicalWeights, LayerWeights, Norm
@@ -55,35 +56,6 @@ def summarize(hf: Any) -> ArchitectureSummary:
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     c = hf.config
     base = base_model(hf)
-    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
-    eps = c.layer_norm_epsilon
-    layers = []
-    for index, block in enumerate(base.h):
-        qkv_w = block.attn.c_attn.weight.detach()  # [d, 3d], Conv1D stores [in, out]
-        qkv_b = block.attn.c_attn.bias.detach()  # [3d]
-        w_q, w_k, w_v = (w.reshape(d, H, dh).permute(1, 0, 2) for w in qkv_w.split(d, dim=1))
-        b_q, b_k, b_v = (b.reshape(H, dh) for b in qkv_b.split(d))
-        layers.append(
-            LayerWeights(
-                W_Q=w_q * _inverse_layer_scale(c, index),
-                W_K=w_k,
-                W_V=w_v,
-                W_O=block.attn.c_proj.weight.detach().reshape(H, dh, d),
-                b_Q=b_q * _inverse_layer_scale(c, index),
-                b_K=b_k,
-                b_V=b_v,
-                b_O=block.attn.c_proj.bias.detach(),
-                W_in=block.mlp.c_fc.weight.detach(),
-                b_in=detached(block.mlp.c_fc.bias),
-                W_gate=None,
-                W_out=block.mlp.c_proj.weight.detach(),
-                b_out=detached(block.mlp.c_proj.bias),
-                ln_attn=Norm(
-                    "layernorm", block.ln_1.weight.detach(), block.ln_1.bias.detach(), eps
-                ),
-                ln_mlp=Norm("layernorm", block.ln_2.weight.detach(), block.ln_2.bias.detach(), eps),
-            )
-        )
     W_E = base.wte.weight.detach()
     W_U, b_U, _ = unembedding(hf, W_E)
     return CanonicalWeights(
@@ -94,12 +66,47 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         W_pos=base.wpe.weight.detach(),
         W_type=None,
         embed_norm=None,
-        final_norm=Norm("layernorm", base.ln_f.weight.detach(), base.ln_f.bias.detach(), eps),
+        final_norm=_layernorm(base.ln_f, c.layer_norm_epsilon),
         rotary=None,
         activation=activation(c.activation_function),
-        attn_scale=1.0 / math.sqrt(dh) if c.scale_attn_weights else 1.0,
-        layers=layers,
+        attn_scale=1.0 / math.sqrt(summary.d_head) if c.scale_attn_weights else 1.0,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
     )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form: views of its parameters (the query side is a copy only
+    when ``scale_attn_by_inverse_layer_idx`` folds a scale into it)."""
+    c = hf.config
+    block = base_model(hf).h[index]
+    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
+    eps = c.layer_norm_epsilon
+    qkv_w = block.attn.c_attn.weight.detach()  # [d, 3d], Conv1D stores [in, out]
+    qkv_b = block.attn.c_attn.bias.detach()  # [3d]
+    w_q, w_k, w_v = (w.reshape(d, H, dh).permute(1, 0, 2) for w in qkv_w.split(d, dim=1))
+    b_q, b_k, b_v = (b.reshape(H, dh) for b in qkv_b.split(d))
+    scale = _inverse_layer_scale(c, index)
+    return LayerWeights(
+        W_Q=w_q * scale if scale != 1.0 else w_q,
+        W_K=w_k,
+        W_V=w_v,
+        W_O=block.attn.c_proj.weight.detach().reshape(H, dh, d),
+        b_Q=b_q * scale if scale != 1.0 else b_q,
+        b_K=b_k,
+        b_V=b_v,
+        b_O=block.attn.c_proj.bias.detach(),
+        W_in=block.mlp.c_fc.weight.detach(),
+        b_in=detached(block.mlp.c_fc.bias),
+        W_gate=None,
+        W_out=block.mlp.c_proj.weight.detach(),
+        b_out=detached(block.mlp.c_proj.bias),
+        ln_attn=_layernorm(block.ln_1, eps),
+        ln_mlp=_layernorm(block.ln_2, eps),
+    )
+
+
+def _layernorm(module: Any, eps: float) -> Norm:
+    return Norm("layernorm", module.weight.detach(), module.bias.detach(), eps)
 
 
 def _inverse_layer_scale(config: Any, index: int) -> float:

@@ -19,6 +19,7 @@ from tgeom.models.adapters.common import (
     head_bias,
     is_tied,
     layer_norm,
+    layer_sequence,
     output_bias,
     unembedding,
     value_heads,
@@ -70,30 +71,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
-    H, dh = summary.n_heads, summary.d_head
     W_E = base.wte.weight.detach()
-    layers = []
-    for block in base.h:
-        attn, mlp = block.attn.attention, block.mlp
-        layers.append(
-            LayerWeights(
-                W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-                W_K=split_heads_in(attn.k_proj.weight.detach(), H),
-                W_V=split_heads_in(attn.v_proj.weight.detach(), H),
-                W_O=split_heads_out(attn.out_proj.weight.detach(), H),
-                b_Q=head_bias(attn.q_proj, H, dh),
-                b_K=head_bias(attn.k_proj, H, dh),
-                b_V=head_bias(attn.v_proj, H, dh),
-                b_O=output_bias(attn.out_proj),
-                W_in=mlp.c_fc.weight.detach().T,
-                b_in=detached(mlp.c_fc.bias),
-                W_gate=None,
-                W_out=mlp.c_proj.weight.detach().T,
-                b_out=detached(mlp.c_proj.bias),
-                ln_attn=layer_norm(block.ln_1, W_E),
-                ln_mlp=layer_norm(block.ln_2, W_E),
-            )
-        )
     W_U, b_U, _ = unembedding(hf, W_E)
     return CanonicalWeights(
         summary=summary,
@@ -107,7 +85,31 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         rotary=None,
         activation=activation(summary.activation),
         attn_scale=1.0,  # GPT-Neo does not scale q.k
-        layers=layers,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its parameters)."""
+    block = base_model(hf).h[index]
+    H, dh = summary.n_heads, summary.d_head
+    attn, mlp = block.attn.attention, block.mlp
+    return LayerWeights(
+        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
+        W_K=split_heads_in(attn.k_proj.weight.detach(), H),
+        W_V=split_heads_in(attn.v_proj.weight.detach(), H),
+        W_O=split_heads_out(attn.out_proj.weight.detach(), H),
+        b_Q=head_bias(attn.q_proj, H, dh),
+        b_K=head_bias(attn.k_proj, H, dh),
+        b_V=head_bias(attn.v_proj, H, dh),
+        b_O=output_bias(attn.out_proj),
+        W_in=mlp.c_fc.weight.detach().T,
+        b_in=detached(mlp.c_fc.bias),
+        W_gate=None,
+        W_out=mlp.c_proj.weight.detach().T,
+        b_out=detached(mlp.c_proj.bias),
+        ln_attn=layer_norm(block.ln_1, attn.q_proj.weight),
+        ln_mlp=layer_norm(block.ln_2, attn.q_proj.weight),
     )
 
 

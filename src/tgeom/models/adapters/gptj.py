@@ -20,6 +20,7 @@ from tgeom.models.adapters.common import (
     head_bias,
     is_tied,
     layer_norm,
+    layer_sequence,
     output_bias,
     rotary_context,
     unembedding,
@@ -75,31 +76,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
-    H, dh = summary.n_heads, summary.d_head
     W_E = base.wte.weight.detach()
-    layers = []
-    for block in base.h:
-        attn, mlp = block.attn, block.mlp
-        ln = layer_norm(block.ln_1, W_E)
-        layers.append(
-            LayerWeights(
-                W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-                W_K=split_heads_in(attn.k_proj.weight.detach(), H),
-                W_V=split_heads_in(attn.v_proj.weight.detach(), H),
-                W_O=split_heads_out(attn.out_proj.weight.detach(), H),
-                b_Q=head_bias(attn.q_proj, H, dh),
-                b_K=head_bias(attn.k_proj, H, dh),
-                b_V=head_bias(attn.v_proj, H, dh),
-                b_O=output_bias(attn.out_proj),
-                W_in=mlp.fc_in.weight.detach().T,
-                b_in=detached(mlp.fc_in.bias),
-                W_gate=None,
-                W_out=mlp.fc_out.weight.detach().T,
-                b_out=detached(mlp.fc_out.bias),
-                ln_attn=ln,
-                ln_mlp=ln,
-            )
-        )
     W_U, b_U, _ = unembedding(hf, W_E)
     return CanonicalWeights(
         summary=summary,
@@ -112,8 +89,33 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=layer_norm(base.ln_f, W_E),
         rotary=Rotary.default(summary.rotary_dim, ROPE_BASE, interleaved=True, device=W_E.device),
         activation=activation(summary.activation),
-        attn_scale=dh**-0.5,
-        layers=layers,
+        attn_scale=summary.d_head**-0.5,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its parameters)."""
+    block = base_model(hf).h[index]
+    H, dh = summary.n_heads, summary.d_head
+    attn, mlp = block.attn, block.mlp
+    ln = layer_norm(block.ln_1, attn.q_proj.weight)
+    return LayerWeights(
+        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
+        W_K=split_heads_in(attn.k_proj.weight.detach(), H),
+        W_V=split_heads_in(attn.v_proj.weight.detach(), H),
+        W_O=split_heads_out(attn.out_proj.weight.detach(), H),
+        b_Q=head_bias(attn.q_proj, H, dh),
+        b_K=head_bias(attn.k_proj, H, dh),
+        b_V=head_bias(attn.v_proj, H, dh),
+        b_O=output_bias(attn.out_proj),
+        W_in=mlp.fc_in.weight.detach().T,
+        b_in=detached(mlp.fc_in.bias),
+        W_gate=None,
+        W_out=mlp.fc_out.weight.detach().T,
+        b_out=detached(mlp.fc_out.bias),
+        ln_attn=ln,
+        ln_mlp=ln,
     )
 
 

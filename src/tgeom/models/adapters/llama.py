@@ -15,6 +15,8 @@ from tgeom.models.adapters.common import (
     base_model,
     detached,
     is_tied,
+    layer_sequence,
+    output_bias,
     rotary_context,
     unembedding,
     value_heads,
@@ -123,38 +125,6 @@ def _head_bias(linear: Any, n_heads: int, d_head: int) -> Tensor:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
-    H, K, dh = summary.n_heads, summary.n_kv_heads, summary.d_head
-    _, (attn_norm, mlp_norm), scope = LAYOUTS.get(summary.model_type, LLAMA_LAYOUT)
-    layers = []
-    for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qk_norm = hasattr(attn, "q_norm")
-        o_bias = attn.o_proj.bias
-        layers.append(
-            LayerWeights(
-                W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-                W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
-                W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
-                W_O=split_heads_out(attn.o_proj.weight.detach(), H),
-                b_Q=_head_bias(attn.q_proj, H, dh),
-                b_K=expand_kv(_head_bias(attn.k_proj, K, dh), H),
-                b_V=expand_kv(_head_bias(attn.v_proj, K, dh), H),
-                b_O=(
-                    o_bias.detach()
-                    if o_bias is not None
-                    else attn.o_proj.weight.new_zeros(summary.d_model)
-                ),
-                W_in=mlp.up_proj.weight.detach().T,
-                b_in=detached(mlp.up_proj.bias),
-                W_gate=mlp.gate_proj.weight.detach().T,
-                W_out=mlp.down_proj.weight.detach().T,
-                b_out=detached(mlp.down_proj.bias),
-                ln_attn=_rmsnorm(getattr(layer, attn_norm)),
-                ln_mlp=_rmsnorm(getattr(layer, mlp_norm)),
-                q_norm=_qk_norm(attn.q_norm, H, dh, scope) if qk_norm else None,
-                k_norm=_qk_norm(attn.k_norm, H, dh, scope) if qk_norm else None,
-            )
-        )
     W_E = base.embed_tokens.weight.detach()
     W_U, b_U, _ = unembedding(hf, W_E)
     rope = base.rotary_emb
@@ -169,8 +139,36 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=_rmsnorm(base.norm),
         rotary=Rotary(rope.inv_freq.detach().clone(), float(rope.attention_scaling)),
         activation=activation(hf.config.hidden_act),
-        attn_scale=dh**-0.5,
-        layers=layers,
+        attn_scale=summary.d_head**-0.5,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its parameters; K/V expanded per head)."""
+    layer = base_model(hf).layers[index]
+    H, K, dh = summary.n_heads, summary.n_kv_heads, summary.d_head
+    _, (attn_norm, mlp_norm), scope = LAYOUTS.get(summary.model_type, LLAMA_LAYOUT)
+    attn, mlp = layer.self_attn, layer.mlp
+    qk_norm = hasattr(attn, "q_norm")
+    return LayerWeights(
+        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
+        W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
+        W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
+        W_O=split_heads_out(attn.o_proj.weight.detach(), H),
+        b_Q=_head_bias(attn.q_proj, H, dh),
+        b_K=expand_kv(_head_bias(attn.k_proj, K, dh), H),
+        b_V=expand_kv(_head_bias(attn.v_proj, K, dh), H),
+        b_O=output_bias(attn.o_proj),
+        W_in=mlp.up_proj.weight.detach().T,
+        b_in=detached(mlp.up_proj.bias),
+        W_gate=mlp.gate_proj.weight.detach().T,
+        W_out=mlp.down_proj.weight.detach().T,
+        b_out=detached(mlp.down_proj.bias),
+        ln_attn=_rmsnorm(getattr(layer, attn_norm)),
+        ln_mlp=_rmsnorm(getattr(layer, mlp_norm)),
+        q_norm=_qk_norm(attn.q_norm, H, dh, scope) if qk_norm else None,
+        k_norm=_qk_norm(attn.k_norm, H, dh, scope) if qk_norm else None,
     )
 
 

@@ -15,6 +15,7 @@ from tgeom.models.adapters.common import (
     base_model,
     detached,
     is_tied,
+    layer_sequence,
     rotary_context,
     unembedding,
 )
@@ -69,31 +70,6 @@ def _layernorm(module: Any) -> Norm:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
-    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
-    layers = []
-    for layer in base.layers:
-        attn, mlp = layer.attention, layer.mlp
-        w = attn.query_key_value.weight.detach().reshape(H, 3, dh, d).transpose(2, 3)
-        b = attn.query_key_value.bias.detach().reshape(H, 3, dh)
-        layers.append(
-            LayerWeights(
-                W_Q=w[:, 0],
-                W_K=w[:, 1],
-                W_V=w[:, 2],
-                W_O=split_heads_out(attn.dense.weight.detach(), H),
-                b_Q=b[:, 0],
-                b_K=b[:, 1],
-                b_V=b[:, 2],
-                b_O=attn.dense.bias.detach(),
-                W_in=mlp.dense_h_to_4h.weight.detach().T,
-                b_in=detached(mlp.dense_h_to_4h.bias),
-                W_gate=None,
-                W_out=mlp.dense_4h_to_h.weight.detach().T,
-                b_out=detached(mlp.dense_4h_to_h.bias),
-                ln_attn=_layernorm(layer.input_layernorm),
-                ln_mlp=_layernorm(layer.post_attention_layernorm),
-            )
-        )
     W_E = base.embed_in.weight.detach()
     W_U, b_U, _ = unembedding(hf, W_E)
     rope = base.rotary_emb
@@ -108,8 +84,34 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=_layernorm(base.final_layer_norm),
         rotary=Rotary(rope.inv_freq.detach().clone(), float(rope.attention_scaling)),
         activation=activation(hf.config.hidden_act),
-        attn_scale=dh**-0.5,
-        layers=layers,
+        attn_scale=summary.d_head**-0.5,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its parameters)."""
+    layer = base_model(hf).layers[index]
+    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
+    attn, mlp = layer.attention, layer.mlp
+    w = attn.query_key_value.weight.detach().reshape(H, 3, dh, d).transpose(2, 3)
+    b = attn.query_key_value.bias.detach().reshape(H, 3, dh)
+    return LayerWeights(
+        W_Q=w[:, 0],
+        W_K=w[:, 1],
+        W_V=w[:, 2],
+        W_O=split_heads_out(attn.dense.weight.detach(), H),
+        b_Q=b[:, 0],
+        b_K=b[:, 1],
+        b_V=b[:, 2],
+        b_O=attn.dense.bias.detach(),
+        W_in=mlp.dense_h_to_4h.weight.detach().T,
+        b_in=detached(mlp.dense_h_to_4h.bias),
+        W_gate=None,
+        W_out=mlp.dense_4h_to_h.weight.detach().T,
+        b_out=detached(mlp.dense_4h_to_h.bias),
+        ln_attn=_layernorm(layer.input_layernorm),
+        ln_mlp=_layernorm(layer.post_attention_layernorm),
     )
 
 

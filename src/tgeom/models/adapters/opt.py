@@ -25,6 +25,7 @@ from tgeom.models.adapters.common import (
     head_bias,
     is_tied,
     layer_norm,
+    layer_sequence,
     output_bias,
     unembedding,
     value_heads,
@@ -79,30 +80,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     decoder = base_model(hf).decoder
-    H, dh = summary.n_heads, summary.d_head
     raw_E = decoder.embed_tokens.weight.detach()
-    layers = []
-    for layer in decoder.layers:
-        attn = layer.self_attn
-        layers.append(
-            LayerWeights(
-                W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-                W_K=split_heads_in(attn.k_proj.weight.detach(), H),
-                W_V=split_heads_in(attn.v_proj.weight.detach(), H),
-                W_O=split_heads_out(attn.out_proj.weight.detach(), H),
-                b_Q=head_bias(attn.q_proj, H, dh),
-                b_K=head_bias(attn.k_proj, H, dh),
-                b_V=head_bias(attn.v_proj, H, dh),
-                b_O=output_bias(attn.out_proj),
-                W_in=layer.fc1.weight.detach().T,
-                b_in=detached(layer.fc1.bias),
-                W_gate=None,
-                W_out=layer.fc2.weight.detach().T,
-                b_out=detached(layer.fc2.bias),
-                ln_attn=layer_norm(layer.self_attn_layer_norm, raw_E),
-                ln_mlp=layer_norm(layer.final_layer_norm, raw_E),
-            )
-        )
     raw_U, b_U, _ = unembedding(hf, raw_E)
     final = decoder.final_layer_norm
     return CanonicalWeights(
@@ -116,8 +94,32 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=layer_norm(final, raw_E) if final is not None else None,
         rotary=None,
         activation=activation(hf.config.activation_function),
-        attn_scale=dh**-0.5,
-        layers=layers,
+        attn_scale=summary.d_head**-0.5,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its parameters)."""
+    layer = base_model(hf).decoder.layers[index]
+    H, dh = summary.n_heads, summary.d_head
+    attn = layer.self_attn
+    return LayerWeights(
+        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
+        W_K=split_heads_in(attn.k_proj.weight.detach(), H),
+        W_V=split_heads_in(attn.v_proj.weight.detach(), H),
+        W_O=split_heads_out(attn.out_proj.weight.detach(), H),
+        b_Q=head_bias(attn.q_proj, H, dh),
+        b_K=head_bias(attn.k_proj, H, dh),
+        b_V=head_bias(attn.v_proj, H, dh),
+        b_O=output_bias(attn.out_proj),
+        W_in=layer.fc1.weight.detach().T,
+        b_in=detached(layer.fc1.bias),
+        W_gate=None,
+        W_out=layer.fc2.weight.detach().T,
+        b_out=detached(layer.fc2.bias),
+        ln_attn=layer_norm(layer.self_attn_layer_norm, attn.q_proj.weight),
+        ln_mlp=layer_norm(layer.final_layer_norm, attn.q_proj.weight),
     )
 
 

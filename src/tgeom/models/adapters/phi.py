@@ -22,6 +22,7 @@ from tgeom.models.adapters.common import (
     head_bias,
     is_tied,
     layer_norm,
+    layer_sequence,
     output_bias,
     rotary_context,
     unembedding,
@@ -82,31 +83,7 @@ def summarize(hf: Any) -> ArchitectureSummary:
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
-    H, K, dh = summary.n_heads, summary.n_kv_heads, summary.d_head
     W_E = base.embed_tokens.weight.detach()
-    layers = []
-    for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        ln = layer_norm(layer.input_layernorm, W_E)
-        layers.append(
-            LayerWeights(
-                W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-                W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
-                W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
-                W_O=split_heads_out(attn.dense.weight.detach(), H),
-                b_Q=head_bias(attn.q_proj, H, dh),
-                b_K=expand_kv(head_bias(attn.k_proj, K, dh), H),
-                b_V=expand_kv(head_bias(attn.v_proj, K, dh), H),
-                b_O=output_bias(attn.dense),
-                W_in=mlp.fc1.weight.detach().T,
-                b_in=detached(mlp.fc1.bias),
-                W_gate=None,
-                W_out=mlp.fc2.weight.detach().T,
-                b_out=detached(mlp.fc2.bias),
-                ln_attn=ln,
-                ln_mlp=ln,
-            )
-        )
     W_U, b_U, _ = unembedding(hf, W_E)
     rope = base.rotary_emb
     return CanonicalWeights(
@@ -120,8 +97,33 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=layer_norm(base.final_layernorm, W_E),
         rotary=Rotary(rope.inv_freq.detach().clone(), float(rope.attention_scaling)),
         activation=activation(summary.activation),
-        attn_scale=dh**-0.5,
-        layers=layers,
+        attn_scale=summary.d_head**-0.5,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its projections; K/V expanded per head)."""
+    layer = base_model(hf).layers[index]
+    H, K, dh = summary.n_heads, summary.n_kv_heads, summary.d_head
+    attn, mlp = layer.self_attn, layer.mlp
+    ln = layer_norm(layer.input_layernorm, attn.q_proj.weight)
+    return LayerWeights(
+        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
+        W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
+        W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
+        W_O=split_heads_out(attn.dense.weight.detach(), H),
+        b_Q=head_bias(attn.q_proj, H, dh),
+        b_K=expand_kv(head_bias(attn.k_proj, K, dh), H),
+        b_V=expand_kv(head_bias(attn.v_proj, K, dh), H),
+        b_O=output_bias(attn.dense),
+        W_in=mlp.fc1.weight.detach().T,
+        b_in=detached(mlp.fc1.bias),
+        W_gate=None,
+        W_out=mlp.fc2.weight.detach().T,
+        b_out=detached(mlp.fc2.bias),
+        ln_attn=ln,
+        ln_mlp=ln,
     )
 
 

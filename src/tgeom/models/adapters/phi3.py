@@ -17,6 +17,7 @@ from tgeom.models.adapters.common import (
     activation,
     base_model,
     is_tied,
+    layer_sequence,
     output_bias,
     rotary_context,
     unembedding,
@@ -89,32 +90,6 @@ def _split_qkv(linear: Any, H: int, K: int, dh: int) -> tuple[Tensor, Tensor, Te
 
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
-    H, K, dh, dm = summary.n_heads, summary.n_kv_heads, summary.d_head, summary.d_mlp
-    layers = []
-    for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        W_Q, W_K, W_V = _split_qkv(attn.qkv_proj, H, K, dh)
-        gate, up = mlp.gate_up_proj.weight.detach().split([dm, dm], dim=0)
-        no_bias = zeros_bias(H, dh, W_Q)
-        layers.append(
-            LayerWeights(
-                W_Q=W_Q,
-                W_K=W_K,
-                W_V=W_V,
-                W_O=split_heads_out(attn.o_proj.weight.detach(), H),
-                b_Q=no_bias,
-                b_K=no_bias,
-                b_V=no_bias,
-                b_O=output_bias(attn.o_proj),
-                W_in=up.T,
-                b_in=None,
-                W_gate=gate.T,
-                W_out=mlp.down_proj.weight.detach().T,
-                b_out=None,
-                ln_attn=_rmsnorm(layer.input_layernorm),
-                ln_mlp=_rmsnorm(layer.post_attention_layernorm),
-            )
-        )
     W_E = base.embed_tokens.weight.detach()
     W_U, b_U, _ = unembedding(hf, W_E)
     rope = base.rotary_emb
@@ -129,8 +104,36 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
         final_norm=_rmsnorm(base.norm),
         rotary=Rotary(rope.inv_freq.detach().clone(), float(rope.attention_scaling)),
         activation=activation(hf.config.hidden_act),
-        attn_scale=dh**-0.5,
-        layers=layers,
+        attn_scale=summary.d_head**-0.5,
+        layers=layer_sequence(hf, summary, blocks(hf), extract_layer),
+    )
+
+
+def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
+    """Block ``index`` in canonical form (views of its fused projections; K/V expanded per
+    head)."""
+    layer = base_model(hf).layers[index]
+    H, K, dh, dm = summary.n_heads, summary.n_kv_heads, summary.d_head, summary.d_mlp
+    attn, mlp = layer.self_attn, layer.mlp
+    W_Q, W_K, W_V = _split_qkv(attn.qkv_proj, H, K, dh)
+    gate, up = mlp.gate_up_proj.weight.detach().split([dm, dm], dim=0)
+    no_bias = zeros_bias(H, dh, W_Q)
+    return LayerWeights(
+        W_Q=W_Q,
+        W_K=W_K,
+        W_V=W_V,
+        W_O=split_heads_out(attn.o_proj.weight.detach(), H),
+        b_Q=no_bias,
+        b_K=no_bias,
+        b_V=no_bias,
+        b_O=output_bias(attn.o_proj),
+        W_in=up.T,
+        b_in=None,
+        W_gate=gate.T,
+        W_out=mlp.down_proj.weight.detach().T,
+        b_out=None,
+        ln_attn=_rmsnorm(layer.input_layernorm),
+        ln_mlp=_rmsnorm(layer.post_attention_layernorm),
     )
 
 
