@@ -13,7 +13,13 @@ from typing import Any
 import typer
 
 from tgeom.cli import app
-from tgeom.cli.options import BLOCK_MEANING, DTYPE_OPT, HIDDEN_MEANING, renamed_layer
+from tgeom.cli.options import (
+    BLOCK_MEANING,
+    DEVICE_MAP_OPT,
+    DTYPE_OPT,
+    HIDDEN_MEANING,
+    renamed_layer,
+)
 from tgeom.cli.output import print_table, print_warnings
 from tgeom.runtime import DtypeName
 
@@ -75,6 +81,7 @@ def _collect(
     keep_first: bool,
     trust_remote_code: bool,
     dtype: str = "float32",
+    device_map: str | None = None,
     need_topics: bool = False,
     checkpoint_every: int = 16,
     second_moment: bool = True,
@@ -87,7 +94,7 @@ def _collect(
     from tgeom.results import prepare_out_dir, write_results
     from tgeom.runtime import Runtime
 
-    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     docs = load_corpus(corpus)
     windows = make_windows(
         docs, lm.tokenizer, seq_len, max_windows_per_topic=max_windows, max_context=lm.summary.n_ctx
@@ -242,6 +249,7 @@ def collect_cmd(
     keep_first: bool = FIRST_OPT,
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
     checkpoint_every: int = typer.Option(
         16, "--checkpoint-every", help="Save a resumable checkpoint every N batches."
     ),
@@ -261,6 +269,7 @@ def collect_cmd(
         keep_first,
         trust_remote_code,
         dtype,
+        device_map,
         checkpoint_every=checkpoint_every,
         second_moment=second_moment,
     )
@@ -306,6 +315,7 @@ def run_cmd(
     keep_first: bool = FIRST_OPT,
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
     k_subspace: int = K_OPT,
     low_freq: int = LOWF_OPT,
     drop_channels: int = DROP_OPT,
@@ -336,6 +346,7 @@ def run_cmd(
         keep_first,
         trust_remote_code,
         dtype,
+        device_map,
         need_topics=True,
         second_moment=second_moment,
     )
@@ -378,6 +389,7 @@ def qk_cmd(
     batch_size: int | None = BATCH_OPT,
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
     _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
     """Split every head's QK logits over the keys it sees: positional, content, scale, cross.
@@ -400,7 +412,7 @@ def qk_cmd(
     wanted_blocks = int_list(block, "--block")
     if max_windows is not None and max_windows < 1:
         raise TgeomError(f"--max-windows must be at least 1 (got {max_windows}).")
-    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     wanted = {**stats.meta, "model": str(lm.source), "d_model": lm.summary.d_model}
     wanted["n_blocks"] = lm.summary.n_layers
     check_same_identity(stats.meta, wanted, str(out), "pass the model that collected them.")

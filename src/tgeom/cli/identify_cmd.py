@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from tgeom.cli import app
-from tgeom.cli.options import BLOCK_MEANING, DTYPE_OPT, renamed_layer
+from tgeom.cli.options import BLOCK_MEANING, DEVICE_MAP_OPT, DTYPE_OPT, renamed_layer
 from tgeom.cli.output import print_warnings
 from tgeom.runtime import DtypeName
 
@@ -62,6 +62,7 @@ def effective_cmd(
     head: int = typer.Option(0, "--head", help="Head drawn in the figure."),
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
     _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
     """Raw and effective attention of every block and head for one text."""
@@ -71,7 +72,7 @@ def effective_cmd(
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
 
-    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     check_index("block", block, lm.summary.n_layers)
     check_index("head", head, lm.summary.n_heads)
     result = effective_attention(lm, _text_ids(lm, text))
@@ -100,6 +101,7 @@ def nullspace_cmd(
     ),
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """Null-space dimension of every head over a corpus' windows, and Pearson vs length.
 
@@ -113,7 +115,7 @@ def nullspace_cmd(
     from tgeom.results import prepare_out_dir, write_results
     from tgeom.runtime import Runtime
 
-    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
     # Prefixes of the windows with lengths spread from 8 to T, wrapped in [CLS]/[SEP] (encoders)
     # or BOS (decoders), so dims and Pearson read against length and special tokens show.
@@ -157,6 +159,7 @@ def tokens_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the split and the MLP."),
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """Share of hidden tokens mapped back to their own input, per hidden state, g and distance."""
     from tgeom.analyses.identifiability import token_identifiability
@@ -164,7 +167,7 @@ def tokens_cmd(
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
 
-    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     docs, windows = _windows(lm, corpus, seq_len, max_windows_per_topic)
     result = token_identifiability(lm, windows.token_ids, candidates=candidates, seed=seed)
     out_dir = prepare_out_dir(out)
@@ -190,6 +193,7 @@ def attribution_cmd(
     ),
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """Contribution of every input token to every hidden token, at every hidden state."""
     from tgeom.analyses.identifiability import token_attribution
@@ -198,7 +202,7 @@ def attribution_cmd(
     from tgeom.plots import identifiability as P
     from tgeom.results import prepare_out_dir, write_results
 
-    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     shown = lm.summary.n_layers if hidden is None else hidden
     check_index("hidden state", shown, lm.summary.n_layers + 1)
     result = token_attribution(lm, _text_ids(lm, text), mode=mode, samples=samples, seed=seed)

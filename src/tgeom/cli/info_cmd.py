@@ -8,7 +8,7 @@ import json
 import typer
 
 from tgeom.cli import app
-from tgeom.cli.options import DTYPE_OPT
+from tgeom.cli.options import DEVICE_MAP_OPT, DTYPE_OPT
 from tgeom.cli.output import print_table
 from tgeom.runtime import DtypeName
 
@@ -23,13 +23,20 @@ def info(
         False, "--trust-remote-code", help="Allow custom model code from the model's author."
     ),
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """Print the architecture summary: family, blocks (n_blocks), heads, widths, vocabulary,
     norms, and the special mechanisms (positions, QK-norm, sliding windows, soft-caps, parallel
     blocks)."""
     from tgeom.models import load_model
 
-    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device="cpu")
+    lm = load_model(
+        model,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        device="cpu" if device_map is None else None,
+        device_map=device_map,
+    )
     summary = {
         **lm.identity,
         **dataclasses.asdict(lm.summary),

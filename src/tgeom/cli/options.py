@@ -31,6 +31,13 @@ DTYPE_OPT: Any = typer.Option(
     "(statistics still accumulate in float64).",
 )
 
+DEVICE_MAP_OPT: Any = typer.Option(
+    None,
+    "--device-map",
+    help="auto: spread a model larger than one device over the GPUs, then the CPU "
+    "(accelerate); default: the whole model on one device.",
+)
+
 
 def renamed_layer(new: str, meaning: str, flag: str = "--layer") -> Any:
     """A hidden ``flag`` option that stops the command with one line naming ``new``."""

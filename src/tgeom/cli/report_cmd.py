@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from tgeom.cli import app
-from tgeom.cli.options import DTYPE_OPT
+from tgeom.cli.options import DEVICE_MAP_OPT, DTYPE_OPT
 from tgeom.runtime import DtypeName
 
 
@@ -24,6 +24,7 @@ def report(
     force: bool = typer.Option(False, "--force", help="Write into a non-report folder anyway."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """Run the three analysis families and write a self-contained HTML report."""
     from tgeom.report.build import ReportOptions, build_report
@@ -36,6 +37,7 @@ def report(
             "seq_len": seq_len,
             "windows_per_topic": windows_per_topic,
             "dtype": dtype,
+            "device_map": device_map,
         }.items()
         if v is not None
     }

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from tgeom.cli import app
-from tgeom.cli.options import BLOCK_MEANING, DTYPE_OPT, int_list, renamed_layer
+from tgeom.cli.options import BLOCK_MEANING, DEVICE_MAP_OPT, DTYPE_OPT, int_list, renamed_layer
 from tgeom.cli.output import print_table
 from tgeom.errors import TgeomError
 from tgeom.runtime import DtypeName
@@ -65,10 +65,12 @@ FREQUENT_CORPUS_OPT = typer.Option(
 )
 
 
-def _load(model: str, trust_remote_code: bool, dtype: str) -> Any:
+def _load(model: str, trust_remote_code: bool, dtype: str, device_map: str | None) -> Any:
     from tgeom.models import load_model
 
-    return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    return load_model(
+        model, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+    )
 
 
 def _vocabulary(
@@ -169,6 +171,7 @@ def project(
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """Project one parameter vector (FFN key/value or a subhead) to its top and bottom tokens."""
     from tgeom.analyses.embedding.projection import project_parameter
@@ -182,7 +185,7 @@ def project(
     else:
         block, h = _pair(head or "", "head")
         which = {"head": h, "subhead": subhead, "index": index}
-    lm = _load(model, trust_remote_code, dtype)
+    lm = _load(model, trust_remote_code, dtype, device_map)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask
     result = project_parameter(
@@ -232,6 +235,7 @@ def topk(
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
     _layer: str | None = renamed_layer("--block", BLOCK_MEANING),
 ) -> None:
     """Exact top entries of one head's QK or OV matrix in token space (never materialised)."""
@@ -241,7 +245,7 @@ def topk(
 
     if circuit not in ("qk", "ov"):
         raise TgeomError(f"--circuit must be qk or ov, got {circuit!r}.")
-    lm = _load(model, trust_remote_code, dtype)
+    lm = _load(model, trust_remote_code, dtype, device_map)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask
     result = head_top_pairs(
@@ -301,6 +305,7 @@ def atlas(
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
     _layers: str | None = renamed_layer("--blocks", "comma-separated blocks 0..L-1", "--layers"),
 ) -> None:
     """Top QK and OV pairs of every chosen head, as one table (atlas.csv + results.json)."""
@@ -309,7 +314,7 @@ def atlas(
 
     chosen, chosen_heads = int_list(blocks, "--blocks"), int_list(heads, "--heads")
     circuits = _circuits(circuit)
-    lm = _load(model, trust_remote_code, dtype)
+    lm = _load(model, trust_remote_code, dtype, device_map)
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask
     result = head_atlas(
@@ -363,13 +368,14 @@ def lens(
     out: Path = OUT_OPT,
     trust_remote_code: bool = REMOTE_OPT,
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """Logit lens: final_norm(hidden[h]) @ W_U.T at every hidden state 0..L and position."""
     from tgeom.analyses.embedding.lens import logit_lens
     from tgeom.plots.embedding import logit_lens_figure, save_figure
     from tgeom.results import prepare_out_dir, write_results
 
-    lm = _load(model, trust_remote_code, dtype)
+    lm = _load(model, trust_remote_code, dtype, device_map)
     filtered = ascii_only or alpha_only or not keep_special
     vocabulary = _vocabulary(lm, keep_special, ascii_only, alpha_only, frequent, frequent_corpus)
     mask = vocabulary.mask if filtered or frequent is not None else None

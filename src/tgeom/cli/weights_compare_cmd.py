@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from tgeom.cli.options import DTYPE_OPT, int_list, renamed_layer
+from tgeom.cli.options import DEVICE_MAP_OPT, DTYPE_OPT, int_list, renamed_layer
 from tgeom.cli.weights_cmd import weights_app
 from tgeom.errors import TgeomError
 from tgeom.runtime import DtypeName
@@ -89,6 +89,7 @@ def validate(
     keep_special: bool = typer.Option(False, "--keep-special", help="Keep special tokens."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled baselines."),
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """R_k (active neurons vs hidden states) and Sim_k (related parameter pairs), per block."""
     from tgeom.analyses.embedding.validation import check_definition, r_k, sim_k
@@ -106,7 +107,7 @@ def validate(
     if rank_by and rk_definition != "tgeom":
         raise TgeomError("--rank-by applies to the tgeom definition of R_k only; drop it.")
     out = prepare_out_dir(out)
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device_map=device_map)
     windows = _windows(corpus, lm.tokenizer, seq_len, max_windows)
     exclude = [] if keep_special else lm.special_token_ids()
     rk = r_k(
@@ -162,6 +163,7 @@ def align(
     embedding: str = typer.Option("out", "--embedding", help=EMBEDDING_HELP),
     _per_layer: str | None = renamed_layer("--per-block", "vectors per block", "--per-layer"),
     dtype: DtypeName = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
 ) -> None:
     """Block-by-block similarity of two models in vocabulary space, with Hungarian matching."""
     from tgeom.analyses.embedding.alignment import align_models, check_shared_vocabulary
@@ -172,7 +174,8 @@ def align(
     if per_block < 1:
         raise TgeomError(f"--per-block {per_block} must be at least 1.")
     out = prepare_out_dir(out)
-    lm_a, lm_b = load_model(model_a, dtype=dtype), load_model(model_b, dtype=dtype)
+    lm_a = load_model(model_a, dtype=dtype, device_map=device_map)
+    lm_b = load_model(model_b, dtype=dtype, device_map=device_map)
     check_shared_vocabulary(lm_a, lm_b, "alignment")
     result = align_models(
         lm_a.weights(),

@@ -44,6 +44,7 @@ class ReportOptions:
     attribution_samples: int = 8
     seed: int = 0
     dtype: str = "float32"  # the model's precision (--dtype); statistics stay float64
+    device_map: str | None = None  # "auto": spread over the GPUs, then the CPU (--device-map)
 
     @classmethod
     def for_device(cls, device_type: str, **overrides: Any) -> ReportOptions:
@@ -100,7 +101,9 @@ class ReportContext:
         from tgeom.models import load_model
 
         with self.progress.stage(f"loading {self.model_source}"):
-            return load_model(self.model_source, dtype=self.options.dtype)
+            return load_model(
+                self.model_source, dtype=self.options.dtype, device_map=self.options.device_map
+            )
 
     @cached_property
     def windows(self) -> Any:
