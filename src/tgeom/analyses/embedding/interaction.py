@@ -314,6 +314,11 @@ def head_top_pairs(
     col_ids = None if col_mask is None else col_mask.to(E_cols.device).nonzero()[:, 0]
     if (row_ids is not None and len(row_ids) == 0) or (col_ids is not None and len(col_ids) == 0):
         raise TgeomError("the token filters leave no token pair; relax them.")
+    # A mask keeping few tokens embeds only those (Gemma 3's 4,096 frequent tokens of 262,144:
+    # N factor rows, not V); one keeping most (the special tokens dropped) masks inside the
+    # top-k instead: gathering would copy W_U[kept] per side (1.1B Llama in bf16: 2 x 131 MB).
+    row_ids = row_ids if row_ids is not None and 2 * len(row_ids) <= len(E_rows) else None
+    col_ids = col_ids if col_ids is not None and 2 * len(col_ids) <= len(E_cols) else None
     if row_ids is not None:
         E_rows = E_rows[row_ids]
     if col_ids is not None:
@@ -321,7 +326,16 @@ def head_top_pairs(
     A, B = circuit_factors(cw, block, head, circuit, E_rows, E_cols, qk_scales)
     weights = cw.layers[block].W_V.dtype
     screen = weights if weights in LOW_PRECISION else None  # in the model's own precision
-    top = factored_topk(A, B, k, largest=largest, chunk_size=chunk_size, screen_dtype=screen)
+    top = factored_topk(
+        A,
+        B,
+        k,
+        largest=largest,
+        row_mask=row_mask if row_ids is None else None,
+        col_mask=col_mask if col_ids is None else None,
+        chunk_size=chunk_size,
+        screen_dtype=screen,
+    )
     if len(top) == 0:
         raise TgeomError("the token filters leave no token pair; relax them.")
     if row_ids is not None:  # back to vocabulary ids
