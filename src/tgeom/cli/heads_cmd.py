@@ -31,7 +31,12 @@ def heads_cmd(
     corpus: str = typer.Option(
         "builtin", "--corpus", help="Text file, folder (topic = sub-folder), .jsonl, builtin."
     ),
-    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per window T."),
+    seq_len: int | None = typer.Option(
+        None,
+        "--seq-len",
+        help="Tokens per window T (default 64, or d_head + 32 when longer: null spaces need "
+        "more tokens than d_head).",
+    ),
     max_windows_per_topic: int = typer.Option(
         4, "--max-windows-per-topic", help="Keep the first N windows of each topic."
     ),

@@ -142,6 +142,15 @@ def default_induction_length(n_ctx: int | None) -> int:
     return max(2, min(DEFAULT_INDUCTION_LENGTH, (int(n_ctx) - 2) // 2))
 
 
+def default_seq_len(lm: Any) -> int:
+    """64 tokens, or ``d_head + 32`` when that is longer (a window must have more tokens than
+    ``d_head`` for a head's attention to have a null space at all: SmolLM2's d_head is 64),
+    within the model's context."""
+    wanted = max(64, int(lm.summary.d_head) + 32)
+    n_ctx = lm.summary.n_ctx
+    return wanted if n_ctx is None else min(wanted, int(n_ctx))
+
+
 def sample_rows(n: int, wanted: int | None) -> Tensor:
     """``wanted`` evenly spaced window indices of ``0..n-1`` (all when None or >= n)."""
     if wanted is None or wanted >= n:
@@ -210,7 +219,7 @@ def heads(
     model: Any,
     corpus: Any = "builtin",
     *,
-    seq_len: int = 64,
+    seq_len: int | None = None,
     max_windows_per_topic: int | None = 4,
     prepend_special: bool = True,
     pass_windows: int | None = None,
@@ -228,7 +237,8 @@ def heads(
     """The head atlas of ``model`` (an alias, folder, .gguf, hub id or a LoadedModel) over
     ``corpus`` (a source for :func:`tgeom.load_corpus`, a Corpus, or ready Windows).
 
-    ``seq_len``, ``max_windows_per_topic``, ``prepend_special``: the windows (SPEC 2; with
+    ``seq_len`` (default :func:`default_seq_len`), ``max_windows_per_topic``,
+    ``prepend_special``: the windows (SPEC 2; with
     ``prepend_special`` each window starts with BOS/CLS, the "first token" of the identifiability
     and behaviour columns, and the geometry drops that position as it drops position 0).
     ``pass_windows``: the shared forward pass reads this many evenly spaced windows (all when
@@ -264,7 +274,7 @@ def heads(
         windows = make_windows(
             docs,
             lm.tokenizer,
-            seq_len,
+            default_seq_len(lm) if seq_len is None else seq_len,
             prepend_special=prepend_special,
             max_windows_per_topic=max_windows_per_topic,
             max_context=n_ctx,
@@ -387,7 +397,7 @@ def heads(
         "timings_s": timings,
     }
     options = {
-        "seq_len": seq_len,
+        "seq_len": int(windows.seq_len),
         "max_windows_per_topic": max_windows_per_topic,
         "prepend_special": prepend_special,
         "pass_windows": pass_windows,
