@@ -5,6 +5,11 @@ of block ``l - 1`` (blocks are 0-based: block ``b`` reads ``hidden[b]`` and writ
 ``hidden[b + 1]``): the residual stream *before* the final norm for every architecture (SPEC section
 0). They are taken with hooks on the blocks rather than from ``output_hidden_states``, because
 Hugging Face applies the final norm to the last entry for some models.
+
+Precision: a model loaded in bfloat16 / float16 runs its forward in that dtype, but every tensor
+handed on (hidden states, values, attention probabilities) is float32, so what folds them (long
+sums, Gram matrices, SVDs) never computes in the low precision; a hidden state that overflowed
+to inf or NaN in the low precision stops the run in one line naming it.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tgeom.errors import TgeomError
+from tgeom.linalg.precision import LOW_PRECISION
 from tgeom.models.load import LoadedModel
-from tgeom.runtime import Runtime
+from tgeom.runtime import Runtime, dtype_name
 
 
 @dataclass
@@ -39,6 +46,22 @@ def _first_tensor(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output[0]
 
 
+def _float32(t: Tensor) -> Tensor:
+    """``t`` (detached) in float32 when the forward ran in bfloat16 / float16, else as it is."""
+    t = t.detach()
+    return t.float() if t.dtype in LOW_PRECISION else t
+
+
+def _checked_hidden(index: int, h: Tensor) -> Tensor:
+    """``hidden[index]`` in float32; one line when the low-precision forward overflowed."""
+    if h.dtype in LOW_PRECISION and not bool(torch.isfinite(h).all()):
+        raise TgeomError(
+            f"hidden state {index} holds inf or NaN: the forward overflowed in "
+            f"{dtype_name(h.dtype)}; pass --dtype bfloat16 or float32."
+        )
+    return _float32(h)
+
+
 @torch.no_grad()
 def stream_hidden(
     lm: LoadedModel,
@@ -50,10 +73,11 @@ def stream_hidden(
     values: Callable[[int, Tensor], None] | None = None,
     attention_weights: Callable[[int, Tensor], None] | None = None,
 ) -> Any:
-    """Run ``lm`` on ``input_ids [B, T]`` and hand each ``hidden[l] [B, T, d]`` (float32;
-    ``l = 0..L``) to ``fold(l, hidden_l)`` as soon as it exists (block ``l - 1`` writes it). Each
-    lies on the device of the block that wrote it (under ``device_map="auto"`` not always the
-    model's): a fold moves it to its own accumulator's device.
+    """Run ``lm`` on ``input_ids [B, T]`` and hand each ``hidden[l] [B, T, d]`` (float32, also
+    for a bfloat16 / float16 model; float64 only for a float64 model; ``l = 0..L``) to
+    ``fold(l, hidden_l)`` as soon as it exists (block ``l - 1`` writes it). Each lies on the
+    device of the block that wrote it (under ``device_map="auto"`` not always the model's): a
+    fold moves it to its own accumulator's device.
 
     Nothing is kept: a running statistic folds each hidden state while it is still in cache and
     the allocator can reuse its memory. ``attention_mask [B, T]`` is 1 for real tokens (right
@@ -71,11 +95,11 @@ def stream_hidden(
     blocks = list(lm.blocks())
 
     def block_input(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        fold(0, (args[0] if args else kwargs["hidden_states"]).detach())
+        fold(0, _checked_hidden(0, args[0] if args else kwargs["hidden_states"]))
 
     def block_output(index: int) -> Any:
         def hook(_module: Any, _args: Any, output: Any) -> None:
-            fold(index + 1, _first_tensor(output).detach())
+            fold(index + 1, _checked_hidden(index + 1, _first_tensor(output)))
 
         return hook
 
@@ -106,7 +130,7 @@ def _value_hook(
     module, heads = lm.adapter.value_projection(block, lm.summary)
 
     def hook(_module: Any, _args: Any, output: Any) -> None:
-        sink(index, heads(_first_tensor(output).detach()))
+        sink(index, _float32(heads(_first_tensor(output))))
 
     return module.register_forward_hook(hook)
 
@@ -119,7 +143,7 @@ def _weights_hook(
 
     def hook(_module: Any, _args: Any, output: Any) -> None:
         if output[1] is not None:
-            sink(index, output[1].detach())
+            sink(index, _float32(output[1]))
 
     return lm.adapter.attention_module(block).register_forward_hook(hook)
 
@@ -151,7 +175,7 @@ def capture(
     sink = keep_values if values else None
     output = stream_hidden(lm, input_ids, keep, attention_mask, attentions=attentions, values=sink)
     stacked = torch.stack([h for h in hidden if h is not None])
-    probs = torch.stack([a.to(device) for a in output.attentions]) if attentions else None
+    probs = torch.stack([_float32(a).to(device) for a in output.attentions]) if attentions else None
     return Captured(
         hidden=stacked,
         attentions=probs,

@@ -15,8 +15,9 @@ from typing import Any
 import typer
 
 from tgeom.cli import app
-from tgeom.cli.options import int_list
+from tgeom.cli.options import DTYPE_OPT, int_list
 from tgeom.cli.output import print_table, print_warnings
+from tgeom.runtime import DtypeName
 
 SUMMARY_ROWS = 12  # head rows the terminal shows; a last line says where the rest are
 TOP_PER_SCORE = 3
@@ -77,6 +78,7 @@ def heads_cmd(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the model author's code."
     ),
+    dtype: DtypeName = DTYPE_OPT,
 ) -> None:
     """Every head in one row: top pairs and spectral scores [DAR], key-side QK split [SZ], null
     spaces and effective attention [BRU], behaviour on text; and the layer atlas."""
@@ -92,7 +94,7 @@ def heads_cmd(
         raise TgeomError(f"--induction-length must be at least 2, got {induction_length}.")
     if frequent < 0:
         raise TgeomError(f"--frequent must be 0 (whole vocabulary) or positive, got {frequent}.")
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     shard = shard_from_env()
     result = heads(
         lm,

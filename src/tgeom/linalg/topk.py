@@ -60,12 +60,12 @@ import torch
 from torch import Tensor
 
 from tgeom.errors import TgeomError
+from tgeom.linalg.precision import LOW_PRECISION
 
 TILE_ENTRIES = 2**22  # entries per tile by default (4096 columns x 1024 rows)
 DEFAULT_COL_CHUNK = 4096
 SCREEN_RANK = 24  # at least this many leading directions kept exactly in the screening bound
 LOW_SCREEN_RANK = 16  # the leading directions of a bfloat16 / float16 screen (module docstring)
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 VERIFY_BATCH = 2**15  # candidate entries evaluated at once (64 MB of gathered float64 rows)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tgeom.linalg.precision import scores_against
 from tgeom.models.weights import (
     CanonicalWeights,
     LayerWeights,
@@ -211,8 +212,9 @@ def reference_forward(
 def logits(cw: CanonicalWeights, hidden: Tensor) -> Tensor:
     """Vocabulary scores ``[..., V]`` of a residual-stream state: final norm, ``W_U`` (+ ``b_U``),
     then the model's final soft-cap where it has one (Gemma 2, 3:
-    ``summary.final_logit_softcap``)."""
+    ``summary.final_logit_softcap``). float32 or better whatever the weights' precision
+    (:func:`tgeom.linalg.precision.scores_against`)."""
     h = cw.final_norm(hidden) if cw.final_norm is not None else hidden
-    out = h @ cw.W_U.T
+    out = scores_against(h.reshape(-1, h.shape[-1]), cw.W_U).reshape(*h.shape[:-1], -1)
     out = out + cw.b_U if cw.b_U is not None else out
     return softcap(out, cw.summary.final_logit_softcap)

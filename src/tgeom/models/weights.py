@@ -95,9 +95,10 @@ class Norm:
     eps: float
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.kind == "layernorm":
+        if self.kind == "layernorm":  # gains of a bfloat16 model widen to a float32 input
+            bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.nn.functional.layer_norm(
-                x, (x.shape[-1],), self.weight, self.bias, self.eps
+                x, (x.shape[-1],), self.weight.to(x.dtype), bias, self.eps
             )
         # Hugging Face's RMSNorm normalises in float32, then scales.
         x32 = x.float()

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from tgeom.analyses.embedding.projection import Embedding, embedding_name, vocab_matrix
 from tgeom.errors import TgeomError, check_index
+from tgeom.linalg.precision import LOW_PRECISION
 from tgeom.linalg.topk import factored_topk
 from tgeom.models.weights import CanonicalWeights, QKNorm
 from tgeom.results import results_frame
@@ -198,9 +199,6 @@ def softcap_note(cw: CanonicalWeights) -> str | None:
     None where the model has none (SPEC section 1, "Soft-capping")."""
     cap = cw.summary.attn_logit_softcap
     return None if cap is None else SOFTCAP_NOTE.format(cap=cap)
-
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def wide(t: Tensor) -> Tensor:

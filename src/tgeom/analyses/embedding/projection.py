@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from tgeom.errors import TgeomError, check_index
+from tgeom.linalg.precision import scores_against
 from tgeom.models.weights import CanonicalWeights, Norm
 from tgeom.results import results_frame
 
@@ -79,7 +80,8 @@ def project_vector(
         raise TgeomError(
             f"vector width {tuple(x.shape)} does not match the vocabulary matrix {tuple(E.shape)}."
         )
-    scores = xs.to(E.device, E.dtype) @ E.T  # [n, V]
+    scores = scores_against(xs, E)  # [n, V], float32 or better
+
     allowed = E.shape[0]
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != (E.shape[0],):

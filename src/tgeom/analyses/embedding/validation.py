@@ -52,6 +52,7 @@ from torch import Tensor
 from tgeom.analyses.embedding.alignment import Embedding, group_vectors, vocabulary_matrix
 from tgeom.capture import iter_captures
 from tgeom.errors import TgeomError
+from tgeom.linalg.precision import scores_against
 from tgeom.models.load import LoadedModel
 from tgeom.models.reference import (
     after_attention,
@@ -114,12 +115,11 @@ def topk_tokens(
     allowed = V - len(set(exclude_ids or ()))
     if not 1 <= k <= allowed:
         raise TgeomError(f"k = {k} is out of range: valid k are 1..{allowed} for this vocabulary.")
-    vectors = vectors.to(E.device, E.dtype)
     step = max(1, SCORE_BUDGET // V)
     excluded = torch.as_tensor(list(exclude_ids or ()), dtype=torch.long, device=E.device)
     ids, scores = [], []
     for start in range(0, vectors.shape[0], step):
-        block = vectors[start : start + step] @ E.T
+        block = scores_against(vectors[start : start + step], E)  # float32 or better
         if absolute:
             block = block.abs()
         elif not largest:
@@ -292,11 +292,14 @@ def _batches(
     left = max_positions if max_positions is not None else token_ids.numel()
     cw = lm.weights()
     for _, cap in iter_captures(lm, token_ids, runtime):
-        B = cap.hidden.shape[1]
-        bias = attention_bias(cw, None, B, T).to(cap.hidden.dtype)
+        # Block internals are recomputed from the weights in the model's own precision, as its
+        # forward ran (captures come float32); scores and overlaps widen again.
+        hidden = cap.hidden.to(cw.W_E.dtype)
+        B = hidden.shape[1]
+        bias = attention_bias(cw, None, B, T).to(hidden.dtype)
         keep = min(B * T, left)
         left -= keep
-        yield cap.hidden, bias, keep
+        yield hidden, bias, keep
 
 
 @torch.no_grad()

@@ -361,7 +361,7 @@ def heads(
             with_topics=len(topics) >= 2,
         )
     meta = {
-        "model": lm.source,
+        **lm.identity,
         "family": lm.family,
         "corpus": source,
         "seq_len": int(windows.seq_len),
