@@ -42,6 +42,7 @@ class ReportOptions:
     attribution_tokens: int = 16
     attribution_mode: str = "estimate"  # exact costs T * d JVPs: the GPU default
     attribution_samples: int = 8
+    heads_windows: int | None = 32  # the head atlas' attention pass: evenly spaced windows
     seed: int = 0
     dtype: str = "float32"  # the model's precision (--dtype); statistics stay float64
     device_map: str | None = None  # "auto": spread over the GPUs, then the CPU (--device-map)
@@ -58,6 +59,7 @@ class ReportOptions:
                 identify_hidden=None,
                 attribution_tokens=32,
                 attribution_mode="exact",
+                heads_windows=None,
             )
         else:
             base = cls()

@@ -10,6 +10,7 @@ from tgeom.report.build import ReportContext, Section, SectionBuilder, environme
 
 def default_sections() -> list[tuple[str, SectionBuilder]]:
     from tgeom.report.geometry_section import geometry_section
+    from tgeom.report.heads_section import heads_section
     from tgeom.report.identifiability_section import identifiability_section
     from tgeom.report.weights_section import weights_section
 
@@ -18,6 +19,7 @@ def default_sections() -> list[tuple[str, SectionBuilder]]:
         ("weights", weights_section),
         ("geometry", geometry_section),
         ("identifiability", identifiability_section),
+        ("heads", heads_section),
     ]
 
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from tgeom.analyses.embedding.atlas import HeadAtlas
+    from tgeom.analyses.geometry.stats import GeometryStats
     from tgeom.runtime import Runtime
 
 SPLIT = ("positional", "content", "scale", "cross")
@@ -184,9 +185,32 @@ def pair_text(pairs: list[dict[str, Any]]) -> str:
     return "; ".join(f"{p['row_token']!r}→{p['col_token']!r}" for p in pairs)
 
 
-def _top_pairs(atlas: HeadAtlas) -> dict[tuple[int, int, str], list[dict[str, Any]]]:
+def check_reused_statistics(stats: GeometryStats, windows: Any) -> None:
+    """One-line error unless ``stats`` were collected over exactly ``windows``, position 0
+    dropped (what the head atlas' own collection would give)."""
+    from tgeom.analyses.geometry.collect import windows_fingerprint
+
+    meta = stats.meta
+    if meta.get("windows_sha256") != windows_fingerprint(windows.token_ids):
+        raise TgeomError("the statistics handed to heads() are of other windows; pass none.")
+    if meta.get("options", {}).get("keep_first"):
+        raise TgeomError("the statistics handed to heads() keep position 0; pass none.")
+
+
+def check_reused_pairs(atlas: HeadAtlas, blocks: list[int], k: int) -> None:
+    """One-line error unless ``atlas`` holds ``k`` QK and OV pairs of every head of ``blocks``."""
+    missing = sorted(set(blocks) - set(atlas.blocks))
+    if atlas.k < k or missing or not {"qk", "ov"} <= set(atlas.circuits):
+        raise TgeomError(
+            f"the top pairs handed to heads() hold {atlas.k} pairs of {atlas.circuits} for "
+            f"blocks {atlas.blocks}; it needs {k} of qk and ov for blocks {blocks}: pass none."
+        )
+
+
+def _top_pairs(atlas: HeadAtlas, k: int) -> dict[tuple[int, int, str], list[dict[str, Any]]]:
+    """The atlas' first ``k`` pairs of each (block, head, circuit), best first."""
     found: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
-    for r in atlas.rows:
+    for r in (r for r in atlas.rows if r.rank < k):
         found.setdefault((r.block, r.head, r.circuit), []).append(
             {
                 "row": r.row,
@@ -233,6 +257,8 @@ def heads(
     checkpoint_path: str | Path | None = None,
     seed: int = 0,
     progress: bool = False,
+    stats: GeometryStats | None = None,
+    weights_atlas: HeadAtlas | None = None,
 ) -> HeadsResult:
     """The head atlas of ``model`` (an alias, folder, .gguf, hub id or a LoadedModel) over
     ``corpus`` (a source for :func:`tgeom.load_corpus`, a Corpus, or ready Windows).
@@ -247,7 +273,12 @@ def heads(
     None). ``k``: top pairs per head and circuit, over the ``frequent`` most frequent tokens
     of the windows (None: the whole vocabulary), special tokens dropped. ``shard``: a
     torchrun job's rank (default: from the environment). ``checkpoint_path``: where the
-    geometry statistics are saved (and resumed from)."""
+    geometry statistics are saved (and resumed from).
+
+    Work already done elsewhere (the report's other sections) is reused, not redone:
+    ``stats``, the [SZ] statistics of these very windows (position 0 dropped), skips the
+    collection; ``weights_atlas``, a weights atlas over the same tokens with at least ``k`` pairs
+    per head and circuit of every chosen block, gives the top pairs (its first ``k``)."""
     from tgeom.analyses.embedding.atlas import head_atlas
     from tgeom.analyses.geometry.collect import collect_statistics
     from tgeom.analyses.heads.behaviour import induction_batch, induction_scores
@@ -302,17 +333,22 @@ def heads(
     source = docs.source if docs is not None else None
     timings: dict[str, float] = {}
     stage = _Stages(timings, progress and shard.is_main)
+    if stats is not None:
+        check_reused_statistics(stats, windows)
+    if weights_atlas is not None:
+        check_reused_pairs(weights_atlas, chosen, k)
     with stage("geometry collection"):
-        stats = collect_statistics(
-            lm,
-            windows,
-            runtime,
-            checkpoint_path=checkpoint_path,
-            progress=progress and shard.is_main,
-            corpus=source,
-            shard=shard,
-            second_moment=False,
-        )
+        if stats is None:
+            stats = collect_statistics(
+                lm,
+                windows,
+                runtime,
+                checkpoint_path=checkpoint_path,
+                progress=progress and shard.is_main,
+                corpus=source,
+                shard=shard,
+                second_moment=False,
+            )
     with stage("attention pass (survey, behaviour, key-side split)"):
         scores = corpus_pass(lm, windows.token_ids[rows_used], stats, runtime, shard)
     warnings += scores.warnings
@@ -325,16 +361,20 @@ def heads(
     with stage("induction batch"):
         columns["induction"] = induction_scores(lm, repeated, runtime).scores()
     with stage("top pairs"):
-        atlas = head_atlas(
-            cw,
-            k,
-            vocab=lm.vocab_strings,
-            blocks=chosen,
-            row_mask=vocabulary.mask,
-            col_mask=vocabulary.mask,
-            quiet=not (progress and shard.is_main),
+        atlas = (
+            weights_atlas
+            if weights_atlas is not None
+            else head_atlas(
+                cw,
+                k,
+                vocab=lm.vocab_strings,
+                blocks=chosen,
+                row_mask=vocabulary.mask,
+                col_mask=vocabulary.mask,
+                quiet=not (progress and shard.is_main),
+            )
         )
-    pairs = _top_pairs(atlas)
+    pairs = _top_pairs(atlas, k)
     alibi = cw.alibi_slopes is not None
     names = columns_of(alibi)
     rows = []
