@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,19 +26,48 @@ from tgeom.results import atomic_write_text, prepare_out_dir, to_jsonable, write
 REPORT_MARKER = ".tgeom-report"
 
 
+AUTO = "auto"
+"""An option the report sizes from the model by :meth:`ReportOptions.sized_for`."""
+
+CPU_BUDGET = (
+    "tgeom report MODEL with its CPU defaults finishes within 15 minutes on 2 CPU cores for each "
+    "offline real model (minilm, smollm2, gemma3)"
+)
+"""The report's CPU budget; the CPU defaults and the sizing rule below are chosen to meet it."""
+
+CPU_ATLAS_WORK = 4096**2 * 30 * 9 * 64
+"""The head atlas' work on the CPU, ``N^2 * n_blocks * n_heads * d_head`` for ``N`` atlas tokens
+(every head's exact top-k over an ``N x N`` rank-``d_head`` product): SmolLM2's 30 blocks x 9
+heads x d_head 64 with ``N = 4,096``."""
+MIN_ATLAS_VOCAB = 1024
+"""The sized atlas never reads fewer of the most frequent corpus tokens than this."""
+MIN_NULL_SEQUENCES = 16
+"""Points of Pearson(raw, effective) against length: the sized null-space batch keeps this many."""
+
+
+def _round_down(n: float, step: int) -> int:
+    return int(n // step * step)
+
+
 @dataclass(frozen=True)
 class ReportOptions:
-    """What the report computes; sized for a 2-core CPU by default (see :meth:`for_device`)."""
+    """What the report computes; sized for a 2-core CPU by default (see :meth:`for_device`).
+
+    Options set to :data:`AUTO` are sized from the model's architecture by :meth:`sized_for`
+    (the rule is in its docstring and in the README); the report states the sizes it used."""
 
     seq_len: int = 64
     windows_per_topic: int = 16
     atlas_k: int = 5
-    atlas_vocab: int | None = 4096  # rows/cols of the atlas: the N most frequent corpus tokens
+    # rows/cols of the atlas: the N most frequent corpus tokens (None: whole vocabulary)
+    atlas_vocab: int | str | None = AUTO
     atlas_blocks: tuple[int, ...] | None = None  # None: every block
     neurons_per_block: int = 3
     lens_text: str = "The capital of France is Paris. The quick brown fox jumps over the dog."
     identify_sequences: int = 64  # a 70/15/15 split's test part of 10: no degenerate-split warning
     identify_hidden: int | None = 8  # hidden states evaluated for identifiability (None: all)
+    null_seq_len: int | str = AUTO  # longest sequence of the null-space / effective batch
+    null_sequences: int | str = AUTO  # sequences of that batch (lengths spread from 8 up)
     attribution_tokens: int = 16
     attribution_mode: str = "estimate"  # exact costs T * d JVPs: the GPU default
     attribution_samples: int = 8
@@ -57,6 +86,7 @@ class ReportOptions:
                 atlas_vocab=None,
                 identify_sequences=200,
                 identify_hidden=None,
+                null_sequences=200,
                 attribution_tokens=32,
                 attribution_mode="exact",
                 heads_windows=None,
@@ -64,6 +94,34 @@ class ReportOptions:
         else:
             base = cls()
         return cls(**{**asdict(base), **overrides})
+
+    def sized_for(self, summary: Any) -> ReportOptions:
+        """These options with every :data:`AUTO` size replaced by the rule, from ``summary``
+        (an :class:`~tgeom.models.weights.ArchitectureSummary`):
+
+        - ``atlas_vocab = min(4096, V, max(1024, N))`` with ``N`` the largest multiple of 128
+          whose atlas work ``N^2 * n_blocks * n_heads * d_head`` stays within
+          :data:`CPU_ATLAS_WORK` (SmolLM2's at 4,096 tokens);
+        - ``null_seq_len = min(n_ctx, max(seq_len, 2 * d_head))``: effective attention differs
+          from raw attention only in sequences longer than ``d_head`` (SPEC 5), so the batch
+          reaches twice that;
+        - ``null_sequences = max(16, identify_sequences * (seq_len / null_seq_len)^2)``: the
+          null-space work grows with the square of the length, so longer sequences come fewer,
+          never fewer than 16 (:data:`MIN_NULL_SEQUENCES`).
+        """
+        sizes: dict[str, Any] = {}
+        if self.atlas_vocab == AUTO:
+            heads = summary.n_blocks * summary.n_heads * summary.d_head
+            fit = _round_down((CPU_ATLAS_WORK / heads) ** 0.5, 128)
+            sizes["atlas_vocab"] = min(4096, summary.vocab_size, max(MIN_ATLAS_VOCAB, fit))
+        null_len = self.null_seq_len
+        if null_len == AUTO:
+            null_len = min(summary.n_ctx, max(self.seq_len, 2 * summary.d_head))
+            sizes["null_seq_len"] = null_len
+        if self.null_sequences == AUTO:
+            scaled = int(self.identify_sequences * (self.seq_len / int(null_len)) ** 2)
+            sizes["null_sequences"] = max(MIN_NULL_SEQUENCES, scaled)
+        return replace(self, **sizes)
 
 
 @dataclass
@@ -108,18 +166,52 @@ class ReportContext:
             )
 
     @cached_property
-    def windows(self) -> Any:
-        from tgeom.corpus import load_corpus, make_windows
+    def sized(self) -> ReportOptions:
+        """The options with every :data:`AUTO` size fixed for this model (loads it)."""
+        return self.options.sized_for(self.lm.summary)
+
+    @cached_property
+    def corpus(self) -> Any:
+        from tgeom.corpus import load_corpus
 
         with self.progress.stage(f"reading corpus {self.corpus_source}"):
-            corpus = load_corpus(self.corpus_source)
-            return make_windows(
-                corpus,
-                self.lm.tokenizer,
-                self.options.seq_len,
-                max_windows_per_topic=self.options.windows_per_topic,
-                max_context=self.lm.summary.n_ctx,
-            )
+            return load_corpus(self.corpus_source)
+
+    @cached_property
+    def windows(self) -> Any:
+        from tgeom.corpus import make_windows
+
+        return make_windows(
+            self.corpus,
+            self.lm.tokenizer,
+            self.options.seq_len,
+            max_windows_per_topic=self.options.windows_per_topic,
+            max_context=self.lm.summary.n_ctx,
+        )
+
+    def spread_windows(self, seq_len: int, n: int) -> Any:
+        """Token ids ``[<= n, seq_len]`` of windows of ``seq_len`` tokens, taken from the topics in
+        turn (the first window of every topic, then the second, ...)."""
+        import torch
+
+        from tgeom.corpus import make_windows
+
+        per_topic = -(-n // len(self.corpus.topics))
+        windows = make_windows(
+            self.corpus,
+            self.lm.tokenizer,
+            seq_len,
+            max_windows_per_topic=per_topic,
+            max_context=self.lm.summary.n_ctx,
+        )
+        topics = windows.topic_ids.tolist()
+        rank: list[int] = []  # each window's place within its topic
+        seen: dict[int, int] = {}
+        for topic in topics:
+            rank.append(seen.get(topic, 0))
+            seen[topic] = rank[-1] + 1
+        order = sorted(range(len(topics)), key=lambda i: (rank[i], topics[i]))[:n]
+        return windows.token_ids[torch.tensor(order, dtype=torch.long)]
 
     def save_figure(self, fig: Any, name: str, caption: str) -> str:
         """Save a matplotlib figure as ``figures/<name>.png``; return its HTML block."""
@@ -207,13 +299,21 @@ def build_report(
             "model": model,
             "dtype": options.dtype,
             "corpus": corpus,
-            "options": asdict(options),
+            "options": _options_used(built, options),
             "environment": environment(),
             "sections": {s.anchor: s.results for s in built},
         },
         warnings=[f"{s.anchor}: {line}" for s in built for line in s.warnings],
     )
     return out_dir / "index.html"
+
+
+def _options_used(built: list[Section], options: ReportOptions) -> dict[str, Any]:
+    """The options with the sizes the model card recorded (the given ones if it did not run)."""
+    for section in built:
+        if "options_used" in section.results:
+            return dict(section.results["options_used"])
+    return asdict(options)
 
 
 def environment() -> dict[str, str]:

@@ -22,13 +22,20 @@ def identifiability_section(ctx: ReportContext) -> Section:
     from tgeom.analyses.identifiability.sequences import varied_length_batch
     from tgeom.plots import identifiability as P
 
-    lm, opts = ctx.lm, ctx.options
+    lm, opts = ctx.lm, ctx.sized
     windows = ctx.windows.token_ids[: opts.identify_sequences]
-    ids, mask = varied_length_batch(lm, windows)
-    with ctx.progress.stage("identifiability: null spaces and effective attention"):
+    long_windows = ctx.spread_windows(int(opts.null_seq_len), int(opts.null_sequences))
+    ids, mask = varied_length_batch(lm, long_windows)
+    with ctx.progress.stage(
+        f"identifiability: null spaces and effective attention ({len(ids)} sequences of "
+        f"8..{opts.null_seq_len} tokens)"
+    ):
         effective = effective_attention(lm, ids, mask)
         nulls = NullSpaceResult.from_sequences(effective.sequences, lm.summary.d_head)
-    with ctx.progress.stage("identifiability: token identifiability"):
+    with ctx.progress.stage(
+        f"identifiability: token identifiability ({len(windows)} sequences of "
+        f"{windows.shape[1]} tokens)"
+    ):
         ident = token_identifiability(lm, windows, seed=opts.seed, hidden=_hidden(lm, opts))
     with ctx.progress.stage(f"identifiability: attribution ({opts.attribution_mode})"):
         attribution = token_attribution(

@@ -31,8 +31,8 @@ def atlas_vocabulary(ctx: ReportContext) -> tuple[list[int] | None, torch.Tensor
     from tgeom.analyses.embedding.filters import frequent_token_ids, token_mask
 
     include = None
-    if ctx.options.atlas_vocab is not None:
-        include = frequent_token_ids(ctx.windows, ctx.options.atlas_vocab).tolist()
+    if ctx.sized.atlas_vocab is not None:
+        include = frequent_token_ids(ctx.windows, int(ctx.sized.atlas_vocab)).tolist()
     return include, token_mask(ctx.lm, include_ids=include)
 
 
@@ -64,7 +64,7 @@ def weights_section(ctx: ReportContext) -> Section:
     from tgeom.analyses.embedding.projection import project_parameter
     from tgeom.plots.embedding import logit_lens_figure, top_pairs_figure
 
-    lm, opts = ctx.lm, ctx.options
+    lm, opts = ctx.lm, ctx.sized
     cw = lm.weights()
     vocab = lm.vocab_strings
     include, mask = atlas_vocabulary(ctx)

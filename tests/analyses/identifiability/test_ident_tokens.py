@@ -73,6 +73,20 @@ def test_mlp_is_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(a(H), b(H))
 
 
+def test_mlp_fits_targets_at_gemmas_input_scale():
+    """A smooth map to targets of scale 25 (Gemma scales its inputs by sqrt(d) = 25.3 at
+    d = 640): the MLP g explains most of the held-out variance. Full-batch Adam (300 steps of
+    lr 1e-3 on raw targets) ran all 300 epochs and missed the bound (held-out MSE 320 against a
+    mean variance of 386); the mini-batch fit on standardised targets reaches 79."""
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(1000, 16, generator=g)
+    X = 25 * torch.tanh(2 * H @ (torch.randn(16, 16, generator=g) / 4))
+    net = fit_mlp(H[:800], X[:800], H[800:900], X[800:900], seed=0)
+    with torch.no_grad():
+        mse = float(((net(H[900:]) - X[900:]) ** 2).mean())
+    assert mse < 0.5 * float(X[900:].var(0).mean())
+
+
 def test_same_seed_same_rates_with_mlp_and_distances_option(tiny_model):
     lm = tiny_model("llama")
     ids = torch.randint(4, 96, (8, 10), generator=torch.Generator().manual_seed(9))
