@@ -15,7 +15,7 @@ from rich.console import Console
 
 from tgeom.cli import app
 from tgeom.cli.options import BLOCK_MEANING, DEVICE_MAP_OPT, DTYPE_OPT, int_list, renamed_layer
-from tgeom.cli.output import print_table
+from tgeom.cli.output import print_table, print_warnings
 from tgeom.errors import TgeomError
 from tgeom.runtime import DtypeName
 
@@ -241,6 +241,7 @@ def topk(
     """Exact top entries of one head's QK or OV matrix in token space (never materialised)."""
     from tgeom.analyses.embedding.interaction import head_top_pairs
     from tgeom.plots.embedding import save_figure, top_pairs_figure
+    from tgeom.plots.glyphs import glyph_warnings
     from tgeom.results import prepare_out_dir, write_results
 
     if circuit not in ("qk", "ov"):
@@ -269,8 +270,11 @@ def topk(
         "vocabulary": vocabulary.to_json(),
         **result.to_json(vocab),
     }
-    write_results(out, "weights topk", payload)
+    drawn = [p[side] for p in payload["pairs"] for side in ("row_token", "col_token")]
+    warnings = glyph_warnings(drawn, "top_pairs.png")
+    write_results(out, "weights topk", payload, warnings=warnings)
     save_figure(top_pairs_figure(result, vocab), prepare_out_dir(out) / "top_pairs.png")
+    print_warnings(warnings)
     print_table(
         f"{lm.source}: {circuit.upper()} block {block} head {head}"
         f" ({'most negative' if negative else 'largest'}; E = {result.embedding})",
@@ -373,6 +377,7 @@ def lens(
     """Logit lens: final_norm(hidden[h]) @ W_U.T at every hidden state 0..L and position."""
     from tgeom.analyses.embedding.lens import logit_lens
     from tgeom.plots.embedding import logit_lens_figure, save_figure
+    from tgeom.plots.glyphs import glyph_warnings
     from tgeom.results import prepare_out_dir, write_results
 
     lm = _load(model, trust_remote_code, dtype, device_map)
@@ -388,8 +393,11 @@ def lens(
         "vocabulary": vocabulary.to_json(),
         **result.to_json(),
     }
-    write_results(out, "weights lens", payload)
+    drawn = [*result.tokens, *(pos[0] for state in result.top_tokens for pos in state)]
+    warnings = glyph_warnings(drawn, "logit_lens.png")
+    write_results(out, "weights lens", payload, warnings=warnings)
     save_figure(logit_lens_figure(result), prepare_out_dir(out) / "logit_lens.png")
+    print_warnings(warnings)
     last = len(result.tokens) - 1
     print_table(
         f"{lm.source}: logit lens at the last position ({result.tokens[last]!r})",

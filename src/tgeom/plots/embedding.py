@@ -1,7 +1,8 @@
 """Figures for weights in embedding space [DAR]: one function per figure, result in, figure out.
 
 Figures never compute: they draw what the result objects hold. Token strings are shown with
-``$`` escaped (no mathtext) and control characters made visible.
+``$`` escaped (no mathtext), control characters made visible and characters the figure font has
+no glyph for escaped (:mod:`tgeom.plots.glyphs`).
 """
 
 from __future__ import annotations
@@ -17,16 +18,29 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tgeom.plots import HIDDEN_AXIS
+from tgeom.plots.glyphs import drawable
 
 
 def show_token(token: str, limit: int = 18, mathtext: bool = True) -> str:
     """A token as a safe one-line label: visible newlines/tabs, truncated, ``$`` escaped for
     mathtext labels (``mathtext=False`` for texts drawn with ``parse_math=False``)."""
     text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+    text = "".join(ch if drawable(ch) else _escaped(ch) for ch in text)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text.replace("$", r"\$") if mathtext else text
+
+
+def _escaped(ch: str) -> str:
+    """``\\x0b`` for a control character, ``\\u4e2d`` for one the figure font cannot draw."""
+    code = ord(ch)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
 
 
 def top_pairs_figure(

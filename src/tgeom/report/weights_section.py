@@ -63,6 +63,7 @@ def weights_section(ctx: ReportContext) -> Section:
     from tgeom.analyses.embedding.lens import logit_lens
     from tgeom.analyses.embedding.projection import project_parameter
     from tgeom.plots.embedding import logit_lens_figure, top_pairs_figure
+    from tgeom.plots.glyphs import glyph_warnings
 
     lm, opts = ctx.lm, ctx.sized
     cw = lm.weights()
@@ -97,8 +98,10 @@ def weights_section(ctx: ReportContext) -> Section:
         )
     )
     block = pairs_figure_block(len(cw.layers))
+    drawn: list[str] = []  # every token a figure draws (PNG text: the font decides its glyphs)
     for circuit in ("qk", "ov"):
         pairs = head_top_pairs(cw, block, 0, circuit, 20, row_mask=mask, col_mask=mask)
+        drawn += [p[side] for p in pairs.pairs(vocab) for side in ("row_token", "col_token")]
         parts.append(
             ctx.save_figure(
                 top_pairs_figure(pairs, vocab),
@@ -138,6 +141,7 @@ def weights_section(ctx: ReportContext) -> Section:
     ]
     with ctx.progress.stage("logit lens"):
         lens = logit_lens(lm, opts.lens_text, k=5, mask=no_special)
+    drawn += [*lens.tokens, *(pos[0] for state in lens.top_tokens for pos in state)]
     parts += [
         "<h3>Logit lens</h3>",
         f'<p class="note">Text: {H.token_span(opts.lens_text)}</p>',
@@ -159,4 +163,7 @@ def weights_section(ctx: ReportContext) -> Section:
             "top1_by_hidden": [[pos[0] for pos in state] for state in lens.top_tokens],
         },
     }
-    return Section("weights", "Weights in embedding space", "".join(parts), results)
+    warnings = glyph_warnings(drawn, "top-pairs and logit-lens figures")
+    return Section(
+        "weights", "Weights in embedding space", "".join(parts), results, warnings=warnings
+    )
