@@ -125,11 +125,32 @@ def write_results(
         "tgeom_version": tgeom_version(),
         "command": command,
         "warnings": list(warnings),
-        **to_jsonable(payload),
+        **_jsonable_but_arrays(payload),
     }
     target = out_dir / "results.json"
-    atomic_write_text(target, json.dumps(document, indent=1, allow_nan=False) + "\n")
+    # Streamed, each tensor or array converted as the encoder reaches it: the same text as
+    # json.dumps(to_jsonable(...)), without holding every number as a Python float and the
+    # whole text at once (attention effective on a 22-block, 32-head model, 128 tokens: 23 M
+    # numbers, ~3.7 GiB that way).
+    encoder = json.JSONEncoder(indent=1, allow_nan=False, default=to_jsonable)
+    with atomic_replace(target) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for chunk in encoder.iterencode(document):
+            handle.write(chunk)
+        handle.write("\n")
     return target
+
+
+def _jsonable_but_arrays(obj: Any) -> Any:
+    """:func:`to_jsonable`, leaving tensors and arrays for the encoder's ``default``."""
+    if isinstance(obj, torch.Tensor | np.ndarray):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable_but_arrays(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable_but_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable_but_arrays(v) for v in obj]
+    return to_jsonable(obj)
 
 
 def read_results(out: str | Path) -> dict[str, Any]:
