@@ -68,7 +68,7 @@ def heads_section(ctx: ReportContext) -> Section:
     from tgeom.report.geometry_section import corpus_statistics
     from tgeom.report.weights_section import weights_atlas
 
-    lm, opts = ctx.lm, ctx.options
+    lm, opts = ctx.lm, ctx.sized  # atlas_vocab as the weights atlas sized it
     stats = corpus_statistics(ctx)  # the geometry section's, reused
     pairs = weights_atlas(ctx) if opts.atlas_k >= TOP_K and opts.atlas_blocks is None else None
     with ctx.progress.stage("head atlas: one row per head"):
