@@ -39,7 +39,9 @@ def heads_cmd(
         "more tokens than d_head).",
     ),
     max_windows_per_topic: int = typer.Option(
-        4, "--max-windows-per-topic", help="Keep the first N windows of each topic."
+        2,
+        "--max-windows-per-topic",
+        help="Keep the first N windows of each topic (builtin: 12 topics).",
     ),
     pass_windows: int | None = typer.Option(
         None,

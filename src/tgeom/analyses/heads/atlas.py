@@ -244,7 +244,7 @@ def heads(
     corpus: Any = "builtin",
     *,
     seq_len: int | None = None,
-    max_windows_per_topic: int | None = 4,
+    max_windows_per_topic: int | None = 2,
     prepend_special: bool = True,
     pass_windows: int | None = None,
     induction_length: int | None = None,

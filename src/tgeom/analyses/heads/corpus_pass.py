@@ -171,6 +171,14 @@ def corpus_pass(
         columns |= {name: torch.full((L, H), float("nan")) for name in SPLIT_PARTS}
     else:
         columns |= split.scores()
+        cancel = (columns["cross"] < -1).nonzero().tolist()
+        if cancel:
+            heads = ", ".join(f"{b}:{h}" for b, h in cancel)
+            warnings.append(
+                f"heads (layer:head) {heads} have cross < -1: their key-side parts vary more "
+                "than the logit and cancel, so their shares exceed 1 and do not partition the "
+                "logit's variance"
+            )
     return CorpusHeadScores(
         columns, nulls, effective, int(token_ids.shape[0]), int(token_ids.shape[1]), warnings
     )

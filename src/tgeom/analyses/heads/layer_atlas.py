@@ -60,39 +60,42 @@ def layer_atlas(
         rms = float((stats.sumsq[hidden].sum() / n / stats.d_model) ** 0.5)
         lin = linearised_norm(cw.final_norm, rms)
 
-        def read(v: Tensor, bottom: bool = False, lin: Any = lin) -> list[dict[str, Any]]:
-            """Top tokens of ``lin(v)`` (``bottom``: of ``-lin(v)``, its scores)."""
-            found = project_vector(lin(v), E, k, mask=mask, bottom=bottom, vocab=vocab)
-            records = found.records()
-            return [{**r, "score": -r["score"]} for r in records] if bottom else records
-
-        entry: dict[str, Any] = {"layer": block, "hidden": hidden, "topics": []}
+        vectors: list[Tensor] = []  # every direction of this layer, read in one product
+        names: list[str] = []
         if with_topics:
             for index, name in enumerate(topics):
                 chosen = topic_ids == index
-                if not bool(chosen.any()):
-                    continue
-                v = dec.ctx[chosen].mean(0)
-                entry["topics"].append(
-                    {
-                        "topic": name,
-                        "n_windows": int(chosen.sum()),
-                        "norm": float(v.norm()),
-                        "promotes": read(v),
-                    }
-                )
+                if bool(chosen.any()):
+                    vectors.append(dec.ctx[chosen].mean(0))
+                    names.append(name)
         _, s, Vh = torch.linalg.svd(dec.pos, full_matrices=False)
         # a fixed sign (its largest coordinate positive), so "plus" names the same end each run
         Vh = Vh * torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True)))
+        n_pos = min(n_positional, int(s.numel()))
+        vectors += list(Vh[:n_pos])
+        read = lin(torch.stack(vectors))
+        top = project_vector(read, E, k, mask=mask, vocab=vocab)
+        bottom = project_vector(read[len(names) :], E, k, mask=mask, bottom=True, vocab=vocab)
+        entry: dict[str, Any] = {"layer": block, "hidden": hidden, "topics": []}
+        for i, name in enumerate(names):
+            entry["topics"].append(
+                {
+                    "topic": name,
+                    "n_windows": int((topic_ids == topics.index(name)).sum()),
+                    "norm": float(vectors[i].norm()),
+                    "promotes": top.records(i),
+                }
+            )
         energy = float((s**2).sum()) or 1.0
         entry["positional"] = [
             {
                 "direction": j,
                 "share": float(s[j] ** 2) / energy,
-                "plus": read(Vh[j]),
-                "minus": read(Vh[j], bottom=True),
+                "plus": top.records(len(names) + j),
+                # the bottom of v is the top of -v: its scores are those of -v
+                "minus": [{**r, "score": -r["score"]} for r in bottom.records(j)],
             }
-            for j in range(min(n_positional, int(s.numel())))
+            for j in range(n_pos)
         ]
         out.append(entry)
     return out
