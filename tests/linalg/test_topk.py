@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tgeom.errors import TgeomError
-from tgeom.linalg.topk import _Screen, factored_topk
+from tgeom.linalg.topk import _balanced_basis, _Screen, factored_topk
 
 
 def dense_reference(A, B, k, largest=True, row_mask=None, col_mask=None):
@@ -277,3 +277,75 @@ def test_screen_in_a_low_precision_bounds_every_entry(dtype, r):
         scale = float(A.norm(dim=1).max() * B.norm(dim=1).max())
         bare = (A / A.norm(dim=1).max()).to(dtype) @ (B / B.norm(dim=1).max()).to(dtype).T
         assert bool((bare.double() * scale < exact).any())
+
+
+def equal_norm_factors(R, C, r, seed):
+    """Rows of one norm (QK-norm-like) with decaying spectra that differ between the sides."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(R, r, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, r)
+    B = torch.randn(C, r, generator=g, dtype=torch.float64) * torch.logspace(-0.5, -1, r).flip(0)
+    B = B @ torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64)).Q
+    return A / A.norm(dim=1, keepdim=True), 3 * B / B.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("r", [64, 96])
+def test_balanced_basis_keeps_the_product_and_orders_its_spectrum(r):
+    A, B = equal_norm_factors(500, 400, r, seed=r)
+    basis = _balanced_basis(A, B)
+    eye = torch.eye(r, dtype=torch.float64)
+    assert float((basis.M @ basis.N.T - eye).abs().max()) < 1e-9
+    assert torch.allclose((A @ basis.M) @ (B @ basis.N).T, A @ B.T, atol=1e-10)
+    assert bool((basis.spectrum[:-1] >= basis.spectrum[1:]).all())
+    assert 0 < basis.error < 1e-6 and basis.stretch >= 1.0
+    # ||a|| ||b|| <= stretch ||a M|| ||b N|| (what the margin relies on)
+    lhs = A.norm(dim=1)[:, None] * B.norm(dim=1)[None]
+    rhs = (A @ basis.M).norm(dim=1)[:, None] * (B @ basis.N).norm(dim=1)[None]
+    assert bool((lhs <= basis.stretch * rhs).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("r", [64, 96])
+def test_screen_in_the_balanced_basis_bounds_every_entry(dtype, r):
+    """Equal-norm factors, decaying spectra: the screen keeps fewer than r/2 directions and its
+    product is at least every exact entry, over the whole matrix, parallel rows included."""
+    A, B = equal_norm_factors(400, 300, r, seed=r + 1)
+    B[:50] = 3 * A[:50]  # parallel rows: Cauchy-Schwarz is tight
+    A, B = A.to(dtype), B.to(dtype)
+    screen = _Screen(A, B, A.double().norm(dim=1), B.double().norm(dim=1), dtype)
+    assert screen.width < r // 2
+    bound = (screen.SA @ screen.SB.T).double() * screen.scale
+    exact = (A.double() @ B.double().T).to(dtype).double()  # the values the top-k compares
+    assert bool((bound + screen.underflow * screen.scale >= exact).all())
+
+
+@pytest.mark.parametrize("r", [64, 96])
+@pytest.mark.parametrize("largest", [True, False])
+def test_equal_norm_factors_match_the_dense_sort(r, largest):
+    """Equal-norm factors with a decaying spectrum (the balanced-basis screen, small tiles) and
+    exact ties (duplicated columns): the same pairs, in the same order, as the unscreened path
+    and the dense float64 sort."""
+    A, B = equal_norm_factors(300, 200, r, seed=r + 2)
+    B[100:110] = B[:10]  # every entry of these columns ties with one of an earlier column
+    full = factored_topk(A, B, 40, largest=largest, prune=False)
+    want = dense_reference(A, B, 40, largest)
+    for chunks in [(7, 13), (None, None)]:
+        got = factored_topk(
+            A, B, 40, largest=largest, chunk_size=chunks[0], col_chunk_size=chunks[1]
+        )
+        assert [(i, j) for i, j, _ in as_list(got)] == [(i, j) for i, j, _ in as_list(full)]
+        assert [(i, j) for i, j, _ in as_list(got)] == [(i, j) for i, j, _ in want]
+        assert_matches(as_list(got), want, atol=1e-12)
+        float32 = factored_topk(A.float(), B.float(), 40, largest=largest, chunk_size=chunks[0])
+        assert_matches(as_list(float32), dense_reference(A.float(), B.float(), 40, largest))
+
+
+def test_rank_deficient_and_random_factors_match_the_dense_sort():
+    """A factor with zero columns (singular Gram: the ridge) and isotropic random factors."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(200, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 64)
+    A[:, 40:] = 0
+    B = torch.randn(150, 64, generator=g, dtype=torch.float64)
+    for F, G in [(A, B), (B, torch.randn(120, 64, generator=g, dtype=torch.float64))]:
+        got = factored_topk(F, G, 30, chunk_size=5, col_chunk_size=9)
+        want = dense_reference(F, G, 30)
+        assert [(i, j) for i, j, _ in as_list(got)] == [(i, j) for i, j, _ in want]
