@@ -207,10 +207,11 @@ def test_behaviour_and_spectral_columns_equal_their_own_passes(atlas, corpus):
         spectral_scores,
         text_behaviour,
     )
+    from tgeom.analyses.embedding.filters import token_mask
 
     lm, result = atlas
     behaviour = text_behaviour(lm, windows_of(lm, corpus).token_ids, runtime=RUNTIME).scores()
-    spectral = spectral_scores(lm.weights())
+    spectral = spectral_scores(lm.weights(), mask=token_mask(lm))  # frequent=None: all kept
     R = result.options["induction_length"]
     induction = induction_scores(lm, induction_batch(lm, R, 8, 0), RUNTIME).scores()
     for row in result.rows:
