@@ -201,13 +201,13 @@ def test_bad_input_is_one_line(tiny_model, tmp_path, kwargs, message):
 def test_behaviour_and_spectral_columns_equal_their_own_passes(atlas, corpus):
     """The shared pass gives what text_behaviour's own forward passes give on the same windows;
     the spectral and induction columns are those of spectral_scores and induction_scores."""
+    from tgeom.analyses.embedding.filters import token_mask
     from tgeom.analyses.heads import (
         induction_batch,
         induction_scores,
         spectral_scores,
         text_behaviour,
     )
-    from tgeom.analyses.embedding.filters import token_mask
 
     lm, result = atlas
     behaviour = text_behaviour(lm, windows_of(lm, corpus).token_ids, runtime=RUNTIME).scores()
