@@ -76,7 +76,8 @@ def heads_section(ctx: ReportContext) -> Section:
             lm,
             ctx.windows,
             k=TOP_K,
-            frequent=opts.atlas_vocab,  # the weights atlas' tokens
+            # the weights atlas' tokens (sized: an int, or None for the whole vocabulary)
+            frequent=None if opts.atlas_vocab is None else int(opts.atlas_vocab),
             pass_windows=opts.heads_windows,
             seed=opts.seed,
             progress=not ctx.progress.quiet,
