@@ -106,6 +106,7 @@ def block_entry(split: KeySideSplit, stats: GeometryStats, block: int, T: int) -
         weight = float(counts["weight"][h])
         heads.append(
             {
+                "block": block,
                 "head": h,
                 **{name: _number(shares[name][h]) for name in split.parts},
                 "queries": int(counts["queries"][h]),
