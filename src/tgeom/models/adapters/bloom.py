@@ -19,6 +19,7 @@ from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
     base_model,
+    fused_qkv_per_head,
     is_tied,
     layer_norm,
     layer_sequence,
@@ -98,10 +99,9 @@ def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
 def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWeights:
     """Block ``index`` in canonical form (views of its parameters)."""
     layer = base_model(hf).h[index]
-    H, d, dh = summary.n_heads, summary.d_model, summary.d_head
+    H, dh = summary.n_heads, summary.d_head
     attn, mlp = layer.self_attention, layer.mlp
-    w = attn.query_key_value.weight.detach().reshape(H, 3, dh, d).transpose(2, 3)
-    b = attn.query_key_value.bias.detach().reshape(H, 3, dh)
+    w, b = fused_qkv_per_head(attn.query_key_value, H, dh)
     return LayerWeights(
         W_Q=w[:, 0],
         W_K=w[:, 1],

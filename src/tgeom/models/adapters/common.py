@@ -133,3 +133,11 @@ def rotary_context(config: Any, default: int | None = None) -> int:
             if original:
                 context = min(context, int(original))
     return context
+
+
+def fused_qkv_per_head(linear: Any, n_heads: int, d_head: int) -> tuple[Tensor, Tensor]:
+    """A fused QKV ``nn.Linear`` laid out per head (``[q_h; k_h; v_h]`` for each head h: GPT-NeoX,
+    BLOOM) as views ``W [H, 3, d, dh]`` and ``b [H, 3, dh]`` (index 1: 0 = Q, 1 = K, 2 = V)."""
+    d = linear.weight.shape[1]
+    W = linear.weight.detach().reshape(n_heads, 3, d_head, d).transpose(2, 3)
+    return W, linear.bias.detach().reshape(n_heads, 3, d_head)
