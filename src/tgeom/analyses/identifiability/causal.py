@@ -127,7 +127,7 @@ def prefix_effective_attention(
         # unproven made them certify M)
         M = V_f[pair_heads] if right is None else M_formed[torch.searchsorted(formed, pair_heads)]
         head, row = pairs.unbind(-1)
-        pair_rank, deficient_grams = _prefix_ranks(M, index, row, rtol)
+        pair_rank = _prefix_ranks(M, index, row, rtol)
         rank[head, row] = pair_rank
         projected[head, row] = (pair_rank == dh) & (row >= dh)  # full column rank after all
         deficient = pair_rank < (row + 1).clamp_max(dh)
@@ -152,7 +152,7 @@ def prefix_effective_attention(
     if len(pairs) and bool(deficient.any()):  # a smaller rank: the eigenvectors are needed
         head, index, row = head[deficient], index[deficient], row[deficient]
         effective[head, row] = _gram_projection(
-            A_f[head, row], M, index, row, pair_rank[deficient], deficient_grams
+            A_f[head, row], M, index, row, pair_rank[deficient]
         )
     return effective.reshape(A.shape), rank.reshape(A.shape[:-1])
 
@@ -439,58 +439,74 @@ def _class_average(A: Tensor, first: Tensor, visible: Tensor) -> tuple[Tensor, T
     return keys, means.gather(-1, by_key) * visible.index_select(-1, keys)
 
 
-def _prefixes(M: Tensor, head: Tensor, row: Tensor) -> Tensor:
-    """The prefixes ``M[head, :row+1]`` of ``M [b, n, dh]``, later rows zeroed: ``[p, n, dh]``."""
-    mask = torch.arange(M.shape[-2], device=M.device)[None, :] <= row[:, None]  # [p, n]
-    return M[head] * mask[..., None].to(M.dtype)
+def _prefix_grams(M: Tensor, head: Tensor, row: Tensor, block: int = 64) -> Tensor:
+    """Gram matrices ``[p, dh, dh]`` of the prefixes ``M[head, :row+1]`` (``M [b, n, dh]``,
+    ``head, row [p]``): per head, one GEMM for its shortest prefix, then running sums of the
+    later rows' outer products (``block`` rows at a time), so a head's prefixes cost ``O(n
+    dh^2)`` together instead of ``O(n dh^2)`` each. Float64 sums of at most ``n`` terms: their
+    error is ``~n eps ||G||``, far below the rank tolerances (``>= 1e-5`` on this path)."""
+    dh = M.shape[-1]
+    grams = torch.empty(len(head), dh, dh, dtype=M.dtype, device=M.device)
+    for h in head.unique().tolist():
+        pairs = (head == h).nonzero()[:, 0]
+        rows, order = row[pairs].sort()
+        pairs = pairs[order]
+        Mh, first, last = M[h], int(rows[0]), int(rows[-1])
+        running = Mh[: first + 1].transpose(-1, -2) @ Mh[: first + 1]
+        grams[pairs[0]] = running
+        for lo in range(first + 1, last + 1, block):
+            hi = min(lo + block, last + 1)
+            X = Mh[lo:hi]
+            sums = torch.cumsum(X[:, :, None] * X[:, None, :], 0)
+            sums += running
+            running = sums[-1]
+            inside = (rows >= lo) & (rows < hi)
+            grams[pairs[inside]] = sums[rows[inside] - lo]
+    return grams
 
 
-def _prefix_ranks(
-    M: Tensor, head: Tensor, row: Tensor, rtol: Tensor, chunk: int = 512
-) -> tuple[Tensor, Tensor]:
+def _prefix_ranks(M: Tensor, head: Tensor, row: Tensor, rtol: Tensor, chunk: int = 512) -> Tensor:
     """Ranks ``[p]`` of the prefixes ``M[head, :row+1]`` (``M [b, n, dh]``, float64): singular
     values, as square roots of the Gram matrix's float64 eigenvalues (resolved down to about
-    ``1e-7 s_max``, far below the tolerance), above ``rtol[row] * s_max``; and the Gram
-    matrices ``[d, dh, dh]`` of the ``d`` rank-deficient prefixes (rank below ``min(row + 1,
-    dh)``), in order, for :func:`_gram_projection`."""
-    dh = M.shape[-1]
-    ranks, deficient = [], []
+    ``1e-7 s_max``, far below the tolerance), above ``rtol[row] * s_max``."""
+    ranks = []
     for start in range(0, len(head), chunk):
         h, r = head[start : start + chunk], row[start : start + chunk]
-        Mp = _prefixes(M, h, r)
-        G = Mp.transpose(-1, -2) @ Mp
-        s = torch.linalg.eigvalsh(G).clamp_min(0).sqrt()  # ascending
-        rank = (s > rtol[r, None] * s[:, -1:].clamp_min(torch.finfo(s.dtype).tiny)).sum(-1)
-        ranks.append(rank)
-        deficient.append(G[rank < (r + 1).clamp_max(dh)])
-    return torch.cat(ranks), torch.cat(deficient)
+        s = torch.linalg.eigvalsh(_prefix_grams(M, h, r)).clamp_min(0).sqrt()  # ascending
+        ranks.append((s > rtol[r, None] * s[:, -1:].clamp_min(torch.finfo(s.dtype).tiny)).sum(-1))
+    return torch.cat(ranks)
 
 
 def _gram_projection(
-    a: Tensor, M: Tensor, head: Tensor, row: Tensor, rank: Tensor, G: Tensor, chunk: int = 512
+    a: Tensor, M: Tensor, head: Tensor, row: Tensor, rank: Tensor, chunk: int = 512
 ) -> Tensor:
     """Effective rows ``[p, n]`` for the attention rows ``a [p, n]`` of the prefixes ``M[head,
-    :row+1]`` (``M [b, n, dh]``) of rank ``rank [p]``, with their Gram matrices ``G [p, dh,
-    dh]`` (both from :func:`_prefix_ranks`): the projection on the eigenvectors of the ``rank``
-    largest eigenvalues of ``G``, refined once; ``chunk`` rows at a time."""
+    :row+1]`` (``M [b, n, dh]``) of rank ``rank [p]`` (from :func:`_prefix_ranks`): the
+    projection on the eigenvectors of the ``rank`` largest eigenvalues of the prefix's Gram
+    matrix, refined once; ``chunk`` rows at a time. ``a`` and the result vanish past ``row``,
+    so ``a M[head]`` is ``a`` times the prefix and the prefix times ``z`` is ``M[head] z`` cut
+    at ``row``."""
     n, dh = M.shape[-2:]
     out_rows = []
     for start in range(0, len(head), chunk):
         part = slice(start, start + chunk)
-        Mp = _prefixes(M, head[part], row[part])
-        lam, W = torch.linalg.eigh(G[part])  # ascending
+        Mh = M[head[part]]  # [c, n, dh]
+        lam, W = torch.linalg.eigh(_prefix_grams(M, head[part], row[part]))  # ascending
         keep = torch.arange(dh, device=M.device)[None, :] >= dh - rank[part, None]
         inv = torch.where(keep, 1.0 / lam.clamp_min(torch.finfo(lam.dtype).tiny), 0.0)
 
         def solve(rhs: Tensor, W: Tensor = W, inv: Tensor = inv) -> Tensor:  # G^+ rhs, [p, dh]
             return (W @ (inv * (W.transpose(-1, -2) @ rhs[..., None])[..., 0])[..., None])[..., 0]
 
-        visible = torch.arange(n, device=M.device)[None, :] <= row[part, None]  # [c, n]
-        a_p = a[part] * visible.to(a.dtype)
-        z = solve((a_p[:, None, :] @ Mp)[:, 0])
-        effective = (Mp @ z[..., None])[..., 0]
-        z = z + solve(((a_p - effective)[:, None, :] @ Mp)[:, 0])  # iterative refinement
-        out_rows.append((Mp @ z[..., None])[..., 0])
+        visible = (torch.arange(n, device=M.device)[None, :] <= row[part, None]).to(a.dtype)
+        a_p = a[part] * visible  # [c, n]
+
+        def prefix_times(z: Tensor, Mh: Tensor = Mh, visible: Tensor = visible) -> Tensor:
+            return (Mh @ z[..., None])[..., 0] * visible  # [c, n]
+
+        z = solve((a_p[:, None, :] @ Mh)[:, 0])
+        z = z + solve(((a_p - prefix_times(z))[:, None, :] @ Mh)[:, 0])  # iterative refinement
+        out_rows.append(prefix_times(z))
     return torch.cat(out_rows)
 
 
