@@ -51,6 +51,7 @@ from tgeom.analyses.embedding.interaction import (
 )
 from tgeom.errors import TgeomError, check_index
 from tgeom.models.weights import CanonicalWeights, LayerWeights
+from tgeom.runtime import one_cpu_thread
 
 SCORES = {"ov": "ov_copying", "qk": "qk_same_token"}  # circuit -> score name
 CHUNK_ROWS = 4096  # vocabulary rows per chunk (float64: 4096 x d numbers at a time)
@@ -102,17 +103,11 @@ def vocabulary_gram(
 
 def eigenvalues(core: Tensor) -> Tensor:
     """``torch.linalg.eigvals`` of ``core [..., n, n]`` (complex128 for float64), on one intra-op
-    thread on the CPU (the setting is per thread; restored after): LAPACK's ``geev`` on small
+    thread on the CPU (:func:`~tgeom.runtime.one_cpu_thread`): LAPACK's ``geev`` on small
     matrices gains nothing from threads and loses much when the cores are shared (Gemma 3's
     ``[4, 256, 256]`` on 2 loaded cores: 5.2 s on 2 threads, 0.35 s on one)."""
-    if core.device.type != "cpu":
+    with one_cpu_thread(core.device):
         return torch.linalg.eigvals(core)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigvals(core)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def ov_eigenvalues(lw: LayerWeights, gram: Tensor) -> Tensor:

@@ -151,9 +151,7 @@ def prefix_effective_attention(
             grouped[groups] = part
     if len(pairs) and bool(deficient.any()):  # a smaller rank: the eigenvectors are needed
         head, index, row = head[deficient], index[deficient], row[deficient]
-        effective[head, row] = _gram_projection(
-            A_f[head, row], M, index, row, pair_rank[deficient]
-        )
+        effective[head, row] = _gram_projection(A_f[head, row], M, index, row, pair_rank[deficient])
     return effective.reshape(A.shape), rank.reshape(A.shape[:-1])
 
 

@@ -29,7 +29,8 @@ Sliding-window layers (Mistral, Qwen2, GPT-Neo's local layers): query ``i`` sees
 its window, so its null space and effective row are those of the window's rows of ``T``
 (:mod:`tgeom.analyses.identifiability.windows`, one float64 SVD per query window); its row is
 zero outside the window. Sequences no longer than the window take the causal path above (the
-window is then the prefix). ``null_dim`` of a windowed head is the largest over its queries'
+window is then the prefix), and so do the first ``w`` queries of longer ones: only the later
+queries take a per-window SVD. ``null_dim`` of a windowed head is the largest over its queries'
 windows (generic heads: ``max(0, min(n, w) - d_head)``; ``n - rank(T)`` for every other head).
 
 Effective attention can be negative and need not sum to 1: the token-type summaries report both
@@ -64,7 +65,7 @@ from tgeom.capture import stream_hidden
 from tgeom.linalg.nullspace import default_rtol
 from tgeom.models.weights import attention_window, window_keys
 from tgeom.results import results_frame
-from tgeom.runtime import Runtime
+from tgeom.runtime import Runtime, one_cpu_thread
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,14 +123,18 @@ def output_factors(lm: Any, device: torch.device) -> OutputFactors:
     cached = _FACTORS.get(id(lm))
     if cached is not None and cached[0]() is lm and cached[1] == key:
         return cached[2]
-    # one block's W_O in float64 at a time (all of them: 8 L d^2 bytes, a third of a 1B model)
-    R = torch.stack(
-        [
-            torch.linalg.qr(lw.W_O.to(device, torch.float64).transpose(-1, -2), mode="reduced").R
-            for lw in lm.weights().layers
-        ]
-    )  # [L, H, dh, dh]
-    s = torch.linalg.svdvals(R)
+    # one block's W_O in float64 at a time (all of them: 8 L d^2 bytes, a third of a 1B model);
+    # small LAPACK calls, on one thread (see one_cpu_thread)
+    with one_cpu_thread(device):
+        R = torch.stack(
+            [
+                torch.linalg.qr(
+                    lw.W_O.to(device, torch.float64).transpose(-1, -2), mode="reduced"
+                ).R
+                for lw in lm.weights().layers
+            ]
+        )  # [L, H, dh, dh]
+        s = torch.linalg.svdvals(R)
     cond2 = torch.where(s[..., -1] > 0, (s[..., 0] / s[..., -1]) ** 2, torch.inf)
     factors = OutputFactors(R.transpose(-1, -2), cond2, s[..., -1])
     for stale in [k for k, (ref, _, _) in _FACTORS.items() if ref() is None]:
@@ -308,9 +313,21 @@ def effective_attention_hooks(
         rtol_for = partial(_prefix_rtol, d=d, dtype=dtype, rtol=rtol)
         window = windows[layer]
         if window and n > window:  # each query's window of T, not its prefix
-            _, window_rank = window_effective_attention(
-                A, Vn, rtol_for, window, right=factors.right[layer], out=A
+            # queries before the window's length see their whole prefix: the causal path
+            lead = A[..., :window, :window].contiguous()
+            _, lead_rank = prefix_effective_attention(
+                lead,
+                Vn[..., :window, :].contiguous(),
+                rtol_for,
+                right=factors.right[layer],
+                right_smin=factors.smin[layer],
+                out=lead,
             )
+            A[..., :window, :window] = lead
+            _, window_rank = window_effective_attention(
+                A, Vn, rtol_for, window, right=factors.right[layer], out=A, first_query=window
+            )
+            window_rank[..., :window] = lead_rank
             null, rank = window_null_dims(window_rank, window)
             ranks[members, layer], nulls[members, layer] = rank.cpu(), null.cpu()
             return

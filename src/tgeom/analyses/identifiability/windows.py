@@ -55,10 +55,14 @@ def window_effective_attention(
     *,
     right: Tensor | None = None,
     out: Tensor | None = None,
+    first_query: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Windowed effective attention ``[..., H, n, n]`` and the rank of every query's window
     ``[..., H, n]``; written into ``out`` when given (a contiguous float64 tensor shaped like
-    ``A``; it may be ``A`` itself).
+    ``A``; it may be ``A`` itself). ``first_query``: the queries before it are left as they are
+    in ``out`` (their ranks ``-1``), for a caller that computes them another way (queries ``i <
+    window`` see their whole prefix: the causal path of
+    :func:`~tgeom.analyses.identifiability.causal.prefix_effective_attention`).
 
     ``A [..., H, n, n]``: the layer's attention (float64, zero outside each query's window).
     ``V [..., K, n, dh]`` (float64): the values of ``K`` KV heads, query head ``h`` reading KV
@@ -75,12 +79,12 @@ def window_effective_attention(
     if right is not None:
         M = M @ right
     effective = out if out is not None else torch.empty_like(A)
-    rank = torch.empty(A.shape[:-1], dtype=torch.long, device=A.device)
+    rank = torch.full(A.shape[:-1], -1, dtype=torch.long, device=A.device)
     batch = A[..., 0, 0].numel()
     step = max(1, CHUNK_ELEMENTS // max(1, batch * window * dh))
     padded_A = torch.nn.functional.pad(A, (window - 1, 0))  # [..., n, n + w - 1]
     offsets = torch.arange(window, device=A.device)
-    for start in range(0, n, step):
+    for start in range(first_query, n, step):
         stop = min(n, start + step)
         rows = torch.arange(start, stop, device=A.device)
         blocks = window_blocks(M, window, start, stop)  # [..., c, w, dh]
