@@ -31,7 +31,9 @@ def identifiability_section(ctx: ReportContext) -> Section:
         f"8..{opts.null_seq_len} tokens)"
     ):
         effective = effective_attention(lm, ids, mask)
-        nulls = NullSpaceResult.from_sequences(effective.sequences, lm.summary.d_head)
+        nulls = NullSpaceResult.from_sequences(
+            effective.sequences, lm.summary.d_head, lm.summary.attention_windows
+        )
     with ctx.progress.stage(
         f"identifiability: token identifiability ({len(windows)} sequences of "
         f"{windows.shape[1]} tokens)"
