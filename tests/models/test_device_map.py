@@ -33,6 +33,13 @@ def test_device_map_auto_on_cpu_equals_plain_loading(tiny_model, tiny_model_dir,
     plain = tiny_model(family)
     auto = load_model(str(tiny_model_dir(family)), device_map="auto")
     assert auto.device == torch.device("cpu")
+    assert auto.identity == {
+        "model": auto.source,
+        "dtype": "float32",
+        "device_map": "auto",
+        "devices": ["cpu"],
+    }  # results.json says how the model was placed
+    assert plain.identity == {"model": plain.source, "dtype": "float32"}
     _same_weights(auto.weights(), plain.weights())
     assert torch.equal(capture(auto, IDS).hidden, capture(plain, IDS).hidden)
 
@@ -71,7 +78,7 @@ def test_a_model_that_does_not_fit_is_refused_with_the_bytes(tiny_model, tiny_mo
 
 def test_cli_device_map_auto_gives_the_plain_results(tiny_model_dir, tmp_path):
     """``--device-map auto`` on a model-taking command (CPU here): the same results.json as
-    without; a device map tgeom does not offer is one line, exit 2."""
+    without, which it records; a device map tgeom does not offer is one line, exit 2."""
     folder = str(tiny_model_dir("llama"))
     outputs = []
     for extra, name in (([], "plain"), (["--device-map", "auto"], "auto")):
@@ -79,5 +86,6 @@ def test_cli_device_map_auto_gives_the_plain_results(tiny_model_dir, tmp_path):
         result = run_cli(*args, str(tmp_path / name), *extra)
         assert result.returncode == 0, result.stderr
         outputs.append(json.loads((tmp_path / name / "results.json").read_text()))
-    assert outputs[0] == outputs[1] and len(outputs[0]["pairs"]) == 20
+    placement = {"device_map": "auto", "devices": ["cpu"]}
+    assert outputs[1] == {**outputs[0], **placement} and len(outputs[0]["pairs"]) == 20
     assert_one_line_error(run_cli("info", folder, "--device-map", "balanced"), "device_map")

@@ -50,6 +50,7 @@ class LoadedModel:
     source: str
     adapter: ModuleType
     summary: ArchitectureSummary
+    device_map: str | None = None  # "auto" when accelerate placed the modules
     _weights: CanonicalWeights | None = field(default=None, repr=False)
 
     @property
@@ -74,9 +75,17 @@ class LoadedModel:
         return next(self.hf.parameters()).dtype
 
     @property
-    def identity(self) -> dict[str, str]:
-        """What ``results.json`` records of the model: ``{"model": source, "dtype": name}``."""
-        return {"model": self.source, "dtype": dtype_name(self.dtype)}
+    def identity(self) -> dict[str, Any]:
+        """What ``results.json`` records of the model: ``{"model": source, "dtype": name}``,
+        and for a model placed by ``device_map="auto"`` also ``"device_map": "auto"`` and
+        ``"devices"``, the sorted places accelerate put its modules (``"cpu"``, ``"disk"``,
+        GPU indices as strings)."""
+        identity: dict[str, Any] = {"model": self.source, "dtype": dtype_name(self.dtype)}
+        if self.device_map is not None:
+            placed = getattr(self.hf, "hf_device_map", None) or {"": self.device}
+            identity["device_map"] = self.device_map
+            identity["devices"] = sorted({str(place) for place in placed.values()})
+        return identity
 
     @property
     def body(self) -> nn.Module:
@@ -215,7 +224,7 @@ def load_model(
     tokenizer = _load_tokenizer(folder, local, trust_remote_code)
     with onloaded(hf, skip=adapter.blocks(hf)):
         summary = adapter.summarize(hf)
-    lm = LoadedModel(hf, tokenizer, identity, adapter, summary)
+    lm = LoadedModel(hf, tokenizer, identity, adapter, summary, device_map)
     lm.weights()  # the model-wide tensors now, and every block checked for NaN/inf, in one line
     return lm
 
