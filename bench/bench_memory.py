@@ -145,19 +145,35 @@ def commands(model: Path, corpus: Path, text: str, out: Path, dtype: str) -> dic
     }  # fmt: skip
 
 
+def prepare(model: Path, work: Path) -> None:
+    """Build the model if needed and write the inputs (``corpus.txt``, ``text.txt``) to
+    ``work``: run in a child process (``--prepare``), so that this process stays small. A child
+    started by ``subprocess`` (vfork, then exec) inherits its parent's peak in ``ru_maxrss``:
+    a parent that had built the model or imported transformers set a floor under every
+    measurement."""
+    if not (model / "model.safetensors").is_file():
+        print(f"building the random 1.1B model in {model} (once) ...", flush=True)
+        build_model(model)
+    _, text = inputs(model, work)
+    (work / "text.txt").write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_cache = Path(os.environ.get("TGEOM_CACHE", Path.home() / ".cache" / "tgeom"))
     parser.add_argument("--cache", type=Path, default=default_cache / "bench-tinyllama-shape")
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)  # the child's work dir
     args = parser.parse_args()
     model = args.cache
-    if not (model / "model.safetensors").is_file():
-        print(f"building the random 1.1B model in {model} (once) ...", flush=True)
-        build_model(model)
+    if args.prepare is not None:
+        prepare(model, args.prepare)
+        return
     with tempfile.TemporaryDirectory(prefix="tgeom-bench-memory-") as tmp:
         work = Path(tmp)
-        corpus, text = inputs(model, work)
+        argv = [sys.executable, __file__, "--cache", str(model), "--prepare", str(work)]
+        subprocess.run(argv, check=True)
+        corpus, text = work / "corpus.txt", (work / "text.txt").read_text(encoding="utf-8")
         imports, _ = peak_rss([sys.executable, "-c", IMPORTS])
         print(f"imports alone: {imports / 2**30:.2f} GiB")
         for dtype in args.dtypes.split(","):

@@ -168,8 +168,10 @@ def factored_topk(
             if screening is None or SA_block is None or SB_block is None or not best.full:
                 best.offer_tile(_exact_tile(A, B, rb, cb), rb, cb)
                 continue
-            pos = screening.candidates(SA_block, SB_block, best.threshold)
-            if pos.numel() > rb.numel() * cb.numel() // 8:
+            pos = screening.candidates(
+                SA_block, SB_block, best.threshold, limit=rb.numel() * cb.numel() // 8
+            )
+            if pos is None:  # more than 1/8 of the tile reaches the cut: evaluate it densely
                 best.offer_tile(_exact_tile(A, B, rb, cb), rb, cb)
             elif pos.numel() > 0:
                 ri, cj = rb[pos // cb.numel()], cb[pos % cb.numel()]
@@ -221,9 +223,13 @@ class _Screen:
         info = torch.finfo(dtype)
         self.underflow = 2 * (q + 1) * info.smallest_normal * info.eps
 
-    def candidates(self, SA_block: Tensor, SB_block: Tensor, threshold: float) -> Tensor:
+    def candidates(
+        self, SA_block: Tensor, SB_block: Tensor, threshold: float, limit: int | None = None
+    ) -> Tensor | None:
         """Flat positions in the tile ``SA_block @ SB_block.T`` whose bound reaches
-        ``threshold`` (an entry value): a superset of the entries that can enter the top-k."""
+        ``threshold`` (an entry value): a superset of the entries that can enter the top-k.
+        None when more than ``limit`` do: they are counted, not listed (listing a whole tile
+        of 4M entries would hold 0.2 GiB of int64 positions only to evaluate it densely)."""
         cut = torch.tensor(
             _round_down(threshold / self.scale - self.underflow, self.dtype),
             dtype=self.dtype,
@@ -235,7 +241,10 @@ class _Screen:
         hot = (screen.amax(dim=1) >= cut).nonzero()[:, 0]
         if hot.numel() == 0:
             return hot
-        at = (screen[hot] >= cut).nonzero()
+        reach = screen[hot] >= cut
+        if limit is not None and int(reach.sum()) > limit:
+            return None
+        at = reach.nonzero()
         return hot[at[:, 0]] * screen.shape[1] + at[:, 1]
 
 
