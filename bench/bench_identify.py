@@ -20,8 +20,8 @@
    the per-round ratios, and the plain forward's best time before the model's first
    effective-attention call (effective attention must not slow later forward passes: its
    worker thread once did, by a quarter). Both run with the malloc settings the CLI uses
-   (:func:`tgeom.runtime.retain_freed_memory`: freed memory is reused instead of being mapped
-   anew each batch); ``--default-malloc`` keeps glibc's.
+   (:func:`tgeom.runtime.retain_freed_memory`: freed blocks under 1 MB are kept for reuse,
+   larger ones mapped on their own); ``--default-malloc`` keeps glibc's.
 
 Usage: python bench/bench_identify.py [--tokens 128] [--batch 16] [--exact-inputs K]
        [--naive-outputs N] [--decoder] [--rounds 7] [--skip-attribution] [--default-malloc]

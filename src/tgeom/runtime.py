@@ -94,13 +94,14 @@ def retain_freed_memory(block_bytes: int = 1 << 20, kept_bytes: int = 1 << 30) -
     the heap: there, glibc's aligned allocations (torch asks for 64-byte alignment) leave
     small free pieces beside each large block, small allocations take them, and a large block
     freed next to them no longer fits the next one of its size, so the heap grew by one large
-    block per use. 1.1B Llama in bfloat16 (``bench/bench_memory.py``, peak RSS over the
-    weights' 2.05 GiB) with the former 256 MB: attention effective 1.62x (one ``W_O`` block in
-    float64 per layer, 33.5 MB, left 22 of them resident), weights topk 1.47x, geometry collect
-    1.36x; glibc's own dynamic threshold (up to 32 MB, then heap) kept much of it. Mapped anew,
-    a large block pays its page faults once per use, as with glibc's defaults. The CLI calls
-    it at start-up; library users may. Process-wide. Returns False (and changes nothing) where
-    the C library is not glibc."""
+    block per use: output_factors' float64 ``W_O`` (33.5 MB per layer) left all 22 resident.
+    1.1B Llama in bfloat16 on one thread, peak RSS (weights 2.05 GiB) with blocks up to 256 MB /
+    32 MB / 1 MB from the heap: attention effective 3.34 / 3.04 / 2.97 GiB, geometry collect
+    2.77 / - / 2.69 GiB, weights topk 3.01 / 2.85 GiB (glibc's own dynamic threshold, up to
+    32 MB: effective 3.04, topk 2.89). Mapped anew, a
+    large block pays its page faults once per use, as with glibc's defaults. The CLI calls it at
+    start-up; library users may. Process-wide. Returns False (and changes nothing) where the C
+    library is not glibc."""
     name = ctypes.util.find_library("c")
     if name is None or os.name != "posix":
         return False
