@@ -15,6 +15,9 @@ from tgeom.models.weights import (
     LayerSequence,
     LayerWeights,
     Norm,
+    expand_kv,
+    split_heads_in,
+    split_heads_out,
     zeros_bias,
 )
 
@@ -104,6 +107,39 @@ def output_bias(linear: Any) -> Tensor:
     if linear.bias is None:
         return linear.weight.new_zeros(linear.weight.shape[0])
     return linear.bias.detach()
+
+
+def attention_projections(
+    q: Any, k: Any, v: Any, o: Any, n_heads: int, n_kv_heads: int, d_head: int
+) -> dict[str, Any]:
+    """``W_Q, W_K, W_V [H, d, dh]``, ``W_O [H, dh, d]`` and their biases (``b_O [d]``, zeros
+    where a projection has none) of an attention with separate ``nn.Linear`` projections ``q, k,
+    v`` and output ``o``: views of the parameters, grouped K/V expanded to every query head (a
+    copy of this block's only). Keyword arguments of :class:`LayerWeights`."""
+    H, K = n_heads, n_kv_heads
+    return {
+        "W_Q": split_heads_in(q.weight.detach(), H),
+        "W_K": expand_kv(split_heads_in(k.weight.detach(), K), H),
+        "W_V": expand_kv(split_heads_in(v.weight.detach(), K), H),
+        "W_O": split_heads_out(o.weight.detach(), H),
+        "b_Q": head_bias(q, H, d_head),
+        "b_K": expand_kv(head_bias(k, K, d_head), H),
+        "b_V": expand_kv(head_bias(v, K, d_head), H),
+        "b_O": output_bias(o),
+    }
+
+
+def mlp_projections(fc_in: Any, fc_out: Any, gate: Any = None) -> dict[str, Any]:
+    """``W_in [d, d_mlp]``, ``W_gate`` (None without a gate), ``W_out [d_mlp, d]`` and the
+    biases (None where a projection has none) of an MLP of ``nn.Linear`` layers: views of the
+    parameters. Keyword arguments of :class:`LayerWeights`."""
+    return {
+        "W_in": fc_in.weight.detach().T,
+        "b_in": detached(fc_in.bias),
+        "W_gate": None if gate is None else gate.weight.detach().T,
+        "W_out": fc_out.weight.detach().T,
+        "b_out": detached(fc_out.bias),
+    }
 
 
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")

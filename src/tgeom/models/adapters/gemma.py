@@ -20,11 +20,11 @@ from tgeom.errors import TgeomError
 from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
+    attention_projections,
     base_model,
-    head_bias,
     is_tied,
     layer_sequence,
-    output_bias,
+    mlp_projections,
     rotary_context,
     unembedding,
     value_heads,
@@ -37,9 +37,6 @@ from tgeom.models.weights import (
     Norm,
     QKNorm,
     Rotary,
-    expand_kv,
-    split_heads_in,
-    split_heads_out,
 )
 
 FAMILY = "gemma"
@@ -160,19 +157,8 @@ def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWei
     qk_norm = hasattr(attn, "q_norm")
     local = local_rope is not None and layer_types[index] == "sliding_attention"
     return LayerWeights(
-        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-        W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
-        W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
-        W_O=split_heads_out(attn.o_proj.weight.detach(), H),
-        b_Q=head_bias(attn.q_proj, H, dh),
-        b_K=expand_kv(head_bias(attn.k_proj, K, dh), H),
-        b_V=expand_kv(head_bias(attn.v_proj, K, dh), H),
-        b_O=output_bias(attn.o_proj),
-        W_in=mlp.up_proj.weight.detach().T,
-        b_in=None,
-        W_gate=mlp.gate_proj.weight.detach().T,
-        W_out=mlp.down_proj.weight.detach().T,
-        b_out=None,
+        **attention_projections(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, H, K, dh),
+        **mlp_projections(mlp.up_proj, mlp.down_proj, gate=mlp.gate_proj),
         ln_attn=_norm(layer.input_layernorm),
         ln_mlp=_norm(
             layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm

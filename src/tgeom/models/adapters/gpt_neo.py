@@ -14,13 +14,12 @@ from torch import nn
 from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
+    attention_projections,
     base_model,
-    detached,
-    head_bias,
     is_tied,
     layer_norm,
     layer_sequence,
-    output_bias,
+    mlp_projections,
     unembedding,
     value_heads,
 )
@@ -28,8 +27,6 @@ from tgeom.models.weights import (
     ArchitectureSummary,
     CanonicalWeights,
     LayerWeights,
-    split_heads_in,
-    split_heads_out,
 )
 
 FAMILY = "gpt_neo"
@@ -95,19 +92,8 @@ def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWei
     H, dh = summary.n_heads, summary.d_head
     attn, mlp = block.attn.attention, block.mlp
     return LayerWeights(
-        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-        W_K=split_heads_in(attn.k_proj.weight.detach(), H),
-        W_V=split_heads_in(attn.v_proj.weight.detach(), H),
-        W_O=split_heads_out(attn.out_proj.weight.detach(), H),
-        b_Q=head_bias(attn.q_proj, H, dh),
-        b_K=head_bias(attn.k_proj, H, dh),
-        b_V=head_bias(attn.v_proj, H, dh),
-        b_O=output_bias(attn.out_proj),
-        W_in=mlp.c_fc.weight.detach().T,
-        b_in=detached(mlp.c_fc.bias),
-        W_gate=None,
-        W_out=mlp.c_proj.weight.detach().T,
-        b_out=detached(mlp.c_proj.bias),
+        **attention_projections(attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, H, H, dh),
+        **mlp_projections(mlp.c_fc, mlp.c_proj),
         ln_attn=layer_norm(block.ln_1, attn.q_proj.weight),
         ln_mlp=layer_norm(block.ln_2, attn.q_proj.weight),
     )

@@ -15,13 +15,12 @@ from torch import nn
 from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
+    attention_projections,
     base_model,
-    detached,
-    head_bias,
     is_tied,
     layer_norm,
     layer_sequence,
-    output_bias,
+    mlp_projections,
     rotary_context,
     unembedding,
     value_heads,
@@ -31,8 +30,6 @@ from tgeom.models.weights import (
     CanonicalWeights,
     LayerWeights,
     Rotary,
-    split_heads_in,
-    split_heads_out,
 )
 
 FAMILY = "gptj"
@@ -101,19 +98,8 @@ def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWei
     attn, mlp = block.attn, block.mlp
     ln = layer_norm(block.ln_1, attn.q_proj.weight)
     return LayerWeights(
-        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-        W_K=split_heads_in(attn.k_proj.weight.detach(), H),
-        W_V=split_heads_in(attn.v_proj.weight.detach(), H),
-        W_O=split_heads_out(attn.out_proj.weight.detach(), H),
-        b_Q=head_bias(attn.q_proj, H, dh),
-        b_K=head_bias(attn.k_proj, H, dh),
-        b_V=head_bias(attn.v_proj, H, dh),
-        b_O=output_bias(attn.out_proj),
-        W_in=mlp.fc_in.weight.detach().T,
-        b_in=detached(mlp.fc_in.bias),
-        W_gate=None,
-        W_out=mlp.fc_out.weight.detach().T,
-        b_out=detached(mlp.fc_out.bias),
+        **attention_projections(attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, H, H, dh),
+        **mlp_projections(mlp.fc_in, mlp.fc_out),
         ln_attn=ln,
         ln_mlp=ln,
     )

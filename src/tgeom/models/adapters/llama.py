@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from torch import Tensor, nn
+from torch import nn
 
 from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
+    attention_projections,
     base_model,
-    detached,
     is_tied,
     layer_sequence,
-    output_bias,
+    mlp_projections,
     rotary_context,
     unembedding,
     value_heads,
@@ -29,9 +29,6 @@ from tgeom.models.weights import (
     QKNorm,
     Rotary,
     expand_kv,
-    split_heads_in,
-    split_heads_out,
-    zeros_bias,
 )
 
 FAMILY = "llama"
@@ -117,12 +114,6 @@ def _qk_norm(module: Any, n_heads: int, d_head: int, scope: Literal["head", "all
     return QKNorm(gain, float(eps), scope)
 
 
-def _head_bias(linear: Any, n_heads: int, d_head: int) -> Tensor:
-    if linear.bias is None:
-        return zeros_bias(n_heads, d_head, linear.weight)
-    return linear.bias.detach().reshape(-1, d_head)
-
-
 def extract(hf: Any, summary: ArchitectureSummary) -> CanonicalWeights:
     base = base_model(hf)
     W_E = base.embed_tokens.weight.detach()
@@ -152,19 +143,8 @@ def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWei
     attn, mlp = layer.self_attn, layer.mlp
     qk_norm = hasattr(attn, "q_norm")
     return LayerWeights(
-        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-        W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
-        W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
-        W_O=split_heads_out(attn.o_proj.weight.detach(), H),
-        b_Q=_head_bias(attn.q_proj, H, dh),
-        b_K=expand_kv(_head_bias(attn.k_proj, K, dh), H),
-        b_V=expand_kv(_head_bias(attn.v_proj, K, dh), H),
-        b_O=output_bias(attn.o_proj),
-        W_in=mlp.up_proj.weight.detach().T,
-        b_in=detached(mlp.up_proj.bias),
-        W_gate=mlp.gate_proj.weight.detach().T,
-        W_out=mlp.down_proj.weight.detach().T,
-        b_out=detached(mlp.down_proj.bias),
+        **attention_projections(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, H, K, dh),
+        **mlp_projections(mlp.up_proj, mlp.down_proj, gate=mlp.gate_proj),
         ln_attn=_rmsnorm(getattr(layer, attn_norm)),
         ln_mlp=_rmsnorm(getattr(layer, mlp_norm)),
         q_norm=_qk_norm(attn.q_norm, H, dh, scope) if qk_norm else None,

@@ -20,13 +20,12 @@ from torch import Tensor, nn
 from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
+    attention_projections,
     base_model,
-    detached,
-    head_bias,
     is_tied,
     layer_norm,
     layer_sequence,
-    output_bias,
+    mlp_projections,
     unembedding,
     value_heads,
 )
@@ -35,8 +34,6 @@ from tgeom.models.weights import (
     CanonicalWeights,
     LayerWeights,
     learned_positions,
-    split_heads_in,
-    split_heads_out,
 )
 
 FAMILY = "opt"
@@ -105,19 +102,8 @@ def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWei
     H, dh = summary.n_heads, summary.d_head
     attn = layer.self_attn
     return LayerWeights(
-        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-        W_K=split_heads_in(attn.k_proj.weight.detach(), H),
-        W_V=split_heads_in(attn.v_proj.weight.detach(), H),
-        W_O=split_heads_out(attn.out_proj.weight.detach(), H),
-        b_Q=head_bias(attn.q_proj, H, dh),
-        b_K=head_bias(attn.k_proj, H, dh),
-        b_V=head_bias(attn.v_proj, H, dh),
-        b_O=output_bias(attn.out_proj),
-        W_in=layer.fc1.weight.detach().T,
-        b_in=detached(layer.fc1.bias),
-        W_gate=None,
-        W_out=layer.fc2.weight.detach().T,
-        b_out=detached(layer.fc2.bias),
+        **attention_projections(attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, H, H, dh),
+        **mlp_projections(layer.fc1, layer.fc2),
         ln_attn=layer_norm(layer.self_attn_layer_norm, attn.q_proj.weight),
         ln_mlp=layer_norm(layer.final_layer_norm, attn.q_proj.weight),
     )

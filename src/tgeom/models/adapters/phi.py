@@ -17,13 +17,12 @@ from tgeom.errors import TgeomError
 from tgeom.models.adapters.common import (
     ValueHeads,
     activation,
+    attention_projections,
     base_model,
-    detached,
-    head_bias,
     is_tied,
     layer_norm,
     layer_sequence,
-    output_bias,
+    mlp_projections,
     rotary_context,
     unembedding,
     value_heads,
@@ -33,9 +32,6 @@ from tgeom.models.weights import (
     CanonicalWeights,
     LayerWeights,
     Rotary,
-    expand_kv,
-    split_heads_in,
-    split_heads_out,
 )
 
 FAMILY = "phi"
@@ -109,19 +105,8 @@ def extract_layer(hf: Any, summary: ArchitectureSummary, index: int) -> LayerWei
     attn, mlp = layer.self_attn, layer.mlp
     ln = layer_norm(layer.input_layernorm, attn.q_proj.weight)
     return LayerWeights(
-        W_Q=split_heads_in(attn.q_proj.weight.detach(), H),
-        W_K=expand_kv(split_heads_in(attn.k_proj.weight.detach(), K), H),
-        W_V=expand_kv(split_heads_in(attn.v_proj.weight.detach(), K), H),
-        W_O=split_heads_out(attn.dense.weight.detach(), H),
-        b_Q=head_bias(attn.q_proj, H, dh),
-        b_K=expand_kv(head_bias(attn.k_proj, K, dh), H),
-        b_V=expand_kv(head_bias(attn.v_proj, K, dh), H),
-        b_O=output_bias(attn.dense),
-        W_in=mlp.fc1.weight.detach().T,
-        b_in=detached(mlp.fc1.bias),
-        W_gate=None,
-        W_out=mlp.fc2.weight.detach().T,
-        b_out=detached(mlp.fc2.bias),
+        **attention_projections(attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, H, K, dh),
+        **mlp_projections(mlp.fc1, mlp.fc2),
         ln_attn=ln,
         ln_mlp=ln,
     )
